@@ -1,0 +1,1 @@
+"""The `hiermoe` command line: subcommands fit/validate/test, plan and bench."""

@@ -1,0 +1,163 @@
+"""Alpha-beta costs of the all-to-all phase kinds: ``t = alpha + beta * bytes`` (alpha in ms, beta in ms/byte).
+
+Phase kinds: ``a2a`` (one all-to-all over every rank), ``inter1 .. inter{D-1}`` and ``intra1 .. intra{D-1}``
+(the phases of the hierarchical dispatch, see ``docs/cost-model.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import yaml
+
+__all__ = ["LinkCosts", "PhaseCost", "PRESETS"]
+
+_PHASE_RE = re.compile(r"^(a2a|inter[1-9]\d*|intra[1-9]\d*)$")
+
+# Fitted on 4 nodes x 8 RTX A6000 ("4x2x2x2") in the HierMoE paper (arXiv 2508.09591), r^2 >= 0.997.
+PRESETS: dict[str, dict[str, tuple[float, float]]] = {
+    "paper-a6000": {
+        "a2a": (0.722, 5.70e-7),
+        "inter1": (0.497, 5.29e-7),
+        "inter2": (0.301, 1.17e-7),
+        "inter3": (0.149, 2.06e-8),
+        "intra1": (0.571, 1.27e-7),
+        "intra2": (0.114, 2.63e-8),
+        "intra3": (0.204, 1.64e-8),
+    },
+}
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    """One phase kind's fitted line; ``r2`` is the fit quality when calibrated (None for presets)."""
+
+    alpha: float
+    beta: float
+    r2: float | None = None
+
+    def ms(self, num_bytes: float) -> float:
+        return self.alpha + self.beta * float(num_bytes)
+
+
+def _check_number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be finite and >= 0, got {value}")
+    return value
+
+
+class LinkCosts:
+    """Per phase kind ``(alpha, beta)``; ``phase_ms(name, bytes)`` gives the predicted time of one phase."""
+
+    def __init__(self, phases: Mapping[str, "PhaseCost | tuple[float, float] | Mapping"], name: str = "custom"):
+        if not isinstance(phases, Mapping) or not phases:
+            raise TypeError("link cost phases must be a non-empty mapping of phase name -> (alpha, beta)")
+        parsed: dict[str, PhaseCost] = {}
+        for key, value in phases.items():
+            if not isinstance(key, str) or not _PHASE_RE.match(key):
+                raise ValueError(f"link cost phase {key!r} is not valid: allowed 'a2a', 'inter<i>', 'intra<i>' (i >= 1)")
+            if isinstance(value, PhaseCost):
+                parsed[key] = value
+                continue
+            if isinstance(value, Mapping):
+                unknown = set(value) - {"alpha", "beta", "r2"}
+                if unknown or not {"alpha", "beta"} <= set(value):
+                    raise ValueError(f"link cost phase {key!r} needs keys 'alpha' and 'beta' (optional 'r2'), got {sorted(value)}")
+                alpha, beta, r2 = value["alpha"], value["beta"], value.get("r2")
+            elif isinstance(value, (tuple, list)) and len(value) == 2:
+                (alpha, beta), r2 = value, None
+            else:
+                raise TypeError(f"link cost phase {key!r} must be (alpha, beta) or {{alpha:, beta:}}, got {value!r}")
+            parsed[key] = PhaseCost(
+                _check_number(alpha, f"alpha of phase {key!r}"),
+                _check_number(beta, f"beta of phase {key!r}"),
+                None if r2 is None else float(r2),
+            )
+        self.phases: dict[str, PhaseCost] = parsed
+        self.name = name
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def preset(cls, name: str) -> "LinkCosts":
+        if not isinstance(name, str):
+            raise TypeError(f"link_costs preset must be a string, got {name!r}")
+        if name not in PRESETS:
+            raise ValueError(f"unknown link_costs preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls(PRESETS[name], name=name)
+
+    @classmethod
+    def resolve(cls, spec: "LinkCosts | str | os.PathLike") -> "LinkCosts":
+        """A LinkCosts, a preset name, or a path to a YAML file (``*.yaml`` / ``*.yml``)."""
+        if isinstance(spec, LinkCosts):
+            return spec
+        if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith((".yaml", ".yml"))):
+            return cls.from_yaml(spec)
+        return cls.preset(spec)
+
+    @classmethod
+    def from_yaml(cls, path: "str | os.PathLike") -> "LinkCosts":
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ValueError(f"link_costs file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"link_costs file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("phases"), dict):
+            raise ValueError(
+                f"link_costs file {path!r} must hold a mapping with a 'phases' mapping, e.g. "
+                "'phases: {a2a: {alpha: 0.7, beta: 5.7e-7}}' (alpha in ms, beta in ms per byte)"
+            )
+        try:
+            return cls(data["phases"], name=str(data.get("name", os.path.basename(path))))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"link_costs file {path!r}: {e}") from None
+
+    def to_yaml(self, path: "str | os.PathLike") -> None:
+        phases = {}
+        for key, pc in sorted(self.phases.items(), key=lambda kv: _phase_sort_key(kv[0])):
+            entry = {"alpha": pc.alpha, "beta": pc.beta}
+            if pc.r2 is not None:
+                entry["r2"] = pc.r2
+            phases[key] = entry
+        doc = {"name": self.name, "units": {"alpha": "ms", "beta": "ms per byte"}, "phases": phases}
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(doc, f, sort_keys=False)
+
+    # ------------------------------------------------------------------ use
+    def __getitem__(self, phase: str) -> PhaseCost:
+        try:
+            return self.phases[phase]
+        except KeyError:
+            raise ValueError(
+                f"link costs {self.name!r} have no entry for phase {phase!r} (they cover: "
+                f"{', '.join(sorted(self.phases, key=_phase_sort_key))}); calibrate or give a YAML file with it"
+            ) from None
+
+    def phase_ms(self, phase: str, num_bytes: float) -> float:
+        return self[phase].ms(num_bytes)
+
+    def require(self, phase_names) -> None:
+        """Raise ``ValueError`` naming the first phase that these costs lack."""
+        for p in phase_names:
+            self[p]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LinkCosts) and other.phases == self.phases
+
+    def __repr__(self) -> str:
+        return f"LinkCosts(name={self.name!r}, phases={sorted(self.phases, key=_phase_sort_key)})"
+
+
+def _phase_sort_key(name: str) -> tuple[int, int]:
+    if name == "a2a":
+        return (0, 0)
+    return (1 if name.startswith("inter") else 2, int(name[5:]))

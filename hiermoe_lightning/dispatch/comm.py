@@ -1,0 +1,81 @@
+"""The only code that talks to ``torch.distributed`` during a forward/backward: counts, then payloads.
+
+gloo does not check that a sender and a receiver agree on split sizes (too few rows leaves garbage, too many aborts
+the receiver), so every payload exchange is preceded by a count exchange, and ``check_splits`` can verify agreement
+collectively (every rank raises the same error, so none waits forever).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["PeerGroup", "exchange_counts", "all_to_all_rows", "check_splits", "SplitMismatchError"]
+
+
+class SplitMismatchError(ValueError):
+    """The split sizes a rank expects to receive differ from what its peers announce to send."""
+
+
+@dataclass(frozen=True)
+class PeerGroup:
+    """A process group plus this rank's position in it. ``group=None`` with ``size == 1`` means "only me"."""
+
+    group: "dist.ProcessGroup | None"
+    size: int
+    index: int
+    ranks: tuple[int, ...]  # positions in the expert-parallel world, ordered by peer index
+
+    @property
+    def is_local(self) -> bool:
+        return self.size == 1
+
+
+def exchange_counts(send_counts: torch.Tensor, peers: PeerGroup) -> torch.Tensor:
+    """``send_counts`` ``[size, C]`` int64 (row ``p`` = what I send to peer ``p``) -> ``[size, C]`` what each peer sends me."""
+    if send_counts.shape[0] != peers.size:
+        raise ValueError(f"send_counts has {send_counts.shape[0]} rows, the group has {peers.size} peers")
+    if peers.is_local:
+        return send_counts.clone()
+    send_counts = send_counts.contiguous()
+    recv = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv, send_counts, group=peers.group)
+    return recv
+
+
+def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], peers: PeerGroup) -> torch.Tensor:
+    """Rows ``x`` ``[sum(send_splits), ...]`` grouped by peer -> ``[sum(recv_splits), ...]`` grouped by source peer.
+
+    The splits must come from ``exchange_counts`` (or its mirror): gloo cannot tell if they disagree.
+    """
+    if x.shape[0] != sum(send_splits):
+        raise ValueError(f"all_to_all_rows got {x.shape[0]} rows but send splits sum to {sum(send_splits)}")
+    if peers.is_local:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=peers.group)
+    return out
+
+
+def check_splits(send_splits: list[int], recv_splits: list[int], peers: PeerGroup) -> None:
+    """Collectively verify that what every rank expects to receive is what its peers will send.
+
+    Costs one small all-to-all and one all-reduce; raises ``SplitMismatchError`` on every rank of the group if any
+    rank disagrees, naming that rank's expectation, before any payload moves.
+    """
+    if peers.is_local:
+        if list(send_splits) != list(recv_splits):
+            raise SplitMismatchError(f"local exchange: send splits {send_splits} != receive splits {recv_splits}")
+        return
+    announced = exchange_counts(torch.tensor(send_splits, dtype=torch.long).view(-1, 1), peers).view(-1)
+    expected = torch.tensor(recv_splits, dtype=torch.long)
+    bad = torch.tensor([0 if torch.equal(announced, expected) else 1], dtype=torch.long)
+    dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=peers.group)
+    if int(bad) > 0:
+        mine = "" if torch.equal(announced, expected) else (
+            f"; here (peer {peers.index}) expected {expected.tolist()} but peers announce {announced.tolist()}"
+        )
+        raise SplitMismatchError(f"all-to-all split sizes disagree on {int(bad)} rank(s) of the group{mine}")

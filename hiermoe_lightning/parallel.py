@@ -1,0 +1,130 @@
+"""ExpertParallel: the process groups of every phase, and ``shard_`` which turns MoELayers expert-parallel."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .cost.link_costs import LinkCosts
+from .dispatch.comm import PeerGroup
+from .dispatch.engine import PhaseRoute, Route
+from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
+from .layer import MoELayer
+from .placement import Placement
+from .topology import Topology
+
+__all__ = ["ExpertParallel"]
+
+
+class ExpertParallel:
+    """Expert parallelism over ``group`` (default: the whole world) laid out as ``topology``.
+
+    Construction is collective over the ranks of ``group``: it creates one process group per phase group (own groups,
+    never the default one, so DDP's gradient all-reduce can't interleave with the all-to-alls). Every argument is
+    checked on every rank before the first collective, so bad input fails everywhere instead of hanging.
+
+    Args:
+        topology: ``"2x2"``, a list of sizes or a Topology; None = one level over the whole group.
+        dispatch: ``"flat" | "2dh" | "hd1" .. "hd<D>" | "auto"``.
+        link_costs: preset name, YAML path or LinkCosts (used by ``auto`` and the statistics).
+        group: the process group of the expert-parallel ranks; None = the default group.
+    """
+
+    def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None):
+        topo = Topology.parse(topology) if topology is not None else None
+        validate_dispatch(dispatch, topo.num_levels if topo is not None else 1)
+        self.link_costs = LinkCosts.resolve(link_costs)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ExpertParallel needs torch.distributed initialised (init_process_group) first")
+        ranks = list(dist.get_process_group_ranks(group)) if group is not None else list(range(dist.get_world_size()))
+        if topo is None:
+            topo = Topology([len(ranks)])
+        if topo.world_size != len(ranks):
+            raise ValueError(
+                f"topology {topo} has world size {topo.world_size} but the process group has {len(ranks)} ranks"
+            )
+        if dispatch == "auto":
+            from .dispatch.spec import dispatch_names
+
+            self.link_costs.require(p for name in dispatch_names(topo.num_levels) if name.startswith("hd")
+                                    for p in parse_dispatch(name, topo.num_levels).phases)
+        self.topology, self.dispatch, self.global_ranks = topo, dispatch, ranks
+        self.rank = ranks.index(dist.get_rank())
+        self.world_size = len(ranks)
+        self._peer_groups = self._build_groups(group is not None and len(ranks) != dist.get_world_size())
+        self._routes: dict[tuple, Route] = {}
+
+    # ------------------------------------------------------------------ process groups
+    def _build_groups(self, local_sync: bool) -> dict[str, PeerGroup]:
+        phases = ["a2a"] + [f"{k}{i}" for i in range(1, self.topology.num_levels) for k in ("inter", "intra")]
+        made: dict[tuple[int, ...], "dist.ProcessGroup | None"] = {}
+        out: dict[str, PeerGroup] = {}
+        for phase in phases:
+            for members in phase_groups(self.topology, phase):
+                key = tuple(members)
+                if key not in made:
+                    if len(members) == 1:
+                        made[key] = None
+                    elif local_sync:
+                        made[key] = (dist.new_group([self.global_ranks[m] for m in members], use_local_synchronization=True)
+                                     if self.rank in members else None)
+                    else:
+                        made[key] = dist.new_group([self.global_ranks[m] for m in members])
+                if self.rank in members:
+                    out[phase] = PeerGroup(made[key], len(members), members.index(self.rank), key)
+        return out
+
+    def peer_group(self, phase: str) -> PeerGroup:
+        return self._peer_groups[phase]
+
+    # ------------------------------------------------------------------ routes
+    def route(self, layer: MoELayer) -> Route:
+        """The route of ``layer``'s current dispatch and placement on this rank (cached)."""
+        key = (layer.dispatch, id(layer.placement))
+        cached = self._routes.get(key)
+        if cached is not None and cached[0] is layer.placement:
+            return cached[1]
+        route = self.build_route(layer.dispatch, layer.placement)
+        self._routes[key] = (layer.placement, route)
+        return route
+
+    def build_route(self, dispatch: str, placement: Placement) -> Route:
+        spec = parse_dispatch(dispatch, self.topology.num_levels)
+        phases = []
+        here = torch.tensor(self.rank)
+        for phase in spec.phases:
+            peers = self._peer_groups[phase]
+            if peers.is_local:
+                continue
+            nxt = phase_next_rank(self.topology, phase, here.expand_as(placement.expert_to_rank), placement.expert_to_rank)
+            peer_of_expert = phase_peer_index(self.topology, phase, nxt)
+            levels = tuple(self.topology.link_level(self.rank, r) for r in peers.ranks)
+            phases.append(PhaseRoute(phase, peers, peer_of_expert, levels))
+        return Route(spec, tuple(phases), self.topology.num_levels)
+
+    # ------------------------------------------------------------------ sharding
+    def initial_dispatch(self, layer: MoELayer) -> str:
+        if self.dispatch != "auto":
+            return self.dispatch
+        return f"hd{self.topology.num_levels}"
+
+    def shard_(self, module: nn.Module) -> nn.Module:
+        """In place: every MoELayer inside keeps only this rank's experts (contiguous placement) and routes with the
+        chosen dispatch. Checks every layer before changing any."""
+        layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
+        for name, layer in layers:
+            if layer.is_sharded:
+                raise ValueError(f"MoELayer {name or '<root>'} is already sharded")
+            if layer.num_experts % self.world_size != 0:
+                raise ValueError(
+                    f"num_experts ({layer.num_experts}) of MoELayer {name or '<root>'} must be divisible by the "
+                    f"expert-parallel world size ({self.world_size})"
+                )
+        for _, layer in layers:
+            placement = Placement.contiguous(layer.num_experts, self.world_size)
+            layer.experts.keep_slots(placement.experts_of(self.rank))
+            layer.placement = placement
+            layer.expert_parallel = self
+            layer.dispatch = self.initial_dispatch(layer)
+        return module

@@ -1,0 +1,126 @@
+"""The MoE router: scores, (group-limited) top-k, auxiliary loss and the aux-loss-free selection bias.
+
+Scores are computed in fp32 whatever the input dtype. The selection bias (DeepSeek-V3's aux-loss-free balancing)
+changes which experts are picked, never the weights the outputs are mixed with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .experts import _normal, derive_seed
+
+__all__ = ["Router", "RouterOutput", "SCORE_FUNCS"]
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class RouterOutput:
+    """``expert_ids`` ``[T, K]`` int64, ``weights`` ``[T, K]`` fp32, ``aux_loss`` 0-dim, ``tokens_per_expert`` ``[E]``."""
+
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    aux_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+
+class Router(nn.Module):
+    """Linear gate ``[E, M]`` + top-k.
+
+    Args:
+        score_func: ``"softmax"`` (probabilities over experts) or ``"sigmoid"`` (independent affinities).
+        norm_topk_prob: renormalise the K chosen weights to sum to 1.
+        num_expert_groups / topk_groups: group-limited routing: experts form ``num_expert_groups`` contiguous groups,
+            a group scores the sum of its top-2 scores (its max when groups have one expert), and only experts of the
+            best ``topk_groups`` groups can be chosen.
+        aux_loss_coef: coefficient of the Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
+        bias_update_rate: step of the aux-loss-free bias update (0 disables it): ``bias += rate * sign(mean - load)``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        num_expert_groups: int = 1,
+        topk_groups: int | None = None,
+        aux_loss_coef: float = 1e-3,
+        bias_update_rate: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        if isinstance(num_expert_groups, bool) or not isinstance(num_expert_groups, int) or num_expert_groups < 1:
+            raise ValueError(f"num_expert_groups must be a positive int, got {num_expert_groups!r}")
+        if num_experts % num_expert_groups != 0:
+            raise ValueError(
+                f"num_expert_groups ({num_expert_groups}) must divide num_experts ({num_experts})"
+            )
+        topk_groups = num_expert_groups if topk_groups is None else topk_groups
+        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_expert_groups:
+            raise ValueError(f"topk_groups must be in 1..num_expert_groups ({num_expert_groups}), got {topk_groups!r}")
+        if topk_groups * (num_experts // num_expert_groups) < top_k:
+            raise ValueError(
+                f"topk_groups ({topk_groups}) x experts per group ({num_experts // num_expert_groups}) "
+                f"must be >= top_k ({top_k})"
+            )
+        for name, value in (("aux_loss_coef", aux_loss_coef), ("bias_update_rate", bias_update_rate)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score_func, self.norm_topk_prob = score_func, norm_topk_prob
+        self.num_expert_groups, self.topk_groups = num_expert_groups, topk_groups
+        self.aux_loss_coef, self.bias_update_rate = float(aux_loss_coef), float(bias_update_rate)
+        self.weight = nn.Parameter(_normal((num_experts, hidden_size), hidden_size**-0.5, derive_seed(seed, "router"), torch.float32))
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[T, M]`` -> fp32 scores ``[T, E]``."""
+        logits = x.float() @ self.weight.t()
+        return logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        scores = self.scores(x)
+        T, E = scores.shape
+        select = scores.detach() + self.expert_bias if self.bias_update_rate > 0 else scores.detach()
+        if self.topk_groups < self.num_expert_groups:
+            select = self._mask_groups(select)
+        expert_ids = select.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=E)
+        return RouterOutput(expert_ids, weights, self._aux_loss(scores, tokens_per_expert, T), tokens_per_expert)
+
+    def _mask_groups(self, select: torch.Tensor) -> torch.Tensor:
+        T, E = select.shape
+        grouped = select.view(T, self.num_expert_groups, E // self.num_expert_groups)
+        top = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [T, groups]
+        keep = torch.zeros_like(top, dtype=torch.bool).scatter_(1, top.topk(self.topk_groups, dim=-1).indices, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+
+    def _aux_loss(self, scores: torch.Tensor, tokens_per_expert: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        if self.aux_loss_coef == 0 or num_tokens == 0:
+            return scores.new_zeros(())
+        probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+        f = tokens_per_expert.float() / (num_tokens * self.top_k)
+        return self.aux_loss_coef * self.num_experts * (f * probs.mean(0)).sum()
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower it for over-loaded ones.
+
+        ``tokens_per_expert`` ``[E]`` must be the same on every rank (sum it over the data-parallel group first).
+        """
+        if self.bias_update_rate == 0:
+            return
+        load = tokens_per_expert.float()
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)

@@ -1,0 +1,106 @@
+"""ExpertParallel + flat dispatch: the sharded layer computes exactly the unsharded layer's function."""
+
+import pytest
+import torch
+
+from hiermoe_lightning import ExpertParallel, MoELayer
+from hiermoe_lightning.testing import run_ranks
+from tests.sharded import Case, assert_matches_reference, run_sharded
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_flat_matches_reference_for_world_sizes_and_top_k(world):
+    cases = [Case(str(world), "flat", 8, k, [5 + r for r in range(world)], seed=k) for k in (1, 2, 4)]
+    results = run_sharded(world, cases)
+    for i, case in enumerate(cases):
+        assert_matches_reference(case, [r[i] for r in results])
+
+
+def test_flat_edge_cases_uneven_zero_tokens_one_hot_expert_shared_experts():
+    cases = [
+        Case("4", "flat", 8, 2, [7, 0, 3, 1]),                 # uneven, one rank without tokens
+        Case("4", "flat", 8, 1, [4, 4, 4, 4], force_expert=5),  # every token to expert 5
+        Case("4", "flat", 8, 4, [4, 2, 4, 6], force_expert=0),  # expert 0 plus three others
+        Case("4", "flat", 8, 2, [3, 5, 2, 4], layer_kwargs={"num_shared_experts": 1}),
+        Case("4", "flat", 8, 2, [6, 6, 6, 6], layer_kwargs={"capacity_factor": 0.5},
+             per_rank_reference=True),
+        Case("4", "flat", 8, 3, [5, 5, 5, 5], layer_kwargs={"score_func": "sigmoid", "num_expert_groups": 4,
+                                                           "topk_groups": 2}),
+        Case("4", "flat", 4, 2, [0, 0, 0, 0]),                 # nobody has tokens
+    ]
+    results = run_sharded(4, cases)
+    for i, case in enumerate(cases):
+        assert_matches_reference(case, [r[i] for r in results])
+
+
+def test_bf16_matches_reference_within_bf16_tolerance():
+    cases = [Case("4", "flat", 8, 2, [6, 3, 5, 4], dtype=torch.bfloat16)]
+    results = run_sharded(4, cases)
+    assert results[0][0]["out"].dtype == torch.bfloat16
+    assert_matches_reference(cases[0], [r[0] for r in results], atol=3e-2, rtol=3e-2)
+
+
+def _shard_slices(rank, world):
+    full = MoELayer(16, 24, 8, 2, seed=11)
+    layer = MoELayer(16, 24, 8, 2, seed=11)
+    ExpertParallel(str(world), dispatch="flat").shard_(layer)
+    ids = layer.local_expert_ids()
+    return {
+        "ids": ids,
+        "slices_equal": all(torch.equal(getattr(layer.experts, n), getattr(full.experts, n)[ids])
+                            for n in ("w_gate", "w_up", "w_down")),
+        "router_equal": torch.equal(layer.router.weight, full.router.weight),
+        "slots": layer.experts.num_slots,
+    }
+
+
+def test_sharding_keeps_exactly_the_contiguous_slices():
+    res = run_ranks(_shard_slices, 4)
+    for rank, r in enumerate(res):
+        assert r["ids"].tolist() == [2 * rank, 2 * rank + 1]
+        assert r["slices_equal"] and r["router_equal"] and r["slots"] == 2
+
+
+def _bad_inputs(rank, world):
+    errors = {}
+    attempts = {
+        "topology_size": lambda: ExpertParallel("2x3", dispatch="flat"),
+        "topology_string": lambda: ExpertParallel("2xx2", dispatch="flat"),
+        "topology_zero": lambda: ExpertParallel([0, 4], dispatch="flat"),
+        "dispatch": lambda: ExpertParallel("2x2", dispatch="hd3"),
+        "preset": lambda: ExpertParallel("2x2", dispatch="flat", link_costs="h100-magic"),
+        "divisible": lambda: ExpertParallel("2x2", dispatch="flat").shard_(MoELayer(8, 8, 6, 2)),
+    }
+    for key, fn in attempts.items():
+        try:
+            fn()
+            errors[key] = None
+        except (ValueError, TypeError) as e:
+            errors[key] = f"{type(e).__name__}: {e}"
+    # afterwards the group must still work: nothing hung, nothing half-done
+    layer = MoELayer(8, 8, 8, 2)
+    ExpertParallel("2x2", dispatch="flat").shard_(layer)
+    errors["still_works"] = tuple(layer(torch.randn(3, 8)).shape)
+    try:
+        layer(torch.randn(3, 7))
+    except ValueError as e:
+        errors["hidden"] = str(e)
+    return errors
+
+
+def test_bad_input_fails_on_every_rank_before_any_collective():
+    res = run_ranks(_bad_inputs, 4, timeout=60)
+    for r in res:
+        assert "world size 6" in r["topology_size"] and "4 ranks" in r["topology_size"]
+        assert "'2xx2'" in r["topology_string"]
+        assert "positive" in r["topology_zero"]
+        assert "hd3" in r["dispatch"] and "hd1..hd2" in r["dispatch"]
+        assert "h100-magic" in r["preset"] and "paper-a6000" in r["preset"]
+        assert "num_experts (6)" in r["divisible"] and "(4)" in r["divisible"]
+        assert r["still_works"] == (3, 8)
+        assert "hidden_size=8" in r["hidden"]
+
+
+def test_expert_parallel_needs_initialised_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallel("2", dispatch="flat")
