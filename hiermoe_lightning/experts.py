@@ -74,21 +74,29 @@ class ExpertBank(nn.Module):
             old = getattr(self, name)
             setattr(self, name, nn.Parameter(old.detach()[slots].clone(), requires_grad=old.requires_grad))
 
-    def forward(self, x_sorted: torch.Tensor, rows_per_slot: Sequence[int]) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, rows_per_slot: Sequence[int], scale: torch.Tensor | None = None) -> torch.Tensor:
         """``x_sorted`` ``[N, M]`` with rows grouped by slot (``rows_per_slot[s]`` rows for slot ``s``) -> ``[N, M]``.
 
+        ``scale`` ``[N]`` (optional) multiplies each row's output (the router weight); it is applied to the ``[N, F]``
+        hidden activations before the down projection, which is the same by linearity and cheaper when F < M.
         Loops over the local slots only (never over tokens); empty slots are skipped.
         """
         outs = []
-        for s, chunk in enumerate(torch.split(x_sorted, list(rows_per_slot))):
+        chunks = torch.split(x_sorted, list(rows_per_slot))
+        scales = torch.split(scale, list(rows_per_slot)) if scale is not None else [None] * len(chunks)
+        for s, (chunk, sc) in enumerate(zip(chunks, scales)):
             if chunk.shape[0] == 0:
                 continue
             h = F.silu(chunk @ self.w_gate[s]) * (chunk @ self.w_up[s])
+            if sc is not None:
+                h = h * sc.to(h.dtype).unsqueeze(1)
             outs.append(h @ self.w_down[s])
         if not outs:
-            # keep the graph connected to the weights so every rank's backward has the same shape
-            return x_sorted.new_zeros(0, self.hidden_size) + 0 * self.w_down.sum()
-        return torch.cat(outs)
+            # no rows here: stay connected to the inputs and weights anyway, so this rank's backward still runs the
+            # dispatch's mirror collectives (its peers wait for them) and every weight gets a (zero) gradient
+            out = x_sorted * 0 + 0 * (self.w_gate.sum() + self.w_up.sum() + self.w_down.sum())
+            return out if scale is None else out + 0 * scale.sum()
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class SwiGLU(nn.Module):

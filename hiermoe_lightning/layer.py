@@ -95,6 +95,7 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_handle: DispatchHandle | None = None
         self.last_expert_ids: torch.Tensor | None = None  # [T, K] of the last forward, -1 = dropped
+        self.last_local_slots: torch.Tensor | None = None
         self.register_buffer("routed_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     # ------------------------------------------------------------------ forward
@@ -129,6 +130,7 @@ class MoELayer(nn.Module):
         y = apply_experts(self.experts, rows, pair_row, pair_slot, pair_weight)
         out = combine(y, handle, x.dtype)
         self.last_handle = handle
+        self.last_local_slots = pair_slot.detach()  # [P] local slot of every pair this rank's experts processed
         if self.shared_experts is not None:
             out = out + self.shared_experts(x2)
         return out.reshape(shape)

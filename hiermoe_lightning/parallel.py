@@ -29,9 +29,12 @@ class ExpertParallel:
         dispatch: ``"flat" | "2dh" | "hd1" .. "hd<D>" | "auto"``.
         link_costs: preset name, YAML path or LinkCosts (used by ``auto`` and the statistics).
         group: the process group of the expert-parallel ranks; None = the default group.
+        verify_splits: before every payload, check collectively that senders and receivers agree on split sizes
+            (a debugging aid: gloo itself does not check, and a mismatch silently corrupts data or aborts).
     """
 
-    def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None):
+    def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
+                 verify_splits: bool = False):
         topo = Topology.parse(topology) if topology is not None else None
         validate_dispatch(dispatch, topo.num_levels if topo is not None else 1)
         self.link_costs = LinkCosts.resolve(link_costs)
@@ -50,6 +53,7 @@ class ExpertParallel:
             self.link_costs.require(p for name in dispatch_names(topo.num_levels) if name.startswith("hd")
                                     for p in parse_dispatch(name, topo.num_levels).phases)
         self.topology, self.dispatch, self.global_ranks = topo, dispatch, ranks
+        self.verify_splits = bool(verify_splits)
         self.rank = ranks.index(dist.get_rank())
         self.world_size = len(ranks)
         self._peer_groups = self._build_groups(group is not None and len(ranks) != dist.get_world_size())
@@ -101,7 +105,7 @@ class ExpertParallel:
             peer_of_expert = phase_peer_index(self.topology, phase, nxt)
             levels = tuple(self.topology.link_level(self.rank, r) for r in peers.ranks)
             phases.append(PhaseRoute(phase, peers, peer_of_expert, levels))
-        return Route(spec, tuple(phases), self.topology.num_levels)
+        return Route(spec, tuple(phases), self.topology.num_levels, self.verify_splits)
 
     # ------------------------------------------------------------------ sharding
     def initial_dispatch(self, layer: MoELayer) -> str:

@@ -3,6 +3,11 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_seed():
+def _deterministic_and_single_threaded():
+    """A fixed global seed, and one intra-op thread: on a 2-core machine shared with rank processes, a second
+    spinning worker thread slows tests down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(1234)
     yield
+    torch.set_num_threads(threads)

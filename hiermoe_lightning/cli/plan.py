@@ -14,6 +14,7 @@ import json
 
 from ..cost.link_costs import LinkCosts
 from ..cost.model import Prediction, predict
+from ..dispatch.spec import dispatch_names, parse_dispatch
 from ..placement.placement import Placement
 from ..topology import Topology
 from ..traces import ALLOWED_ROUTINGS, generate_routing, load_trace, parse_routing
@@ -75,6 +76,8 @@ def _resolve_inputs(args: argparse.Namespace):
         raise ValueError(f"--num-experts ({E}) must be divisible by the topology's world size ({G}, topology {topology})")
     try:
         link_costs = LinkCosts.resolve(args.link_costs)
+        for name in dispatch_names(topology.num_levels):
+            link_costs.require(parse_dispatch(name, topology.num_levels).phases)
     except (TypeError, ValueError) as e:
         raise _flag_error("--link-costs", e) from None
     try:

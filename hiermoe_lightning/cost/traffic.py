@@ -6,10 +6,12 @@ row on ``s`` that serves its ``K`` (token, expert) pairs. In each phase every pa
 ``dedup=True`` a row travels once to each *distinct* next rank of its pairs; with ``dedup=False`` once per pair.
 Pairs whose next rank is the current rank stay: they form the diagonal of the row matrix and never count as traffic.
 
-Why counting distinct ``(current, next)`` per token is exact for deduplicated dispatches: a token's copies always sit
-on distinct ranks (phase ``inter{i}`` changes only coordinate ``c_i`` while earlier phases fixed ``c_1 .. c_{i-1}``
-per copy; ``intra{d-1}`` stays inside the level-``(d-1)`` group each copy already belongs to), so the row identity
-``(token, current rank)`` is determined by the pair's current rank, and a row's hops are its distinct next ranks.
+How it counts without a loop over tokens: in phase ``p`` a pair's current and next rank depend only on its source
+rank ``s`` and the level-``L`` group of its expert's rank, ``L`` being the deepest level the phases up to ``p`` read
+(``inter{i}`` reads coordinate ``c_i`` of the expert's rank; ``a2a`` and ``intra{i}`` read the whole rank). Without
+dedup each pair is a row, so the rows via (``s``, rank ``r``) are the pairs of ``s`` whose expert is on ``r``. With
+dedup the rows via (``s``, group ``g``) are the tokens of ``s`` that hit ``g``, because distinct groups give distinct
+(current, next) hops for a fixed ``s`` (checked on the grid), i.e. a token's copies never merge.
 
 Expert ids equal to ``-1`` are dropped pairs: they travel nowhere and do not count.
 """
@@ -82,33 +84,84 @@ def check_expert_ids(topology: Topology, placement: Placement, expert_ids: torch
     return ids
 
 
-def _pair_state(topology: Topology, placement: Placement, ids: torch.Tensor):
-    """From ids ``[G, T, K]``: ``source [N, K]`` (rank of each pair's token), ``expert_rank [N, K]``, ``valid [N, K]``.
+@dataclass(frozen=True)
+class _RouteCounts:
+    """What every phase count derives from: ``pairs [G, G]`` (pairs of source ``s`` whose expert is on rank ``r``) and
+    ``hits[L]`` ``[G, U[L]]`` (tokens of source ``s`` with at least one expert in level-``L`` group ``g``) for the
+    levels asked for."""
 
-    ``N = G * T`` tokens; invalid (dropped, ``-1``) pairs get expert rank 0 and ``valid = False``.
+    pairs: torch.Tensor
+    hits: dict[int, torch.Tensor]
+
+
+# Bound on the elements of the [ranks, T, G + 1] uint8 "token hits rank" block built at once.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _route_counts(topology: Topology, placement: Placement, ids: torch.Tensor, levels: Sequence[int]) -> _RouteCounts:
+    """Count pairs per (source, expert rank) and distinct hits per (source, level-L group), L in ``levels``.
+
+    ``ids``: int64 ``[G, T, K]`` (``-1`` = dropped). Time ``O(G * T * (K + G))``.
     """
     G, T, K = ids.shape
-    flat = ids.reshape(G * T, K)
-    valid = flat >= 0
-    expert_rank = placement.expert_to_rank[flat.clamp(min=0)]
-    source = torch.arange(G, dtype=torch.long).repeat_interleave(T)[:, None].expand(G * T, K)
-    return source, expert_rank, valid
+    # rank of each pair's expert, G for a dropped pair (id -1 picks the appended last entry)
+    expert_rank = torch.cat([placement.expert_to_rank, torch.tensor([G])])[ids]  # [G, T, K]
+    pair_keys = (torch.arange(G)[:, None, None] * (G + 1) + expert_rank).reshape(-1)
+    pairs = torch.bincount(pair_keys, minlength=G * (G + 1)).reshape(G, G + 1)[:, :G]
+    hits = {L: torch.zeros(G, topology.num_groups(L), dtype=torch.long) for L in sorted(set(levels))}
+    block = max(1, _BLOCK_ELEMENTS // max(1, T * (G + 1)))
+    for s0 in range(0, G if hits else 0, block):  # blocks of source ranks bound the memory of `hit`
+        er = expert_rank[s0 : s0 + block]  # [b, T, K]
+        b = er.shape[0]
+        hit = torch.zeros(b, T, G + 1, dtype=torch.uint8)
+        hit.scatter_(2, er, 1)  # token hits rank (column G collects dropped pairs)
+        hit = hit[..., :G].contiguous()
+        for L, out in hits.items():
+            U = topology.num_groups(L)
+            in_group = hit.reshape(b, T, U, G // U).amax(dim=3)  # [b, T, U] 0/1
+            out[s0 : s0 + block] = in_group.sum(dim=1, dtype=torch.int64)
+    return _RouteCounts(pairs, hits)
 
 
-def _count_hops(cur: torch.Tensor, nxt: torch.Tensor, valid: torch.Tensor, G: int, dedup: bool) -> torch.Tensor:
-    """Rows per (current, next) rank: ``[G, G]`` int64 from pair tensors ``cur, nxt, valid`` of shape ``[N, K]``.
+def _phase_level(topology: Topology, phase: str) -> int:
+    """The level whose group of the expert decides a pair's hop in ``phase``: ``i`` for ``inter{i}``, else ``D``."""
+    return int(phase[len("inter"):]) if phase.startswith("inter") else topology.num_levels
 
-    ``dedup``: one row per distinct (token, current, next), found by sorting each token's ``K`` keys.
+
+def _spec_level(topology: Topology, spec: DispatchSpec, index: int) -> int:
+    """The deepest level the phases ``0 .. index`` of ``spec`` read: a pair's hop there depends on that group only."""
+    return max(_phase_level(topology, p) for p in spec.phases[: index + 1])
+
+
+def _phase_matrix(
+    topology: Topology, spec: DispatchSpec, index: int, counts: _RouteCounts
+) -> torch.Tensor:
+    """Rows ``[G, G]`` of phase ``spec.phases[index]``.
+
+    A pair's current and next rank in this phase depend only on its source ``s`` and the level-``L`` group of its
+    expert (``L`` = the deepest level any phase so far looks at; its coordinates ``c_1 .. c_L``), and are one-to-one
+    in that group for a fixed ``s``. So with ``dedup`` the rows from ``s`` via group ``g`` number the tokens of ``s``
+    hitting ``g`` (``hits[L]``), without it the pairs (``pairs``, ``L = D``). The path is walked with
+    :func:`phase_next_rank` on a ``[G, U[L]]`` grid of (source, first rank of the group).
     """
-    sentinel = G * G
-    key = torch.where(valid, cur * G + nxt, torch.full_like(cur, sentinel))
-    if dedup:
-        key = key.sort(dim=1).values
-        first = torch.ones_like(key, dtype=torch.bool)
-        first[:, 1:] = key[:, 1:] != key[:, :-1]
-        key = key[first]
-    counts = torch.bincount(key.reshape(-1), minlength=sentinel + 1)[:sentinel]
-    return counts.reshape(G, G)
+    G = topology.world_size
+    if spec.dedup:
+        L = _spec_level(topology, spec, index)
+        weight = counts.hits[L]
+    else:
+        L, weight = topology.num_levels, counts.pairs
+    U = topology.num_groups(L)
+    rep = (torch.arange(U) * (G // U))[None, :].expand(G, U)  # a rank of each level-L group
+    cur = torch.arange(G)[:, None].expand(G, U)
+    for phase in spec.phases[:index]:
+        cur = phase_next_rank(topology, phase, cur, rep)
+    nxt = phase_next_rank(topology, spec.phases[index], cur, rep)
+    if spec.dedup:
+        hop = (cur * G + nxt).sort(dim=1).values
+        if bool((hop[:, 1:] == hop[:, :-1]).any()):  # two groups would share a row: counting by group is wrong
+            raise RuntimeError(f"phase {spec.phases[index]!r} of dispatch {spec.name!r} merges copies of a token")
+    rows = torch.zeros(G * G, dtype=torch.long).index_add_(0, (cur * G + nxt).reshape(-1), weight.reshape(-1))
+    return rows.reshape(G, G)
 
 
 def phase_rows(
@@ -117,7 +170,7 @@ def phase_rows(
     """The rows of every phase of ``spec``: a list of :class:`PhaseTraffic` (``rows`` int64 ``[G, G]``), in order.
 
     ``expert_ids``: int ``[G, T, K]`` expert chosen by each (source rank, token, slot); ``-1`` = dropped pair.
-    Cost ``O(phases * G * T * K * log K)``.
+    Cost ``O(G * T * (K + G))`` time, whatever the dispatch.
     """
     return dispatch_rows(topology, placement, expert_ids, [spec])[spec.name]
 
@@ -125,29 +178,14 @@ def phase_rows(
 def dispatch_rows(
     topology: Topology, placement: Placement, expert_ids: torch.Tensor, specs: Sequence[DispatchSpec]
 ) -> dict[str, list[PhaseTraffic]]:
-    """:func:`phase_rows` of several dispatches at once, ``{spec.name: [PhaseTraffic, ...]}``.
-
-    Dispatches that share a prefix of phases with the same ``dedup`` (``hd2 .. hdD`` share ``inter1, inter2, ...``)
-    count that prefix once.
-    """
+    """:func:`phase_rows` of several dispatches at once, ``{spec.name: [PhaseTraffic, ...]}``; counts the routing once."""
     ids = check_expert_ids(topology, placement, expert_ids)
-    G = topology.world_size
-    source, expert_rank, valid = _pair_state(topology, placement, ids)
-    # (dedup, phases so far) -> (current rank of every pair [N, K], rows of the last phase)
-    memo: dict[tuple[bool, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
-    out: dict[str, list[PhaseTraffic]] = {}
-    for spec in specs:
-        cur = source
-        traffic = []
-        for i, phase in enumerate(spec.phases):
-            key = (spec.dedup, spec.phases[: i + 1])
-            if key not in memo:
-                nxt = phase_next_rank(topology, phase, cur, expert_rank)
-                memo[key] = (nxt, _count_hops(cur, nxt, valid, G, spec.dedup))
-            cur, rows = memo[key]
-            traffic.append(PhaseTraffic(phase, rows))
-        out[spec.name] = traffic
-    return out
+    levels = [_spec_level(topology, spec, i) for spec in specs if spec.dedup for i in range(spec.depth)]
+    counts = _route_counts(topology, placement, ids, levels)
+    return {
+        spec.name: [PhaseTraffic(p, _phase_matrix(topology, spec, i, counts)) for i, p in enumerate(spec.phases)]
+        for spec in specs
+    }
 
 
 def max_rank_bytes(rows: torch.Tensor, row_bytes: int) -> int:
@@ -184,12 +222,7 @@ def lower_bound_level1_bytes(
     """Fewest level-1 bytes any correct dispatch+combine moves: 2 x ``row_bytes`` per distinct
     (token, destination top-level group other than the token's own); ``expert_ids`` int ``[G, T, K]``."""
     ids = check_expert_ids(topology, placement, expert_ids)
-    group = topology.group_index(1)  # [G]
-    source, expert_rank, valid = _pair_state(topology, placement, ids)
-    dest, home = group[expert_rank], group[source]
-    sentinel = topology.num_groups(1)
-    key = torch.where(valid & (dest != home), dest, torch.full_like(dest, sentinel)).sort(dim=1).values
-    first = torch.ones_like(key, dtype=torch.bool)
-    first[:, 1:] = key[:, 1:] != key[:, :-1]
-    distinct = int((first & (key != sentinel)).sum())
-    return 2 * int(row_bytes) * distinct
+    hits = _route_counts(topology, placement, ids, [1]).hits[1]  # [G, U1]
+    home = topology.group_index(1)  # [G]
+    own = hits.gather(1, home[:, None]).sum()
+    return 2 * int(row_bytes) * int(hits.sum() - own)

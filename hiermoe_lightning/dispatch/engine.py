@@ -11,11 +11,12 @@ for the whole combine, so every rank issues its collectives in the same order).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .comm import PeerGroup, all_to_all_rows, exchange_counts
+from .comm import PeerGroup, all_to_all_rows, check_splits, exchange_counts
 from .spec import DispatchSpec
 
 __all__ = ["PhaseRoute", "Route", "Hop", "DispatchHandle", "plan_hop", "dispatch", "combine", "apply_experts"]
@@ -39,6 +40,7 @@ class Route:
     spec: DispatchSpec
     phases: tuple[PhaseRoute, ...]
     num_levels: int
+    verify_splits: bool = False  # check collectively that every payload's splits agree before it moves
 
 
 @dataclass
@@ -102,6 +104,8 @@ class DispatchHandle:
     num_levels: int
     row_bytes: int
     hops: list[Hop] = field(default_factory=list)
+    comm_seconds: float = 0.0  # wall time spent in collectives (dispatch, combine and both backwards)
+    plan_seconds: float = 0.0  # wall time spent planning hops (pure bookkeeping)
 
     def phase_bytes(self) -> list[dict]:
         """Per phase: payload rows/bytes this rank sent and received off-rank (dispatch direction only)."""
@@ -126,22 +130,34 @@ class DispatchHandle:
         return out
 
 
+def _timed(handle: DispatchHandle, fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    handle.comm_seconds += time.perf_counter() - start
+    return out
+
+
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pair_weight, pair_row, pair_expert, route: Route, handle: DispatchHandle):
         rows, weight = x, pair_weight
         for pr in route.phases:
+            start = time.perf_counter()
             plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
-            counts = exchange_counts(torch.stack([plan.send_splits, plan.pair_splits], dim=1), pr.peers)
+            handle.plan_seconds += time.perf_counter() - start
+            counts = _timed(handle, exchange_counts, torch.stack([plan.send_splits, plan.pair_splits], dim=1), pr.peers)
             send_splits, pair_send = plan.send_splits.tolist(), plan.pair_splits.tolist()
             recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
-            new_rows = all_to_all_rows(rows[plan.send_src_row], send_splits, recv_splits, pr.peers)
+            if route.verify_splits:
+                _timed(handle, check_splits, send_splits, recv_splits, pr.peers)
+                _timed(handle, check_splits, pair_send, pair_recv, pr.peers)
+            new_rows = _timed(handle, all_to_all_rows, rows[plan.send_src_row], send_splits, recv_splits, pr.peers)
             # pair metadata in one message: (row within the block sent to that peer, expert id, weight); float64 holds
             # the ints and an fp32 weight exactly
             meta = torch.stack(
                 [plan.pair_local_row.double(), pair_expert[plan.pair_order].double(), weight[plan.pair_order].double()], 1
             )
-            meta = all_to_all_rows(meta, pair_send, pair_recv, pr.peers)
+            meta = _timed(handle, all_to_all_rows, meta, pair_send, pair_recv, pr.peers)
             recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
             src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=counts.device), counts[:, 1])
             handle.hops.append(Hop(pr.phase, pr.peers, pr.peer_level, plan.send_src_row, send_splits, recv_splits,
@@ -163,11 +179,11 @@ class _Dispatch(torch.autograd.Function):
         if grad_rows is None:
             raise RuntimeError("dispatch backward got no row gradient")  # unreachable: the experts always use rows
         for h in reversed(handle.hops):
-            back = all_to_all_rows(grad_rows, h.recv_splits, h.send_splits, h.peers)
+            back = _timed(handle, all_to_all_rows, grad_rows, h.recv_splits, h.send_splits, h.peers)
             grad_rows = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(
                 0, h.send_src_row, back.float()).to(ctx.x_dtype)
             if grad_weight is not None:
-                back_w = all_to_all_rows(grad_weight, h.pair_recv_splits, h.pair_send_splits, h.peers)
+                back_w = _timed(handle, all_to_all_rows, grad_weight, h.pair_recv_splits, h.pair_send_splits, h.peers)
                 grad_weight = back_w.new_empty(h.num_prev_pairs)
                 grad_weight[h.pair_order] = back_w
         return grad_rows, grad_weight, None, None, None, None
@@ -177,7 +193,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, handle: DispatchHandle, out_dtype: torch.dtype):
         for h in reversed(handle.hops):
-            back = all_to_all_rows(y.to(out_dtype), h.recv_splits, h.send_splits, h.peers)
+            back = _timed(handle, all_to_all_rows, y.to(out_dtype), h.recv_splits, h.send_splits, h.peers)
             y = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(0, h.send_src_row, back.float())
         ctx.handle, ctx.out_dtype, ctx.y_dtype = handle, out_dtype, y.dtype
         return y.to(out_dtype) if handle.hops or y.dtype != out_dtype else y.clone()
@@ -186,7 +202,7 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.to(ctx.out_dtype)
         for h in ctx.handle.hops:
-            grad = all_to_all_rows(grad[h.send_src_row], h.send_splits, h.recv_splits, h.peers)
+            grad = _timed(ctx.handle, all_to_all_rows, grad[h.send_src_row], h.send_splits, h.recv_splits, h.peers)
         return grad.to(torch.float32), None, None
 
 
@@ -209,6 +225,5 @@ def apply_experts(experts, rows, pair_row, pair_slot, pair_weight) -> torch.Tens
     order = torch.argsort(pair_slot, stable=True)
     rows_per_slot = torch.bincount(pair_slot, minlength=experts.num_slots).tolist()
     src_row = pair_row[order]
-    out = experts(rows[src_row], rows_per_slot)
-    out = out.float() * pair_weight[order].float().unsqueeze(1)
-    return rows.new_zeros(rows.shape[0], rows.shape[1], dtype=torch.float32).index_add(0, src_row, out)
+    out = experts(rows[src_row], rows_per_slot, scale=pair_weight[order])
+    return rows.new_zeros(rows.shape[0], rows.shape[1], dtype=torch.float32).index_add(0, src_row, out.float())

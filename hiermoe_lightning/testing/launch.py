@@ -84,8 +84,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
         errors = {r: open(os.path.join(outdir, f"rank{r}.err")).read()
                   for r in range(world_size) if os.path.exists(os.path.join(outdir, f"rank{r}.err"))}
         if errors:
-            r = min(errors)
-            raise RankFailure(f"rank {r} of {world_size} failed:\n{errors[r]}")
+            # the root cause is usually the rank whose error is not a peer's disconnect
+            primary = [r for r, e in errors.items() if "Connection closed by peer" not in e and "Connection reset" not in e]
+            r = min(primary or errors)
+            raise RankFailure(f"rank {r} of {world_size} failed (ranks with errors: {sorted(errors)}):\n{errors[r]}")
         if failed is not None:
             raise RankFailure(f"rank {failed} of {world_size} exited with code {procs[failed].exitcode}")
         missing = [r for r in range(world_size) if not os.path.exists(os.path.join(outdir, f"rank{r}.pt"))]

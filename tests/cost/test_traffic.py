@@ -232,7 +232,10 @@ def test_levels_flat_2dh_hd_against_naive_counts(sizes, per, tokens, top_k, seed
     assert lower_bound_level1_bytes(topology, placement, ids, rb) == 2 * rb * bound
     flat = bytes_by_level(topology, phase_rows(topology, placement, ids, parse_dispatch("flat", D)), rb)
     assert flat == pair_levels
-    tdh = bytes_by_level(topology, phase_rows(topology, placement, ids, parse_dispatch("2dh", D)), rb)
+    valid_pairs = int((ids >= 0).sum())
+    tdh_phases = phase_rows(topology, placement, ids, parse_dispatch("2dh", D))
+    assert all(int(p.rows.sum()) == valid_pairs for p in tdh_phases)  # one row per pair in every phase
+    tdh = bytes_by_level(topology, tdh_phases, rb)
     if D == 1:
         assert tdh == pair_levels
     else:  # 2dh hops node-first, so every off-node pair crosses level 1 exactly once

@@ -1,0 +1,134 @@
+"""``hiermoe bench layer``: forward+backward of one sharded MoELayer, time split into all-to-all, expert compute and
+everything else (routing, planning, permutation, bookkeeping), plus peak memory against the unsharded layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..layer import MoELayer
+from ..parallel import ExpertParallel
+from ..testing import run_ranks
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _layer(args) -> MoELayer:
+    return MoELayer(args.hidden_size, args.ffn_hidden_size, args.num_experts, args.top_k, seed=args.seed,
+                    dtype=DTYPES[args.dtype], aux_loss_coef=0.0)
+
+
+def _time_experts(layer: MoELayer, x: torch.Tensor, iters: int) -> float:
+    """Median seconds of expert forward+backward alone, on the rows the layer's last forward fed them."""
+    rows_per_slot = torch.bincount(layer.last_local_slots, minlength=layer.experts.num_slots).tolist()
+    n = sum(rows_per_slot)
+    xs = torch.randn(n, layer.hidden_size, dtype=x.dtype)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        out = layer.experts(xs, rows_per_slot)
+        out.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    layer.experts.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def _rank_fn(rank, world, args):
+    torch.manual_seed(args.seed + rank)
+    layer = _layer(args)
+    ExpertParallel(args.topology, dispatch=args.dispatch).shard_(layer)
+    x = torch.randn(args.tokens_per_rank, args.hidden_size, dtype=DTYPES[args.dtype], requires_grad=True)
+    totals, comms, plans = [], [], []
+    for i in range(args.warmup + args.iters):
+        dist.barrier()
+        start = time.perf_counter()
+        out = layer(x)
+        out.float().sum().backward()
+        elapsed = time.perf_counter() - start
+        if i >= args.warmup:
+            totals.append(elapsed)
+            comms.append(layer.last_handle.comm_seconds)
+            plans.append(layer.last_handle.plan_seconds)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    dist.barrier()
+    experts_s = _time_experts(layer, x, max(2, args.iters // 2))
+    return {"total": statistics.median(totals), "a2a": statistics.median(comms), "plan": statistics.median(plans),
+            "experts": experts_s, "peak_rss_mib": peak_rss_mib()}
+
+
+def _unsharded_fn(rank, world, args):
+    layer = _layer(args)
+    x = torch.randn(args.tokens_per_rank * args.world_size, args.hidden_size, dtype=DTYPES[args.dtype], requires_grad=True)
+    out = layer(x)
+    out.float().sum().backward()
+    return {"peak_rss_mib": peak_rss_mib()}
+
+
+def run(args) -> dict:
+    from ..topology import Topology
+
+    args.world_size = Topology.parse(args.topology).world_size
+    per_rank = run_ranks(_rank_fn, args.world_size, args, timeout=args.timeout)
+    unsharded = run_ranks(_unsharded_fn, 1, args, timeout=args.timeout)[0]
+    # the slowest rank sets the step time; report its split
+    slowest = max(per_rank, key=lambda r: r["total"])
+    other = max(slowest["total"] - slowest["a2a"] - slowest["experts"], 0.0)
+    return {
+        "topology": args.topology, "dispatch": args.dispatch, "num_experts": args.num_experts, "top_k": args.top_k,
+        "hidden_size": args.hidden_size, "ffn_hidden_size": args.ffn_hidden_size, "tokens_per_rank": args.tokens_per_rank,
+        "dtype": args.dtype,
+        "step_ms": slowest["total"] * 1e3,
+        "split_ms": {"a2a": slowest["a2a"] * 1e3, "experts": slowest["experts"] * 1e3, "other": other * 1e3,
+                     "of_which_planning": slowest["plan"] * 1e3},
+        "split_share": {"a2a": slowest["a2a"] / slowest["total"], "experts": slowest["experts"] / slowest["total"],
+                        "other": other / slowest["total"]},
+        "peak_rss_mib": {"sharded_per_rank_max": max(r["peak_rss_mib"] for r in per_rank),
+                         "unsharded": unsharded["peak_rss_mib"]},
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", default="4")
+    p.add_argument("--dispatch", default="flat")
+    p.add_argument("--num-experts", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden-size", type=int, default=1024)
+    p.add_argument("--ffn-hidden-size", type=int, default=512)
+    p.add_argument("--tokens-per-rank", type=int, default=4096)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--json", action="store_true")
+
+
+def main(args) -> int:
+    res = run(args)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        s = res["split_ms"]
+        print(f"{res['topology']} {res['dispatch']} E={res['num_experts']} K={res['top_k']} M={res['hidden_size']} "
+              f"T={res['tokens_per_rank']}/rank {res['dtype']}: step {res['step_ms']:.1f} ms")
+        for k in ("a2a", "experts", "other"):
+            print(f"  {k:<8} {s[k]:9.1f} ms  {100 * res['split_share'][k]:5.1f}%")
+        print(f"  planning (inside other) {s['of_which_planning']:.1f} ms")
+        m = res["peak_rss_mib"]
+        print(f"  peak RSS per rank {m['sharded_per_rank_max']:.0f} MiB vs unsharded layer {m['unsharded']:.0f} MiB")
+    return 0

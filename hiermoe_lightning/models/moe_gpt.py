@@ -1,0 +1,288 @@
+"""MoEGPT: a small decoder-only MoE transformer as a LightningModule (the model behind ``hiermoe fit``).
+
+Shapes: ``B`` batch, ``S`` sequence, ``M`` hidden size, ``H`` heads, ``D = M / H`` head size, ``V`` vocabulary.
+
+Block ``i`` (pre-norm)::
+
+    x = x + Attention(RMSNorm(x))            # causal, rotary positions, F.scaled_dot_product_attention
+    x = x + FFN_i(RMSNorm(x))                # dense SwiGLU for i < dense_layers, else MoELayer
+
+then a final RMSNorm and an *untied* LM head (``lm_head [V, M]`` separate from ``tok_emb [V, M]``: the embedding
+and head of a byte model are tiny, and untied weights keep each parameter's gradient from a single use).
+
+Every parameter is initialised from ``seed`` alone, each tensor with its own ``torch.Generator`` seeded by
+``derive_seed(seed, name...)``: building the model neither reads nor advances the global RNG, so every rank builds
+identical weights. MoE layer ``i`` gets ``seed=derive_seed(seed, "moe", i) % 2**31``.
+"""
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..experts import SwiGLU, derive_seed
+from ..layer import MoELayer
+
+__all__ = ["MoEGPT", "PRESETS", "OPTIMIZERS"]
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+# Plain dicts of MoEGPT keyword arguments. "tiny" = the constructor defaults (CPU-sized). The full-size ones copy the
+# MoE dimensions of the public models for planning (`hiermoe plan`, cost estimates); attention is plain multi-head
+# (no MLA / GQA), so attention parameter counts are approximate. Never instantiate them on a small machine.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=256, seq_len=128, num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=128,
+        num_experts=8, top_k=2, num_shared_experts=0, score_func="softmax", num_expert_groups=1, topk_groups=None,
+        aux_loss_coef=1e-3, bias_update_rate=0.0, capacity_factor=None, dense_layers=0,
+        lr=3e-3, weight_decay=0.0, optimizer="adamw", momentum=0.0, warmup_steps=0, seed=0,
+    ),
+    "deepseek-v3-like": dict(
+        vocab_size=129280, seq_len=4096, num_layers=61, hidden_size=7168, num_heads=128, ffn_hidden_size=2048,
+        num_experts=256, top_k=8, num_shared_experts=1, score_func="sigmoid", num_expert_groups=8, topk_groups=4,
+        aux_loss_coef=1e-4, bias_update_rate=1e-3, capacity_factor=None, dense_layers=3, dense_ffn_hidden_size=18432,
+        lr=2.2e-4, weight_decay=0.1, optimizer="adamw", momentum=0.0, warmup_steps=2000, seed=0,
+    ),
+    "qwen3-30b-a3b-like": dict(
+        vocab_size=151936, seq_len=4096, num_layers=48, hidden_size=2048, num_heads=32, ffn_hidden_size=768,
+        num_experts=128, top_k=8, num_shared_experts=0, score_func="softmax", num_expert_groups=1, topk_groups=None,
+        aux_loss_coef=1e-3, bias_update_rate=0.0, capacity_factor=None, dense_layers=0,
+        lr=3e-4, weight_decay=0.1, optimizer="adamw", momentum=0.0, warmup_steps=2000, seed=0,
+    ),
+}
+
+
+def _seeded_normal(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """A ``shape`` tensor of N(0, std^2) drawn from its own generator (the global RNG is untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * std
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: object, minimum: float, *, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+class RMSNorm(nn.Module):
+    """``x [..., M]`` -> ``x / rms(x) * weight`` (weight initialised to ones)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding of ``x [B, H, S, D]`` (D even), positions ``0..S-1``; same shape out."""
+    S, D = x.shape[-2], x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
+    angles = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [S, D/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary positions: ``[B, S, M]`` -> ``[B, S, M]``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, seed: int, out_std: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.w_qkv = nn.Parameter(_seeded_normal((3 * hidden_size, hidden_size), hidden_size**-0.5, derive_seed(seed, "qkv")))
+        self.w_out = nn.Parameter(_seeded_normal((hidden_size, hidden_size), out_std, derive_seed(seed, "out")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, M = x.shape
+        qkv = F.linear(x, self.w_qkv).view(B, S, 3, self.num_heads, M // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, D]
+        y = F.scaled_dot_product_attention(rotary(q), rotary(k), v, is_causal=True)  # [B, H, S, D]
+        return F.linear(y.transpose(1, 2).reshape(B, S, M), self.w_out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``ffn`` is a ``MoELayer`` or a dense ``SwiGLU``. ``[B, S, M]`` -> ``[B, S, M]``."""
+
+    def __init__(self, attn: CausalSelfAttention, ffn: nn.Module, hidden_size: int):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(hidden_size), attn
+        self.ffn_norm, self.ffn = RMSNorm(hidden_size), ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MoEGPT(pl.LightningModule):
+    """Decoder-only byte-level MoE language model.
+
+    ``forward(inputs [B, S] int64) -> logits [B, S, V]``. Batches are ``(inputs [B, S], targets [B, S])`` int64;
+    the training loss is the mean token cross-entropy plus the sum of the MoE layers' ``aux_loss``.
+
+    Beyond the MoE options of ``MoELayer``: ``dense_layers`` makes the first N blocks dense SwiGLU
+    (``dense_ffn_hidden_size``, default ``ffn_hidden_size * top_k``: the routed FFN width a token activates), as in
+    DeepSeek-V3. With ``bias_update_rate > 0`` the model runs the aux-loss-free bias update of every MoE layer after
+    each training batch (token counts summed over the default process group when one exists).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        seq_len: int = 128,
+        num_layers: int = 2,
+        hidden_size: int = 64,
+        num_heads: int = 4,
+        ffn_hidden_size: int = 128,
+        num_experts: int = 8,
+        top_k: int = 2,
+        num_shared_experts: int = 0,
+        score_func: str = "softmax",
+        num_expert_groups: int = 1,
+        topk_groups: int | None = None,
+        aux_loss_coef: float = 1e-3,
+        bias_update_rate: float = 0.0,
+        capacity_factor: float | None = None,
+        dense_layers: int = 0,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        momentum: float = 0.0,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        norm_topk_prob: bool = True,
+        shared_ffn_hidden_size: int | None = None,
+        dense_ffn_hidden_size: int | None = None,
+        drop_policy: str = "probs",
+    ):
+        super().__init__()
+        for name, value, minimum in (
+            ("vocab_size", vocab_size, 1), ("seq_len", seq_len, 1), ("num_layers", num_layers, 1),
+            ("hidden_size", hidden_size, 1), ("num_heads", num_heads, 1), ("ffn_hidden_size", ffn_hidden_size, 1),
+            ("dense_layers", dense_layers, 0), ("warmup_steps", warmup_steps, 0), ("seed", seed, 0),
+        ):
+            _check_int(name, value, minimum)
+        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be num_heads ({num_heads}) x an even head size (rotary positions)"
+            )
+        if dense_layers > num_layers:
+            raise ValueError(f"dense_layers must be in 0..num_layers ({num_layers}), got {dense_layers}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        _check_number("lr", lr, 0.0, strict=True)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_number("momentum", momentum, 0.0)
+        if dense_ffn_hidden_size is not None:
+            _check_int("dense_ffn_hidden_size", dense_ffn_hidden_size, 1)
+        self.save_hyperparameters()
+
+        out_std = hidden_size**-0.5 / math.sqrt(2 * num_layers)  # residual projections shrink with depth
+        self.tok_emb = nn.Parameter(_seeded_normal((vocab_size, hidden_size), 1.0, derive_seed(seed, "tok_emb")))
+        blocks = []
+        for i in range(num_layers):
+            attn = CausalSelfAttention(hidden_size, num_heads, seed=derive_seed(seed, "attn", i), out_std=out_std)
+            if i < dense_layers:
+                ffn: nn.Module = SwiGLU(hidden_size, dense_ffn_hidden_size or ffn_hidden_size * top_k,
+                                        seed=derive_seed(seed, "dense", i) % (2**31))
+            else:
+                ffn = MoELayer(
+                    hidden_size, ffn_hidden_size, num_experts, top_k, seed=derive_seed(seed, "moe", i) % (2**31),
+                    score_func=score_func, norm_topk_prob=norm_topk_prob, num_expert_groups=num_expert_groups,
+                    topk_groups=topk_groups, aux_loss_coef=aux_loss_coef, bias_update_rate=bias_update_rate,
+                    num_shared_experts=num_shared_experts, shared_ffn_hidden_size=shared_ffn_hidden_size,
+                    capacity_factor=capacity_factor, drop_policy=drop_policy,
+                )
+            blocks.append(Block(attn, ffn, hidden_size))
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = RMSNorm(hidden_size)
+        self.lm_head = nn.Parameter(_seeded_normal((vocab_size, hidden_size), 0.02, derive_seed(seed, "lm_head")))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MoEGPT":
+        """Build the model of ``PRESETS[name]`` with ``overrides`` applied (full-size presets need real memory)."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The ``MoELayer`` modules, in block order (dense blocks are skipped)."""
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+
+    # ------------------------------------------------------------------ forward and losses
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs [B, S]`` int64 token ids -> ``logits [B, S, V]``."""
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.is_floating_point():
+            raise ValueError(f"inputs must be an integer tensor [batch, seq], got {getattr(inputs, 'shape', inputs)!r}")
+        x = F.embedding(inputs, self.tok_emb)  # [B, S, M]
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.final_norm(x), self.lm_head)  # [B, S, V]
+
+    def aux_loss(self) -> torch.Tensor:
+        """0-dim sum of the MoE layers' ``aux_loss`` from the last forward."""
+        return sum((layer.aux_loss for layer in self.moe_layers()), self.lm_head.new_zeros(()))
+
+    def loss_terms(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lm_loss, aux_loss)`` of a batch ``(inputs [B, S], targets [B, S])``, both 0-dim."""
+        inputs, targets = batch
+        logits = self(inputs)
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return lm_loss, self.aux_loss()
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
+        lm_loss, aux = self.loss_terms(batch)
+        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log("train/aux_loss", aux)
+        return lm_loss + aux
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
+        lm_loss, _ = self.loss_terms(batch)
+        self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True)
+        return lm_loss
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
+        lm_loss, _ = self.loss_terms(batch)
+        self.log("test/loss", lm_loss, sync_dist=True)
+        return lm_loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Aux-loss-free balancing: update every MoE layer's selection bias (no-op when the rate is 0)."""
+        if self.hparams.bias_update_rate > 0:
+            self.update_routing_biases()
+
+    def update_routing_biases(self, group: Any = None) -> None:
+        """``MoELayer.update_routing_bias`` on every layer; ``group`` defaults to WORLD when distributed is up."""
+        if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = torch.distributed.group.WORLD
+        for layer in self.moe_layers():
+            layer.update_routing_bias(group=group)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.warmup_steps == 0:
+            return opt
+        warmup = hp.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
