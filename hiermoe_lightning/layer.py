@@ -72,7 +72,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"top_k must be in 1..num_experts ({num_experts}), got {top_k}")
         if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
-        if capacity_factor is not None and (not isinstance(capacity_factor, (int, float)) or capacity_factor <= 0):
+        if capacity_factor is not None and (isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
+                                            or not math.isfinite(capacity_factor) or capacity_factor <= 0):
             raise ValueError(f"capacity_factor must be None (dropless) or a number > 0, got {capacity_factor!r}")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
@@ -162,6 +163,14 @@ class MoELayer(nn.Module):
             dist.all_reduce(counts, group=group)
         self.router.update_bias(counts)
         self.routed_tokens.zero_()
+
+    def set_placement(self, placement: Placement) -> None:
+        """Point the slots at other experts (the slot contents must be filled to match, e.g. by loading a state)."""
+        if placement.num_experts != self.num_experts:
+            raise ValueError(f"placement has {placement.num_experts} experts, the layer {self.num_experts}")
+        if self.expert_parallel is not None and placement.world_size != self.expert_parallel.world_size:
+            raise ValueError(f"placement is for {placement.world_size} ranks, the layer runs on {self.expert_parallel.world_size}")
+        self.placement = placement
 
     # ------------------------------------------------------------------ facts for users and the callback
     @property

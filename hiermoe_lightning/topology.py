@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["Topology"]
 
-_TOPOLOGY_RE = re.compile(r"^\s*\d+(\s*x\s*\d+)*\s*$")
+_TOPOLOGY_RE = re.compile(r"^\s*\d+(\s*x\s*\d+)*\s*$", re.IGNORECASE)
 
 
 class Topology:

@@ -178,3 +178,26 @@ def test_swiglu_shared():
     # shared experts are seeded apart from routed expert 0
     bank = ExpertBank([0], M, FF, seed=1)
     assert not torch.equal(a.w_gate, bank.w_gate[0])
+
+
+def test_forward_with_scale_equals_scaled_output():
+    bank = ExpertBank(range(3), M, FF, seed=8)
+    rows_per_slot = [2, 0, 3]
+    x = torch.randn(5, M, requires_grad=True)
+    scale = torch.rand(5, requires_grad=True)
+    out = bank(x, rows_per_slot, scale)
+    g = torch.randn(5, M)
+    (out * g).sum().backward()
+    got = [x.grad.clone(), scale.grad.clone()]
+    x.grad = scale.grad = None
+    ref = bank(x, rows_per_slot) * scale.unsqueeze(1)
+    torch.testing.assert_close(out, ref)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(got[0], x.grad)
+    torch.testing.assert_close(got[1], scale.grad)
+    # zero rows with a scale: still zero gradients, not None
+    empty_scale = torch.rand(0, requires_grad=True)
+    bank.zero_grad(set_to_none=True)
+    bank(torch.randn(0, M), [0, 0, 0], empty_scale).sum().backward()
+    assert empty_scale.grad is not None
+    assert all(p.grad is not None for p in bank.slot_parameters())

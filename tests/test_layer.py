@@ -224,7 +224,7 @@ def test_aux_loss_is_0dim_and_not_added_to_output():
     oa, ob = a(x), b(x)
     assert isinstance(a.aux_loss, torch.Tensor) and a.aux_loss.dim() == 0
     assert isinstance(b.aux_loss, torch.Tensor) and b.aux_loss.dim() == 0
-    assert float(a.aux_loss) == 0.0
+    assert float(a.aux_loss.detach()) == 0.0
     assert float(b.aux_loss.detach()) > 0.0
     assert torch.equal(oa, ob)
     b.aux_loss.backward()

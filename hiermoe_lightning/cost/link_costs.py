@@ -75,6 +75,8 @@ class LinkCosts:
                 (alpha, beta), r2 = value, None
             else:
                 raise TypeError(f"link cost phase {key!r} must be (alpha, beta) or {{alpha:, beta:}}, got {value!r}")
+            if r2 is not None and (isinstance(r2, bool) or not isinstance(r2, (int, float))):
+                raise TypeError(f"r2 of phase {key!r} must be a number or null, got {r2!r}")
             parsed[key] = PhaseCost(
                 _check_number(alpha, f"alpha of phase {key!r}"),
                 _check_number(beta, f"beta of phase {key!r}"),
@@ -97,7 +99,9 @@ class LinkCosts:
         """A LinkCosts, a preset name, or a path to a YAML file (``*.yaml`` / ``*.yml``)."""
         if isinstance(spec, LinkCosts):
             return spec
-        if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith((".yaml", ".yml"))):
+        if isinstance(spec, os.PathLike) or (
+            isinstance(spec, str) and (spec.endswith((".yaml", ".yml")) or (spec not in PRESETS and os.path.isfile(spec)))
+        ):
             return cls.from_yaml(spec)
         return cls.preset(spec)
 
@@ -109,6 +113,12 @@ class LinkCosts:
                 data = yaml.safe_load(f)
         except FileNotFoundError:
             raise ValueError(f"link_costs file {path!r} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"link_costs file {path!r} is a directory, not a YAML file") from None
+        except UnicodeDecodeError as e:  # a ValueError subclass: must come before YAMLError
+            raise ValueError(f"link_costs file {path!r} is not UTF-8 text: {e.reason}") from None
+        except OSError as e:
+            raise ValueError(f"link_costs file {path!r} cannot be read: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"link_costs file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict) or not isinstance(data.get("phases"), dict):
@@ -155,6 +165,17 @@ class LinkCosts:
 
     def __repr__(self) -> str:
         return f"LinkCosts(name={self.name!r}, phases={sorted(self.phases, key=_phase_sort_key)})"
+
+    @classmethod
+    def calibrate(cls, expert_parallel, sizes=None, repeats=5, **kwargs) -> "LinkCosts":
+        """Measure the phase kinds of ``expert_parallel`` on its live process groups and fit ``(alpha, beta)``.
+
+        Collective over the expert-parallel ranks; see ``hiermoe_lightning.cost.calibrate.calibrate``
+        (``sizes=None``: 4 KiB .. 4 MiB; other keywords: ``warmup``, ``phases``, ``name``).
+        """
+        from .calibrate import calibrate
+
+        return calibrate(expert_parallel, sizes=sizes, repeats=repeats, **kwargs)
 
 
 def _phase_sort_key(name: str) -> tuple[int, int]:

@@ -75,6 +75,8 @@ def parse_dispatch(value: str, num_levels: int) -> DispatchSpec:
     if m and 1 <= int(m.group(1)) <= num_levels:
         d = int(m.group(1))
         return DispatchSpec(value, ("a2a",) if d == 1 else _hd_phases(d), True)
+    if value == "auto":
+        raise ValueError("dispatch 'auto' must be resolved to a concrete hd<d> by the cost model before it is parsed")
     raise ValueError(f"dispatch {value!r} is not valid for a {num_levels}-level topology; allowed: {_allowed(num_levels)}")
 
 

@@ -1,0 +1,295 @@
+"""``hiermoe bench comm``: wall time and bytes of dispatch+combine for every dispatch (contract: "`hiermoe bench comm`").
+
+Spawns ``world_size`` gloo ranks on this machine (one spawn for all dispatches). On each rank: its slice
+``[T, K]`` of the routing, ``x = randn [T, hidden]``, random pair weights; for each dispatch a route from
+``ExpertParallel(topology, dispatch="flat").build_route(name, Placement.contiguous(E, G))`` (``auto`` = the ``hd<d>``
+that :func:`~hiermoe_lightning.cost.model.predict` chooses for this routing and link costs), then ``warmup + iters``
+rounds of dispatch + identity experts + combine, each after a ``dist.barrier()``:
+
+* time of an iteration = the slowest rank's ``perf_counter`` duration (all_reduce MAX);
+* ``median_ms`` / ``p90_ms`` over the timed iterations; ``plan_ms`` / ``comm_ms`` = medians of the slowest rank's
+  ``handle.plan_seconds`` / ``handle.comm_seconds`` per iteration (planning hops / inside collectives);
+* ``bytes_by_level`` = ``handle.bytes_by_level()`` summed over ranks (all_reduce SUM) of one iteration;
+* ``predicted_ms`` = 2 x the cost model's one-way time (we time dispatch AND combine; see ``predicted_note``).
+
+The identity experts compute ``y[row] = sum over the row's pairs of weight * row`` (fp32 ``index_add``), so the
+combine must return ``x * (sum of the token's weights)``; ``max_abs_err`` reports the largest deviation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..cli.main import CLIError
+from ..cost.model import predict
+from ..cost.traffic import lower_bound_level1_bytes
+from ..dispatch.engine import DispatchHandle, combine, dispatch
+from ..dispatch.spec import validate_dispatch
+from ..parallel import ExpertParallel
+from ..placement.placement import Placement
+from ..testing.launch import run_ranks
+from ..traces import ALLOWED_ROUTINGS, parse_routing
+
+__all__ = ["add_arguments", "run", "main", "format_report", "parse_dispatch_list", "DTYPES",
+           "EMULATION_UNAVAILABLE", "PREDICTED_NOTE"]
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2}
+DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
+DEFAULT_TOP_K = 4
+DEFAULT_TOKENS_PER_RANK = 2048
+EMULATION_UNAVAILABLE = "network emulation is not available yet in this version"
+EMULATION_EXIT_STATUS = 3
+PREDICTED_NOTE = ("predicted_ms = 2 x the cost model's one-way all-to-all time (cost.model.predict with these link "
+                  "costs): median_ms times dispatch + combine, which move the same rows each way")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``bench comm`` flags to ``p`` (defaults: the contract's example)."""
+    p.add_argument("--topology", default="2x2", help="level sizes, outermost first (default 2x2)")
+    p.add_argument("--num-experts", type=int, default=16, help="number of experts E (default 16)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"experts per token K (default {DEFAULT_TOP_K}; a trace fixes it)")
+    p.add_argument("--hidden-size", type=int, default=1024, help="hidden size M of a token row (default 1024)")
+    p.add_argument("--tokens-per-rank", type=int, default=None,
+                   help=f"tokens routed by each rank (default {DEFAULT_TOKENS_PER_RANK}; a trace fixes it)")
+    p.add_argument("--dtype", default="fp32", help="payload dtype: fp32 or bf16 (default fp32)")
+    p.add_argument("--routing", default="uniform", help=f"{ALLOWED_ROUTINGS} (default uniform)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the routing, inputs and weights (default 0)")
+    p.add_argument("--dispatch", default=DEFAULT_DISPATCH,
+                   help=f"comma-separated dispatch values to time (default {DEFAULT_DISPATCH})")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per dispatch (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before them (default 3)")
+    p.add_argument("--link-costs", default="paper-a6000",
+                   help="preset name (paper-a6000) or a YAML file, for predicted_ms and auto (default paper-a6000)")
+    p.add_argument("--emulate-inter-mbit", type=int, default=None, metavar="N",
+                   help="limit links between top-level groups to N Mbit/s (not available yet in this version)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds before the spawned ranks are killed (default 900)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+# ---------------------------------------------------------------------------- validation (parent, before spawning)
+def _int(value: object, flag: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{flag} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")
+    return value
+
+
+def parse_dispatch_list(text: object, num_levels: int) -> list[str]:
+    """``"flat, hd2,auto"`` -> ``["flat", "hd2", "auto"]`` (duplicates dropped); every name checked for the topology."""
+    if not isinstance(text, str):
+        raise TypeError(f"--dispatch must be a comma-separated string, got {text!r}")
+    names = [n.strip() for n in text.split(",")]
+    if not any(names) or any(not n for n in names):
+        raise ValueError(f"--dispatch {text!r} has an empty entry; give comma-separated values such as "
+                         f"{DEFAULT_DISPATCH!r}")
+    for name in names:
+        try:
+            validate_dispatch(name, num_levels)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"--dispatch: {e}") from None
+    return list(dict.fromkeys(names))
+
+
+def _resolve(args: argparse.Namespace):
+    """Validate every flag; return (topology, link_costs, ids [G, T, K], names)."""
+    from ..cli import plan as plan_cmd
+
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is not valid; allowed: {', '.join(DTYPES)}")
+    try:
+        routing = parse_routing(args.routing)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"--routing: {e}") from None
+    if routing.kind != "trace":  # bench comm's own defaults (plan's differ)
+        if args.top_k is None:
+            args.top_k = DEFAULT_TOP_K
+        if args.tokens_per_rank is None:
+            args.tokens_per_rank = DEFAULT_TOKENS_PER_RANK
+    # topology, experts, hidden size, seed, link costs (every phase of the topology), routing or trace
+    topology, link_costs, _, ids = plan_cmd._resolve_inputs(args)
+    _int(args.iters, "--iters", 1)
+    _int(args.warmup, "--warmup", 0)
+    if isinstance(args.timeout, bool) or not isinstance(args.timeout, (int, float)) or not args.timeout > 0:
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
+    if args.emulate_inter_mbit is not None:
+        _int(args.emulate_inter_mbit, "--emulate-inter-mbit", 1)
+    names = parse_dispatch_list(args.dispatch, topology.num_levels)
+    return topology, link_costs, ids, names
+
+
+# ---------------------------------------------------------------------------- ranks
+def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
+    topology, ids_all, M = cfg["topology"], cfg["ids"], cfg["hidden_size"]
+    dtype, D = DTYPES[cfg["dtype"]], topology.num_levels
+    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"])
+    placement = Placement.contiguous(cfg["num_experts"], world)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+
+    ids = ids_all[rank]  # [T, K]
+    T, K = ids.shape
+    x = torch.randn(T, M, generator=gen).to(dtype)
+    w = torch.rand(T, K, generator=gen)
+    valid = ids.reshape(-1) >= 0  # -1 in a trace = dropped pair: it travels nowhere
+    pair_row = torch.arange(T).repeat_interleave(K)[valid]
+    pair_expert = ids.reshape(-1)[valid]
+    pair_weight = w.reshape(-1)[valid]
+    expected = x.float() * (w * (ids >= 0)).sum(1, keepdim=True)
+    row_bytes = M * DTYPE_BYTES[cfg["dtype"]]
+
+    out = {}
+    n = cfg["warmup"] + cfg["iters"]
+    for name in cfg["names"]:
+        concrete = cfg["chosen"] if name == "auto" else name
+        route = ep.build_route(concrete, placement)
+        times, comms, plans = [], [], []
+        handle = None
+        back = None
+        for _ in range(n):
+            handle = DispatchHandle(concrete, D, row_bytes)
+            dist.barrier()
+            start = time.perf_counter()
+            with torch.no_grad():
+                rows, pw, prow, _pexp = dispatch(x, pair_weight, pair_row, pair_expert, route, handle)
+                y = torch.zeros(rows.shape[0], M, dtype=torch.float32).index_add_(
+                    0, prow, rows[prow].float() * pw[:, None])
+                back = combine(y, handle, dtype)
+            times.append(time.perf_counter() - start)
+            comms.append(handle.comm_seconds)
+            plans.append(handle.plan_seconds)
+        stats = torch.tensor([times, comms, plans], dtype=torch.float64)[:, cfg["warmup"]:].contiguous()
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # per iteration: the slowest rank
+        by_level = handle.bytes_by_level()
+        level_names = [f"level{i}" for i in range(1, D + 1)]
+        nbytes = torch.tensor([by_level[k] for k in level_names], dtype=torch.int64)
+        dist.all_reduce(nbytes, op=dist.ReduceOp.SUM)
+        err = torch.tensor([float((back.float() - expected).abs().max()) if T else 0.0], dtype=torch.float64)
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        out[name] = {
+            "times": stats[0].tolist(), "comm": stats[1].tolist(), "plan": stats[2].tolist(),
+            "bytes_by_level": {k: int(v) for k, v in zip(level_names, nbytes.tolist())},
+            "max_abs_err": float(err),
+        }
+    dist.barrier()
+    return out
+
+
+def _p90(values: list[float]) -> float:
+    """90th percentile, linear interpolation between order statistics."""
+    s = sorted(values)
+    if len(s) == 1:
+        return s[0]
+    pos = 0.9 * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Validate, spawn the ranks, time every dispatch; return the report (contract keys first)."""
+    topology, link_costs, ids, names = _resolve(args)
+    if args.emulate_inter_mbit is not None:
+        raise CLIError(f"--emulate-inter-mbit: {EMULATION_UNAVAILABLE}", EMULATION_EXIT_STATUS)
+    G, T, K = ids.shape
+    E, M = args.num_experts, args.hidden_size
+    row_bytes = M * DTYPE_BYTES[args.dtype]
+    placement = Placement.contiguous(E, G)
+    concrete = [n for n in names if n != "auto"]
+    pred = predict(topology, placement, ids, M, DTYPE_BYTES[args.dtype], link_costs, dispatches=concrete or None)
+    chosen = pred.chosen
+    one_way = {n: pred.dispatch[n].predicted_ms for n in concrete}
+    if "auto" in names:
+        one_way["auto"] = pred.chosen_ms
+
+    cfg = {"topology": topology, "ids": ids, "hidden_size": M, "dtype": args.dtype, "num_experts": E,
+           "seed": args.seed, "link_costs": link_costs, "names": names, "chosen": chosen,
+           "warmup": args.warmup, "iters": args.iters}
+    per_rank = run_ranks(_rank_fn, G, cfg, timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
+    measured = per_rank[0]  # every rank holds the same all-reduced numbers
+
+    results = {}
+    for name in names:
+        m = measured[name]
+        entry = {
+            "median_ms": statistics.median(m["times"]) * 1e3,
+            "p90_ms": _p90(m["times"]) * 1e3,
+            "predicted_ms": 2.0 * one_way[name],
+            "bytes_by_level": m["bytes_by_level"],
+            "plan_ms": statistics.median(m["plan"]) * 1e3,
+            "comm_ms": statistics.median(m["comm"]) * 1e3,
+            "predicted_one_way_ms": one_way[name],
+            "max_abs_err": m["max_abs_err"],
+        }
+        if name == "auto":
+            entry["resolved"] = chosen
+        results[name] = entry
+    return {
+        "topology": str(topology),
+        "world_size": G,
+        "num_experts": E,
+        "top_k": K,
+        "hidden_size": M,
+        "tokens_per_rank": T,
+        "dtype": args.dtype,
+        "routing": str(parse_routing(args.routing)),
+        "results": results,
+        "chosen": chosen,
+        "lower_bound": {"bytes_by_level": {"level1": lower_bound_level1_bytes(topology, placement, ids, row_bytes)}},
+        "bytes_per_elem": DTYPE_BYTES[args.dtype],
+        "seed": args.seed,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "link_costs": link_costs.name,
+        "predicted_note": PREDICTED_NOTE,
+    }
+
+
+def format_report(report: dict) -> str:
+    """An aligned table: times, speedup over flat, planning share, bytes per level in MiB, lower bound."""
+    mib = float(1 << 20)
+    head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), "
+            f"{report['num_experts']} experts, top-{report['top_k']}, hidden {report['hidden_size']} {report['dtype']}, "
+            f"{report['tokens_per_rank']} tokens/rank, routing {report['routing']} (seed {report['seed']}), "
+            f"{report['iters']} iters after {report['warmup']} warmup; times are dispatch+combine of the slowest rank")
+    results = report["results"]
+    levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=lambda s: int(s[5:]))
+    flat_ms = results["flat"]["median_ms"] if "flat" in results else None
+    cols = ["dispatch", "median ms", "p90 ms", "vs flat", "predicted ms", "plan ms", "plan %", "comm ms",
+            *[f"L{lv[5:]} MiB" for lv in levels]]
+    rows = [cols]
+    for name, r in results.items():
+        label = f"{name} ({r['resolved']})" if "resolved" in r else name
+        share = r["plan_ms"] / r["median_ms"] if r["median_ms"] > 0 else 0.0
+        rows.append([
+            label, f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
+            f"{flat_ms / r['median_ms']:.2f}x" if flat_ms and r["median_ms"] > 0 else "",
+            f"{r['predicted_ms']:.3f}", f"{r['plan_ms']:.2f}", f"{100 * share:.1f}%", f"{r['comm_ms']:.2f}",
+            *[f"{r['bytes_by_level'].get(lv, 0) / mib:.2f}" for lv in levels],
+        ])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(cols))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lb = report["lower_bound"]["bytes_by_level"]["level1"]
+    return "\n".join([
+        head, "", *lines, "",
+        f"chosen by the cost model ({report['link_costs']}): {report['chosen']}",
+        f"level-1 lower bound (dispatch+combine): {lb / mib:.2f} MiB",
+        "predicted ms = 2 x the model's one-way all-to-all time (dispatch + combine)",
+    ])
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
