@@ -1,0 +1,107 @@
+"""Run MoEGPT with Lightning on N forked CPU ranks (HierMoEStrategy) or on one process, recording global losses."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from hiermoe_lightning import HierMoEStrategy
+from hiermoe_lightning.data import ByteTextDataModule
+from hiermoe_lightning.models import MoEGPT
+
+MODEL = dict(seq_len=16, num_layers=2, hidden_size=32, num_heads=2, ffn_hidden_size=32, num_experts=8, top_k=2,
+             aux_loss_coef=0.0, lr=1e-2, seed=5)
+GLOBAL_BATCH = 8
+
+
+class FixedOrderData(pl.LightningDataModule):
+    """The first ``samples`` windows of the default corpus, no shuffling; each rank gets ``rank::world`` (so the
+    union of the ranks' step-s batches is exactly the single-process step-s batch)."""
+
+    def __init__(self, world: int, samples: int = 40):
+        super().__init__()
+        self.world = world
+        base = ByteTextDataModule(seq_len=MODEL["seq_len"], batch_size=1)
+        self.dataset = torch.utils.data.Subset(base.train_dataset, range(samples))
+
+    def train_dataloader(self):
+        per_rank = GLOBAL_BATCH // self.world
+        if self.world == 1:
+            return DataLoader(self.dataset, batch_size=per_rank, shuffle=False)
+        sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=dist.get_rank(), shuffle=False)
+        return DataLoader(self.dataset, batch_size=per_rank, sampler=sampler)
+
+
+class RecordLosses(pl.Callback):
+    """Global (all-rank mean) training loss of every optimizer step, written by rank 0 to ``path`` as JSON."""
+
+    def __init__(self, path: str):
+        self.path, self.losses = path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        self.losses.append(float(loss))
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            old = json.load(open(self.path)) if os.path.exists(self.path) else []
+            json.dump(old + self.losses, open(self.path, "w"))
+
+
+class SaveAtEnd(pl.Callback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)
+
+
+def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimizer="adamw", clip=None,
+        accumulate=1, ckpt_path=None, save_path=None, tag="run", samples=40, model_kwargs=None, check_replicas=False):
+    """Train; return the recorded global losses."""
+    losses_path = os.path.join(tmp, f"{tag}.json")
+    callbacks = [RecordLosses(losses_path)] + ([SaveAtEnd(save_path)] if save_path else [])
+    if check_replicas:
+        callbacks.append(CheckReplicas(os.path.join(tmp, f"{tag}.replicas.json")))
+    model = MoEGPT(**{**MODEL, **(model_kwargs or {})}, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0)
+    if world == 1:
+        strategy, devices = "auto", 1
+    else:
+        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60)
+        devices = world
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs, logger=False, callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, gradient_clip_val=clip, gradient_clip_algorithm="norm",
+        accumulate_grad_batches=accumulate, default_root_dir=tmp, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=FixedOrderData(world, samples), ckpt_path=ckpt_path)
+    return json.load(open(losses_path)), model
+
+
+class CheckReplicas(pl.Callback):
+    """At the end of training every rank compares its dense parameters with rank 0's; rank 0 writes the verdict."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        from hiermoe_lightning.checkpoint import expert_parameter_names
+
+        experts = set(expert_parameter_names(pl_module))
+        dense = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters() if n not in experts])
+        ref = dense.clone()
+        dist.broadcast(ref, src=0)
+        same = torch.tensor([int(torch.equal(ref, dense))])
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        local = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters() if n in experts])
+        if trainer.global_rank == 0:
+            json.dump({"dense_identical": bool(same), "expert_numel_per_rank": local.numel()}, open(self.path, "w"))
