@@ -93,6 +93,8 @@ class MoELayer(nn.Module):
         self.placement: Placement = Placement.contiguous(num_experts, 1)
         self.expert_parallel: "ExpertParallel | None" = None
         self.dispatch: str = "local"  # the concrete dispatch in use; set by ExpertParallel
+        self.auto_calls: int = 0  # training forwards seen by dispatch="auto"
+        self.auto_predictions: dict[str, float] = {}  # hd<d> -> predicted ms at the last auto choice
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_handle: DispatchHandle | None = None
         self.last_expert_ids: torch.Tensor | None = None  # [T, K] of the last forward, -1 = dropped
@@ -124,7 +126,11 @@ class MoELayer(nn.Module):
             kept = flat_ids >= 0
             pair_row, flat_ids, pair_weight = pair_row[kept], flat_ids[kept], pair_weight[kept]
 
-        route = self.expert_parallel.route(self) if self.expert_parallel is not None else _LOCAL_ROUTE
+        if self.expert_parallel is not None:
+            self.expert_parallel.before_dispatch(self, expert_ids)
+            route = self.expert_parallel.route(self)
+        else:
+            route = _LOCAL_ROUTE
         handle = DispatchHandle(route.spec.name, route.num_levels, self.hidden_size * x.element_size())
         rows, pair_weight, pair_row, pair_expert = dispatch(x2, pair_weight, pair_row, flat_ids, route, handle)
         pair_slot = self.placement.expert_to_slot.to(x.device)[pair_expert]

@@ -31,10 +31,15 @@ class ExpertParallel:
         group: the process group of the expert-parallel ranks; None = the default group.
         verify_splits: before every payload, check collectively that senders and receivers agree on split sizes
             (a debugging aid: gloo itself does not check, and a mismatch silently corrupts data or aborts).
+        auto_interval: with ``dispatch="auto"``, each layer re-chooses its depth every ``auto_interval`` training
+            forwards (and at its first forward) from the routing of that forward, gathered from every rank.
     """
 
     def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
-                 verify_splits: bool = False):
+                 verify_splits: bool = False, auto_interval: int = 50):
+        if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
+            raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
+        self.auto_interval = auto_interval
         topo = Topology.parse(topology) if topology is not None else None
         validate_dispatch(dispatch, topo.num_levels if topo is not None else 1)
         self.link_costs = LinkCosts.resolve(link_costs)
@@ -107,11 +112,52 @@ class ExpertParallel:
             phases.append(PhaseRoute(phase, peers, peer_of_expert, levels))
         return Route(spec, tuple(phases), self.topology.num_levels, self.verify_splits)
 
+    # ------------------------------------------------------------------ dispatch="auto"
+    def gather_routing(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``[T_r, K]`` expert ids -> ``[G, max T, K]`` (``-1`` padding), identical on every rank."""
+        peers = self._peer_groups["a2a"]
+        ids = expert_ids.detach().to("cpu", torch.long)
+        count = torch.tensor([ids.shape[0]], dtype=torch.long)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count, group=peers.group)
+        longest = max(int(c) for c in counts)
+        padded = torch.full((longest, ids.shape[1]), -1, dtype=torch.long)
+        padded[: ids.shape[0]] = ids
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=peers.group)
+        return torch.stack(parts)
+
+    def choose_dispatch(self, layer: MoELayer, expert_ids: torch.Tensor) -> str:
+        """Collective: predict every ``hd<d>`` on the live routing of all ranks and pick the fastest (same on all)."""
+        from .cost.model import predict
+
+        routing = self.gather_routing(expert_ids)
+        names = [f"hd{d}" for d in range(1, self.topology.num_levels + 1)]
+        element = torch.empty((), dtype=layer.experts.w_gate.dtype).element_size()
+        pred = predict(self.topology, layer.placement, routing, layer.hidden_size, element, self.link_costs, names)
+        layer.auto_predictions = {name: pred.dispatch[name].predicted_ms for name in names}
+        return pred.chosen
+
+    def before_dispatch(self, layer: MoELayer, expert_ids: torch.Tensor) -> None:
+        """Called by a sharded layer each forward: with ``auto``, re-choose its depth when due (collective)."""
+        if self.dispatch != "auto":
+            return
+        due = layer.dispatch == "auto" or (layer.training and layer.auto_calls % self.auto_interval == 0)
+        if layer.training:
+            layer.auto_calls += 1
+        if due:
+            layer.dispatch = self.choose_dispatch(layer, expert_ids)
+
+    def refresh_auto(self, module: nn.Module) -> None:
+        """Force every ``auto`` layer to re-choose at its next forward (e.g. after a placement change)."""
+        for m in module.modules():
+            if isinstance(m, MoELayer) and m.expert_parallel is self and self.dispatch == "auto":
+                m.auto_calls = 0
+
     # ------------------------------------------------------------------ sharding
     def initial_dispatch(self, layer: MoELayer) -> str:
-        if self.dispatch != "auto":
-            return self.dispatch
-        return f"hd{self.topology.num_levels}"
+        """A concrete dispatch, or ``"auto"`` until the layer's first forward has routing to choose from."""
+        return self.dispatch
 
     def shard_(self, module: nn.Module) -> nn.Module:
         """In place: every MoELayer inside keeps only this rank's experts (contiguous placement) and routes with the

@@ -135,7 +135,8 @@ def calibrate(expert_parallel, sizes: "Sequence[float] | None" = DEFAULT_SIZES, 
         rows = [_rows_per_peer(s, peers.size) for s in sizes_arr]
         if len(set(rows)) < 2:
             raise ValueError(
-                f"calibration sizes {sizes_arr.tolist()} give fewer than two distinct message sizes for phase {phase!r} "
+                f"calibration sizes {sizes_arr.tolist()} give fewer than two distinct message sizes for phase "
+                f"{phase!r} "
                 f"({peers.size} ranks, rows of {ROW_BYTES} bytes): use a wider range"
             )
         measured.append((phase, peers, rows))

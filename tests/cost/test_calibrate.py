@@ -114,7 +114,8 @@ def test_calibrate_2x2_identical_on_every_rank_and_yaml_round_trip(tmp_path):
     assert all(back[p].r2 == costs[p].r2 for p in costs.phases)
     assert LinkCosts.resolve(str(path)) == costs
     # a calibrated file drives ExpertParallel's auto dispatch like a preset
-    assert run_ranks(lambda r, w, p: ExpertParallel("2x2", link_costs=p).link_costs == costs, 4, str(path)) == [True] * 4
+    same = run_ranks(lambda r, w, p: ExpertParallel("2x2", link_costs=p).link_costs == costs, 4, str(path))
+    assert same == [True] * 4
 
 
 def test_calibrate_flat_world_of_4():

@@ -1,0 +1,134 @@
+"""``hiermoe bench comm``: contract keys, measured bytes equal the cost model's count, errors before spawning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from hiermoe_lightning.bench import comm
+from hiermoe_lightning.cli import main as cli
+from hiermoe_lightning.cli.main import CLIError
+from hiermoe_lightning.cost.traffic import bytes_by_level, lower_bound_level1_bytes, phase_rows
+from hiermoe_lightning.dispatch.spec import parse_dispatch
+from hiermoe_lightning.placement import Placement
+from hiermoe_lightning.topology import Topology
+from hiermoe_lightning.traces import generate_routing
+
+SMALL = ["--topology", "2x2", "--num-experts", "8", "--top-k", "2", "--hidden-size", "32", "--tokens-per-rank", "64",
+         "--iters", "2", "--warmup", "1", "--timeout", "60"]
+NAMES = ["flat", "2dh", "hd1", "hd2", "auto"]
+RESULT_KEYS = {"median_ms", "p90_ms", "predicted_ms", "bytes_by_level", "plan_ms", "comm_ms"}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return comm.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def independent_bytes(name: str, ids: torch.Tensor, hidden: int, elem: int, E: int) -> dict[str, int]:
+    topo = Topology.parse("2x2")
+    rows = phase_rows(topo, Placement.contiguous(E, topo.world_size), ids, parse_dispatch(name, topo.num_levels))
+    return bytes_by_level(topo, rows, hidden * elem)
+
+
+@pytest.fixture(scope="module")
+def small_report():
+    return comm.run(parse([*SMALL, "--json"]))
+
+
+def test_contract_keys(small_report):
+    r = small_report
+    for key in ("topology", "world_size", "num_experts", "top_k", "hidden_size", "tokens_per_rank", "dtype", "routing",
+                "results", "chosen", "lower_bound"):
+        assert key in r, key
+    assert (r["topology"], r["world_size"], r["num_experts"], r["top_k"], r["hidden_size"], r["tokens_per_rank"],
+            r["dtype"], r["routing"]) == ("2x2", 4, 8, 2, 32, 64, "fp32", "uniform")
+    assert list(r["results"]) == NAMES
+    for name, res in r["results"].items():
+        assert RESULT_KEYS <= set(res), name
+        assert set(res["bytes_by_level"]) == {"level1", "level2"}
+        assert res["median_ms"] > 0 and res["p90_ms"] >= res["median_ms"] - 1e-9
+        assert res["plan_ms"] >= 0 and res["comm_ms"] > 0
+        assert res["max_abs_err"] < 1e-4, name  # identity experts: combine returns x * sum of weights
+    assert r["chosen"] in {"hd1", "hd2"} and r["results"]["auto"]["resolved"] == r["chosen"]
+    assert set(r["lower_bound"]) == {"bytes_by_level"} and set(r["lower_bound"]["bytes_by_level"]) == {"level1"}
+    assert "predicted_note" in r
+    json.dumps(r)  # serialisable
+
+
+def test_bytes_equal_cost_model_count(small_report):
+    ids = generate_routing("uniform", 4, 64, 8, 2, seed=0)
+    for name, res in small_report["results"].items():
+        concrete = small_report["chosen"] if name == "auto" else name
+        assert res["bytes_by_level"] == independent_bytes(concrete, ids, 32, 4, 8), name
+    lb = lower_bound_level1_bytes(Topology.parse("2x2"), Placement.contiguous(8, 4), ids, 32 * 4)
+    assert small_report["lower_bound"]["bytes_by_level"]["level1"] == lb
+    res = small_report["results"]
+    assert res["hd2"]["bytes_by_level"]["level1"] == lb
+    assert res["flat"]["bytes_by_level"]["level1"] == res["2dh"]["bytes_by_level"]["level1"] > lb
+
+
+def test_predicted_is_twice_the_one_way_model(small_report):
+    from hiermoe_lightning.cost.model import predict
+
+    ids = generate_routing("uniform", 4, 64, 8, 2, seed=0)
+    pred = predict("2x2", Placement.contiguous(8, 4), ids, 32, 4, "paper-a6000")
+    assert pred.chosen == small_report["chosen"]
+    for name, res in small_report["results"].items():
+        assert res["predicted_ms"] == pytest.approx(2 * pred.dispatch[name].predicted_ms)
+
+
+def test_text_table(small_report):
+    text = comm.format_report(small_report)
+    for name in NAMES:
+        assert name in text
+    assert "L1 MiB" in text and "vs flat" in text and "plan %" in text
+
+
+def test_bf16_zipf_trace_like_run():
+    r = comm.run(parse(["--topology", "2x2", "--num-experts", "8", "--top-k", "3", "--hidden-size", "16",
+                        "--tokens-per-rank", "32", "--dtype", "bf16", "--routing", "zipf:1.2", "--seed", "3",
+                        "--dispatch", "hd2,flat", "--iters", "1", "--warmup", "0", "--timeout", "60"]))
+    assert list(r["results"]) == ["hd2", "flat"] and r["routing"] == "zipf:1.2" and r["dtype"] == "bf16"
+    ids = generate_routing("zipf:1.2", 4, 32, 8, 3, seed=3)
+    for name in ("hd2", "flat"):
+        assert r["results"][name]["bytes_by_level"] == independent_bytes(name, ids, 16, 2, 8)
+        assert r["results"][name]["max_abs_err"] < 0.1
+
+
+def test_emulation_exits_3(capsys):
+    with pytest.raises(CLIError) as e:
+        comm.run(parse([*SMALL, "--emulate-inter-mbit", "100"]))
+    assert e.value.status == 3
+    assert cli.main(["bench", "comm", *SMALL, "--emulate-inter-mbit", "100", "--json"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "network emulation is not available yet in this version" in err[0]
+
+
+@pytest.mark.parametrize("dispatch", ["flat,hd3", "bogus", "flat,,hd2", "HD2"])
+def test_unknown_dispatch_exits_2_before_spawning(dispatch, capsys, monkeypatch):
+    monkeypatch.setattr(comm, "run_ranks", lambda *a, **k: pytest.fail("spawned ranks for a bad --dispatch"))
+    assert cli.main(["bench", "comm", *SMALL, "--dispatch", dispatch]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hiermoe: error: --dispatch")
+    with pytest.raises(ValueError, match="allowed|empty"):
+        comm.run(parse([*SMALL, "--dispatch", dispatch]))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--dtype", "fp16"], "--dtype"), (["--iters", "0"], "--iters"), (["--num-experts", "6"], "--num-experts"),
+    (["--topology", "2x"], "--topology"), (["--routing", "zipf"], "--routing"),
+    (["--emulate-inter-mbit", "0"], "--emulate-inter-mbit"),
+])
+def test_bad_flags_name_the_flag(argv, flag, capsys, monkeypatch):
+    monkeypatch.setattr(comm, "run_ranks", lambda *a, **k: pytest.fail("spawned ranks for a bad flag"))
+    assert cli.main(["bench", "comm", *SMALL, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
+
+
+def test_parse_dispatch_list():
+    assert comm.parse_dispatch_list(" flat, hd2 ,flat,auto", 2) == ["flat", "hd2", "auto"]
+    assert comm.parse_dispatch_list("hd3", 3) == ["hd3"]
