@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) examples/demo.py
+	$(PY) -m hiermoe_lightning fit --config configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs lightning_logs .pytest_cache

@@ -52,6 +52,7 @@ class HierMoEStrategy(DDPStrategy):
         dispatch: ``"flat" | "2dh" | "hd1" .. "hd<D>" | "auto"``.
         link_costs: preset name or YAML path of the alpha-beta link costs (``auto`` uses them).
         verify_splits: check split agreement before every all-to-all payload (debugging aid).
+        auto_interval: with ``dispatch="auto"``, re-choose each layer's depth every this many training forwards.
         start_method, timeout, process_group_backend, find_unused_parameters, ...: as in DDPStrategy.
     """
 
@@ -63,6 +64,7 @@ class HierMoEStrategy(DDPStrategy):
         dispatch: str = "auto",
         link_costs: str = "paper-a6000",
         verify_splits: bool = False,
+        auto_interval: int = 50,
         accelerator: Optional[Any] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -88,6 +90,9 @@ class HierMoEStrategy(DDPStrategy):
         )
         self._dispatch = dispatch
         self._verify_splits = verify_splits
+        if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
+            raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
+        self._auto_interval = auto_interval
         self.expert_parallel: ExpertParallel | None = None
         self._grad_hooks: list = []
 
@@ -134,7 +139,7 @@ class HierMoEStrategy(DDPStrategy):
         layers = [m for m in module.modules() if isinstance(m, MoELayer)]
         if self.expert_parallel is None:
             self.expert_parallel = ExpertParallel(self.topology, dispatch=self._dispatch, link_costs=self._link_costs,
-                                                  verify_splits=self._verify_splits)
+                                                  verify_splits=self._verify_splits, auto_interval=self._auto_interval)
         if not layers or all(layer.is_sharded for layer in layers):
             return
         self.expert_parallel.shard_(module)

@@ -96,11 +96,17 @@ def phase_predictions(
     link_costs: LinkCosts,
     padded: bool = False,
 ) -> tuple[PhasePrediction, ...]:
-    """Cost each phase of one dispatch (rows ``[G, G]`` per phase) with ``link_costs[phase.name]``."""
+    """Cost each phase of one dispatch (rows ``[G, G]`` per phase) with ``link_costs[phase.name]``.
+
+    A phase whose groups each hold a single rank moves nothing and the dispatcher skips it, so it costs 0 ms.
+    """
     out = []
     for p in phases:
         cost = link_costs[p.name]  # ValueError naming the phase when missing
         real = max_rank_bytes(p.rows, row_bytes)
+        if len(phase_groups(topology, p.name)[0]) == 1:
+            out.append(PhasePrediction(p.name, real, 0.0, 0))
+            continue
         if padded:
             peers = len(phase_groups(topology, p.name)[0])
             n = peers * max_pair_rows(p.rows) * int(row_bytes)

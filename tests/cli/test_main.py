@@ -45,36 +45,20 @@ def test_module_plan_json():
     assert report["chosen"] in {"hd1", "hd2"}
 
 
-@pytest.mark.parametrize("argv, contains", [
-    (["plan", "--num-experts", "x"], "--num-experts"),
-    (["plan", "--topology", "2x0"], "--topology"),
-    (["plan", "--routing", "zipf:-1"], "--routing"),
-    (["plan", "--link-costs", "no-such-preset"], "paper-a6000"),
-    (["bench", "comm", "--dispatch", "flat,hd3"], "allowed"),
-    (["bench", "comm", "--no-such-flag"], "--no-such-flag"),
-    (["bench"], "comm"),
-    (["nonsense"], "nonsense"),
-])
-def test_bad_input_is_one_line_and_status_2(argv, contains):
-    assert_one_line_error(run_module(*argv), 2, contains)
+def test_bad_input_in_a_subprocess_is_one_line_and_status_2():
+    assert_one_line_error(run_module("plan", "--num-experts", "x"), 2, "--num-experts")  # argparse error
+    assert_one_line_error(run_module("plan", "--topology", "2x0"), 2, "--topology")  # ValueError
 
 
 def test_debug_shows_the_traceback():
     proc = run_module("--debug", "plan", "--topology", "2x0")
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ValueError" in proc.stderr
-    # also accepted after the subcommand
-    proc = run_module("plan", "--topology", "2x0", "--debug")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_version_and_help():
+def test_version():
     proc = run_module("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("hiermoe ")
-    proc = run_module("--help")
-    assert proc.returncode == 0
-    for name in ("fit", "validate", "test", "plan", "bench"):
-        assert name in proc.stdout
 
 
 def test_console_script_runs_plan():
@@ -87,6 +71,47 @@ def test_console_script_runs_plan():
 
 
 # ---------------------------------------------------------------------------- in process
+@pytest.mark.parametrize("argv, contains", [
+    (["plan", "--num-experts", "x"], "--num-experts"),
+    (["plan", "--topology", "2x0"], "--topology"),
+    (["plan", "--routing", "zipf:-1"], "--routing"),
+    (["plan", "--link-costs", "no-such-preset"], "paper-a6000"),
+    (["bench", "comm", "--dispatch", "flat,hd3"], "allowed"),
+    (["bench", "comm", "--no-such-flag"], "--no-such-flag"),
+    (["bench", "layer", "--iters", "x"], "--iters"),
+    (["bench"], "comm"),
+    (["nonsense"], "nonsense"),
+    ([], "required"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, contains, capsys):
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1, err
+    assert lines[0].startswith("hiermoe: error: ") and contains in lines[0], lines[0]
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "plan", "bench"):
+        assert name in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "comm", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--topology", "--num-experts", "--top-k", "--hidden-size", "--tokens-per-rank", "--dtype",
+                 "--routing", "--seed", "--dispatch", "--iters", "--warmup", "--link-costs", "--emulate-inter-mbit",
+                 "--json"):
+        assert flag in out, flag
+
+
+def test_plan_in_process_json(capsys):
+    assert cli.main([*PLAN_ARGS, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_experts"] == 8
+
+
 def test_main_returns_2_on_value_error(capsys):
     assert cli.main(["plan", "--num-experts", "6"]) == 2  # 6 experts on 4x2x2x2 ranks
     err = capsys.readouterr().err.strip().splitlines()
@@ -96,6 +121,8 @@ def test_main_returns_2_on_value_error(capsys):
 def test_main_debug_reraises():
     with pytest.raises(ValueError, match="--topology"):
         cli.main(["--debug", "plan", "--topology", "0"])
+    with pytest.raises(ValueError, match="--topology"):  # also after the subcommand
+        cli.main(["plan", "--topology", "0", "--debug"])
 
 
 def test_fit_forwards_remaining_argv(monkeypatch):

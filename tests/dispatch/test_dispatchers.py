@@ -137,3 +137,38 @@ def test_mismatched_count_exchange_is_caught_on_every_rank():
     res = run_ranks(_mismatch, 4, timeout=60)
     assert all(msg is not None and "disagree" in msg for msg in res), res
     assert "expected" in res[1]
+
+
+# ---------------------------------------------------------------------------- bytes: dispatchers vs the pure model
+def _measured_bytes(rank, world, topology, routing, E, names, M):
+    ep = ExpertParallel(topology, dispatch="flat")
+    G, T, K = routing.shape
+    placement = Placement.contiguous(E, G)
+    out = {}
+    for name in names:
+        handle = DispatchHandle(name, ep.topology.num_levels, M * 4)
+        ids = routing[rank].reshape(-1)
+        dispatch(torch.randn(T, M), torch.rand(T * K), torch.arange(T).repeat_interleave(K), ids,
+                 ep.build_route(name, placement), handle)
+        out[name] = handle.bytes_by_level()
+    return out
+
+
+@pytest.mark.parametrize("topology, E, K", [("2x2", 8, 3), ("2x2x2", 16, 4)])
+def test_dispatcher_bytes_equal_the_pure_cost_model(topology, E, K):
+    from hiermoe_lightning.cost.traffic import bytes_by_level, phase_rows
+    from hiermoe_lightning.dispatch.spec import dispatch_names, parse_dispatch
+    from hiermoe_lightning.topology import Topology
+    from hiermoe_lightning.traces import generate_routing
+
+    topo = Topology.parse(topology)
+    M, G = 8, topo.world_size
+    routing = generate_routing("zipf:1.0", G, 24, E, K, seed=3)
+    names = dispatch_names(topo.num_levels)
+    res = run_ranks(_measured_bytes, G, topology, routing, E, names, M, timeout=90)
+    placement = Placement.contiguous(E, G)
+    for name in names:
+        measured = {lvl: sum(r[name][lvl] for r in res) for lvl in res[0][name]}
+        model = bytes_by_level(topo, phase_rows(topo, placement, routing, parse_dispatch(name, topo.num_levels)), M * 4)
+        assert measured == model, name
+        assert sum(measured.values()) > 0
