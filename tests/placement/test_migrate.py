@@ -1,0 +1,102 @@
+"""Migration executor: experts move with their weights, gradients and optimizer moments; nothing is lost on failure."""
+
+import torch
+
+from hiermoe_lightning import ExpertParallel, MoELayer
+from hiermoe_lightning.checkpoint import gather_full
+from hiermoe_lightning.placement import Placement
+from hiermoe_lightning.placement.migrate import migrate_
+from hiermoe_lightning.testing import run_ranks
+
+
+def _trained_layer(rank, opt_cls=torch.optim.Adam):
+    layer = MoELayer(8, 12, 8, 3, seed=4)
+    ExpertParallel("2x2", dispatch="hd2").shard_(layer)
+    opt = opt_cls(layer.parameters(), lr=1e-2, **({"momentum": 0.9} if opt_cls is torch.optim.SGD else {}))
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        layer(torch.randn(6, 8, generator=g)).pow(2).sum().backward()
+        opt.step()
+    layer(torch.randn(6, 8, generator=g)).pow(2).sum().backward()  # leave gradients in place too
+    return layer, opt
+
+
+def _full_state(layer, opt):
+    out = {}
+    for name in ("w_gate", "w_up", "w_down"):
+        p = getattr(layer.experts, name)
+        out[name] = gather_full(p.data, layer)
+        out[name + ".grad"] = gather_full(p.grad, layer)
+        for key, t in opt.state[p].items():
+            if t.dim() > 0:
+                out[f"{name}.{key}"] = gather_full(t, layer)
+    return out
+
+
+def _migrate(rank, world, opt_name):
+    opt_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[opt_name]
+    layer, opt = _trained_layer(rank, opt_cls)
+    probe = torch.randn(5, 8, generator=torch.Generator().manual_seed(99))
+    before_out = layer(probe).detach()
+    before = _full_state(layer, opt)
+    params = [id(p) for p in layer.experts.slot_parameters()]
+    new = Placement.from_ranks(torch.tensor([3, 2, 1, 0, 0, 1, 2, 3]), 4).swapped(0, 5)
+    stats = migrate_([layer], [new], opt)
+    after = _full_state(layer, opt)
+    return {
+        "moved": stats.moved_experts,
+        "same_state": all(torch.equal(before[k], after[k]) for k in before),
+        "keys": sorted(before),
+        "same_params": params == [id(p) for p in layer.experts.slot_parameters()]
+        and all(any(p is q for q in opt.param_groups[0]["params"]) for p in layer.experts.slot_parameters()),
+        "same_output": torch.allclose(layer(probe).detach(), before_out, atol=1e-6),
+        "local": layer.local_expert_ids().tolist(),
+    }
+
+
+def test_migration_moves_weights_grads_and_optimizer_state_in_place():
+    for opt_name, state_key in (("adam", "w_gate.exp_avg_sq"), ("sgd", "w_gate.momentum_buffer")):
+        res = run_ranks(_migrate, 4, opt_name)
+        for rank, r in enumerate(res):
+            assert r["same_state"] and r["same_params"] and r["same_output"], (opt_name, rank, r)
+            assert state_key in r["keys"] and "w_up.grad" in r["keys"]
+            assert r["moved"] == 6  # experts 0, 1, 3, 4, 5, 6 change rank
+        assert sorted(e for r in res for e in r["local"]) == list(range(8))
+
+
+def _failure(rank, world):
+    import hiermoe_lightning.placement.migrate as mig
+
+    layer, opt = _trained_layer(rank)
+    before = {n: getattr(layer.experts, n).detach().clone() for n in ("w_gate", "w_up", "w_down")}
+    old_placement = layer.placement
+    calls = {"n": 0}
+    real = mig.all_to_all_rows
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # fail midway through staging, on every rank alike
+            raise RuntimeError("link down")
+        return real(*args)
+
+    mig.all_to_all_rows = flaky
+    try:
+        migrate_([layer], [Placement.contiguous(8, 4).swapped(0, 7)], opt)
+    except RuntimeError as e:
+        err = str(e)
+    finally:
+        mig.all_to_all_rows = real
+    unchanged = all(torch.equal(before[n], getattr(layer.experts, n)) for n in before)
+    try:
+        migrate_([layer], [Placement.contiguous(8, 4)], torch.optim.RMSprop(layer.parameters()))
+        unsupported = None
+    except ValueError as e:
+        unsupported = str(e)
+    return {"err": err, "unchanged": unchanged, "placement_kept": layer.placement is old_placement,
+            "unsupported": unsupported}
+
+
+def test_failed_migration_leaves_old_placement_and_weights_and_unknown_optimizer_is_refused():
+    for r in run_ranks(_failure, 4):
+        assert r["err"] == "link down" and r["unchanged"] and r["placement_kept"]
+        assert "RMSprop" in r["unsupported"] and "Adam" in r["unsupported"]
