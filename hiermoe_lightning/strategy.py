@@ -53,6 +53,9 @@ class HierMoEStrategy(DDPStrategy):
         link_costs: preset name or YAML path of the alpha-beta link costs (``auto`` uses them).
         verify_splits: check split agreement before every all-to-all payload (debugging aid).
         auto_interval: with ``dispatch="auto"``, re-choose each layer's depth every this many training forwards.
+        checkpoint_format: ``"full"`` (one portable file: the unsharded model and optimizer state, loadable into a
+            plain single-process model) or ``"sharded"`` (a directory written with torch.distributed.checkpoint:
+            every rank writes only its experts; for large models). Both resume on any world size.
         start_method, timeout, process_group_backend, find_unused_parameters, ...: as in DDPStrategy.
     """
 
@@ -65,6 +68,7 @@ class HierMoEStrategy(DDPStrategy):
         link_costs: str = "paper-a6000",
         verify_splits: bool = False,
         auto_interval: int = 50,
+        checkpoint_format: str = "full",
         accelerator: Optional[Any] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -93,6 +97,9 @@ class HierMoEStrategy(DDPStrategy):
         if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
             raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
         self._auto_interval = auto_interval
+        if checkpoint_format not in ("full", "sharded"):
+            raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")
+        self.checkpoint_format = checkpoint_format
         self.expert_parallel: ExpertParallel | None = None
         self._grad_hooks: list = []
 
@@ -205,27 +212,64 @@ class HierMoEStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full unsharded state dict (collective: every rank calls it, as ``trainer.save_checkpoint`` does)."""
+        """The full unsharded state dict (collective: every rank calls it, as ``trainer.save_checkpoint`` does).
+
+        With ``checkpoint_format="sharded"`` the tensors are written by ``save_checkpoint`` instead (empty here)."""
+        if self.checkpoint_format == "sharded":
+            return {}
         return ckpt.full_state_dict(self.lightning_module)
 
     def optimizer_state(self, optimizer) -> dict:
+        if self.checkpoint_format == "sharded":
+            return {}
         inner = getattr(optimizer, "_optimizer", optimizer)
         return ckpt.full_optimizer_state(self.lightning_module, inner)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
-        checkpoint["hiermoe"] = {"format": "full", "version": 1, "topology": str(self.topology),
-                                 "placements": ckpt.placement_metadata(self.lightning_module)}
+        meta = {"format": self.checkpoint_format, "version": 1, "topology": str(self.topology),
+                "placements": ckpt.placement_metadata(self.lightning_module)}
+        if self.checkpoint_format == "sharded":
+            from .checkpoint_sharded import optimizer_structure, save_sharded
+
+            meta["optimizer_structure"] = optimizer_structure(self.lightning_module, self.optimizers)
+            rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+            rest["hiermoe"] = meta
+            save_sharded(filepath, self.lightning_module, self.optimizers, rest, self.is_global_zero)
+            self.barrier("hiermoe_sharded_save")
+            return
+        checkpoint["hiermoe"] = meta
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        from .checkpoint_sharded import is_sharded_checkpoint, load_meta
+
+        if is_sharded_checkpoint(checkpoint_path):
+            checkpoint = load_meta(checkpoint_path)
+            checkpoint["hiermoe"]["path"] = os.fspath(checkpoint_path)
+            checkpoint["state_dict"], checkpoint["optimizer_states"] = {}, []
+            return checkpoint
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         meta = checkpoint.get("hiermoe", {}) or {}
         ckpt.restore_placements(self.lightning_module, meta.get("placements"))
+        if meta.get("format") == "sharded":
+            from .checkpoint_sharded import load_sharded_model
+
+            load_sharded_model(meta["path"], self.lightning_module, strict=strict)
+            return
         local = ckpt.local_state_dict(self.lightning_module, checkpoint["state_dict"])
         self.lightning_module.load_state_dict(local, strict=strict)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         from lightning.fabric.utilities.optimizer import _optimizer_to_device
 
+        meta = checkpoint.get("hiermoe", {}) or {}
+        if meta.get("format") == "sharded":
+            from .checkpoint_sharded import load_sharded_optimizer
+
+            load_sharded_optimizer(meta["path"], self.lightning_module, self.optimizers, meta["optimizer_structure"])
+            return
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             inner = getattr(optimizer, "_optimizer", optimizer)
             inner.load_state_dict(ckpt.local_optimizer_state(self.lightning_module, inner, state))

@@ -65,17 +65,20 @@ class SaveAtEnd(pl.Callback):
 
 
 def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimizer="adamw", clip=None,
-        accumulate=1, ckpt_path=None, save_path=None, tag="run", samples=40, model_kwargs=None, check_replicas=False):
+        accumulate=1, ckpt_path=None, save_path=None, tag="run", samples=40, model_kwargs=None, check_replicas=False,
+        checkpoint_format="full", extra_callbacks=()):
     """Train; return the recorded global losses."""
     losses_path = os.path.join(tmp, f"{tag}.json")
     callbacks = [RecordLosses(losses_path)] + ([SaveAtEnd(save_path)] if save_path else [])
+    callbacks += list(extra_callbacks)
     if check_replicas:
         callbacks.append(CheckReplicas(os.path.join(tmp, f"{tag}.replicas.json")))
     model = MoEGPT(**{**MODEL, **(model_kwargs or {})}, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0)
     if world == 1:
         strategy, devices = "auto", 1
     else:
-        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60)
+        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60,
+                                   checkpoint_format=checkpoint_format)
         devices = world
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs, logger=False, callbacks=callbacks,

@@ -123,3 +123,16 @@ def test_bad_strategy_arguments_raise_at_construction():
         HierMoEStrategy(link_costs="nope")
     with pytest.raises(ValueError, match="'2x'"):
         HierMoEStrategy(topology="2x")
+
+
+@pytest.mark.parametrize("resume_world", [4, 2])
+def test_resume_from_sharded_checkpoint_continues_exactly(tmp_path, reference_runs, resume_world):
+    ckpt = str(tmp_path / "epoch1.dcp")
+    first, _ = fit(str(tmp_path), 4, topology="2x2", dispatch="hd2", max_epochs=1, save_path=ckpt, tag="first",
+                   checkpoint_format="sharded")
+    files = os.listdir(ckpt)
+    assert "hiermoe_meta.pt" in files and sum(f.endswith(".distcp") for f in files) == 4  # one shard per rank
+    topo = "2x2" if resume_world == 4 else "2x1"
+    second, _ = fit(str(tmp_path), resume_world, topology=topo, dispatch="hd2", max_epochs=2, ckpt_path=ckpt,
+                    tag="second", checkpoint_format="sharded")
+    torch.testing.assert_close(torch.tensor(first + second), torch.tensor(reference_runs["adamw"]), **TOL)

@@ -12,6 +12,13 @@ rounds of dispatch + identity experts + combine, each after a ``dist.barrier()``
 * ``bytes_by_level`` = ``handle.bytes_by_level()`` summed over ranks (all_reduce SUM) of one iteration;
 * ``predicted_ms`` = 2 x the cost model's one-way time (we time dispatch AND combine; see ``predicted_note``).
 
+``--emulate-inter-mbit N`` (root only; see :mod:`hiermoe_lightning.bench.netem`) runs the ranks of each top-level group
+(``world_size / sizes[0]`` consecutive ranks: one "node") in a network namespace of their own, every node linked to a
+hub bridge by a link of N Mbit/s each way (``--emulate-latency-ms`` adds a delay on each shaped hop). The report then
+holds ``emulation``, ``lower_bound_ms`` (the level-1 lower-bound bytes of the busiest node link, each way, at N Mbit/s,
+see ``LOWER_BOUND_NOTE``), and per dispatch ``wire_ms`` (the same for that dispatch's own level-1 bytes) and
+``vs_lower_bound`` (``median_ms / lower_bound_ms``).
+
 The identity experts compute ``y[row] = sum over the row's pairs of weight * row`` (fp32 ``index_add``), so the
 combine must return ``x * (sum of the token's weights)``; ``max_abs_err`` reports the largest deviation.
 """
@@ -28,26 +35,35 @@ import torch.distributed as dist
 
 from ..cli.main import CLIError
 from ..cost.model import predict
-from ..cost.traffic import lower_bound_level1_bytes
+from ..cost.traffic import check_expert_ids, dispatch_rows, lower_bound_level1_bytes
 from ..dispatch.engine import DispatchHandle, combine, dispatch
-from ..dispatch.spec import validate_dispatch
+from ..dispatch.spec import parse_dispatch, validate_dispatch
 from ..parallel import ExpertParallel
 from ..placement.placement import Placement
 from ..testing.launch import run_ranks
+from ..topology import Topology
 from ..traces import ALLOWED_ROUTINGS, parse_routing
+from .netem import EmulatedNetwork, EmulationUnavailable
 
 __all__ = ["add_arguments", "run", "main", "format_report", "parse_dispatch_list", "DTYPES",
-           "EMULATION_UNAVAILABLE", "PREDICTED_NOTE"]
+           "EMULATION_UNAVAILABLE", "PREDICTED_NOTE", "LOWER_BOUND_NOTE", "node_link_bytes"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2}
 DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
 DEFAULT_TOP_K = 4
 DEFAULT_TOKENS_PER_RANK = 2048
-EMULATION_UNAVAILABLE = "network emulation is not available yet in this version"
+EMULATION_UNAVAILABLE = "network emulation is unavailable here"  # prefix of the exit-3 message
 EMULATION_EXIT_STATUS = 3
 PREDICTED_NOTE = ("predicted_ms = 2 x the cost model's one-way all-to-all time (cost.model.predict with these link "
                   "costs): median_ms times dispatch + combine, which move the same rows each way")
+LOWER_BOUND_NOTE = ("lower_bound_ms = the busiest node link's level-1 lower-bound bytes in one direction / the emulated "
+                    "rate (inter_mbit Mbit/s per node link and direction). A node's outbound link carries its tokens' "
+                    "dispatch rows to other nodes plus the combine rows it returns for other nodes' tokens (inbound: "
+                    "the reverse), one row per distinct (token, other top-level group) each way, so per node "
+                    "bytes = row_bytes x (rows out + rows in) of the dispatch; the max over nodes is taken. Payload "
+                    "only: Ethernet/IP/TCP headers (~4-5% at MTU 1500) and gloo framing are not counted. wire_ms = "
+                    "the same for the dispatch's own level-1 bytes.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -69,7 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--link-costs", default="paper-a6000",
                    help="preset name (paper-a6000) or a YAML file, for predicted_ms and auto (default paper-a6000)")
     p.add_argument("--emulate-inter-mbit", type=int, default=None, metavar="N",
-                   help="limit links between top-level groups to N Mbit/s (not available yet in this version)")
+                   help="run each top-level group of ranks in its own network namespace, node links limited to "
+                        "N Mbit/s each way (needs root; exit status 3 otherwise)")
+    p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
+                   help="with --emulate-inter-mbit: add L ms of delay on every shaped hop (needs sch_netem; "
+                        "default 0)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before the spawned ranks are killed (default 900)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -124,6 +144,11 @@ def _resolve(args: argparse.Namespace):
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
     if args.emulate_inter_mbit is not None:
         _int(args.emulate_inter_mbit, "--emulate-inter-mbit", 1)
+    lat = args.emulate_latency_ms
+    if isinstance(lat, bool) or not isinstance(lat, (int, float)) or not 0 <= lat <= 10_000:
+        raise ValueError(f"--emulate-latency-ms must be a number of milliseconds in 0 .. 10000, got {lat!r}")
+    if lat > 0 and args.emulate_inter_mbit is None:
+        raise ValueError("--emulate-latency-ms needs --emulate-inter-mbit")
     names = parse_dispatch_list(args.dispatch, topology.num_levels)
     return topology, link_costs, ids, names
 
@@ -195,11 +220,43 @@ def _p90(values: list[float]) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def node_link_bytes(topology: Topology, rows: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """Per top-level group ("node"): level-1 bytes its link carries in each direction over dispatch + combine.
+
+    ``rows`` ``[G, G]``: dispatch rows rank ``a`` sends to rank ``b`` (all phases summed). A node's outbound link
+    carries its dispatch rows to other nodes and the combine rows going back to other nodes' tokens (= the dispatch
+    rows it received); the inbound link the reverse, i.e. the same total. Returns int64 ``[sizes[0]]``.
+    """
+    U = topology.sizes[0]
+    node = topology.group_index(1)
+    m = torch.zeros(U, U, dtype=torch.long)
+    m.index_put_((node[:, None].expand_as(rows), node[None, :].expand_as(rows)), rows.to(torch.long), accumulate=True)
+    m.fill_diagonal_(0)
+    return (m.sum(1) + m.sum(0)) * int(row_bytes)
+
+
+def _lower_bound_node_bytes(topology: Topology, placement: Placement, ids: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """:func:`node_link_bytes` of the lower bound: one row per distinct (token, other node) each way."""
+    ids = check_expert_ids(topology, placement, ids)
+    G, T, K = ids.shape
+    U = topology.sizes[0]
+    expert_node = torch.cat([topology.group_index(1)[placement.expert_to_rank], torch.tensor([U])])[ids]  # [G,T,K]
+    hit = torch.zeros(G, T, U + 1, dtype=torch.bool)
+    hit.scatter_(2, expert_node, True)  # column U collects dropped pairs (-1)
+    hits = hit[..., :U].sum(1)  # [G, U] tokens of source s hitting node u
+    rows = torch.zeros(G, G, dtype=torch.long)
+    first = torch.arange(U) * (G // U)  # one rank per node stands for it (only node sums matter)
+    rows[:, first] = hits
+    return node_link_bytes(topology, rows, row_bytes)
+
+
+def _ms_at(num_bytes: int, mbit: float) -> float:
+    return float(num_bytes) * 8.0 / (mbit * 1e6) * 1e3
+
+
 def run(args: argparse.Namespace) -> dict:
     """Validate, spawn the ranks, time every dispatch; return the report (contract keys first)."""
     topology, link_costs, ids, names = _resolve(args)
-    if args.emulate_inter_mbit is not None:
-        raise CLIError(f"--emulate-inter-mbit: {EMULATION_UNAVAILABLE}", EMULATION_EXIT_STATUS)
     G, T, K = ids.shape
     E, M = args.num_experts, args.hidden_size
     row_bytes = M * DTYPE_BYTES[args.dtype]
@@ -214,7 +271,16 @@ def run(args: argparse.Namespace) -> dict:
     cfg = {"topology": topology, "ids": ids, "hidden_size": M, "dtype": args.dtype, "num_experts": E,
            "seed": args.seed, "link_costs": link_costs, "names": names, "chosen": chosen,
            "warmup": args.warmup, "iters": args.iters}
-    per_rank = run_ranks(_rank_fn, G, cfg, timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
+    launch = dict(timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
+    if args.emulate_inter_mbit is None:
+        per_rank = run_ranks(_rank_fn, G, cfg, **launch)
+    else:
+        num_nodes = topology.sizes[0]
+        try:
+            with EmulatedNetwork(num_nodes, args.emulate_inter_mbit, latency_ms=float(args.emulate_latency_ms)) as net:
+                per_rank = run_ranks(_rank_fn, G, cfg, netns=net, ranks_per_node=G // num_nodes, **launch)
+        except EmulationUnavailable as e:
+            raise CLIError(f"--emulate-inter-mbit: {EMULATION_UNAVAILABLE}: {e}", EMULATION_EXIT_STATUS) from None
     measured = per_rank[0]  # every rank holds the same all-reduced numbers
 
     results = {}
@@ -233,6 +299,29 @@ def run(args: argparse.Namespace) -> dict:
         if name == "auto":
             entry["resolved"] = chosen
         results[name] = entry
+    lower_bound = {"bytes_by_level": {"level1": lower_bound_level1_bytes(topology, placement, ids, row_bytes)}}
+    emulation = {}
+    if args.emulate_inter_mbit is not None:
+        mbit = float(args.emulate_inter_mbit)
+        lb_node = int(_lower_bound_node_bytes(topology, placement, ids, row_bytes).max())
+        lb_ms = _ms_at(lb_node, mbit)
+        specs = {n: parse_dispatch(chosen if n == "auto" else n, topology.num_levels) for n in names}
+        rows = dispatch_rows(topology, placement, ids, list({s.name: s for s in specs.values()}.values()))
+        for name, spec in specs.items():
+            total = sum(p.rows for p in rows[spec.name])
+            busiest = int(node_link_bytes(topology, total, row_bytes).max())
+            entry = results[name]
+            entry["wire_ms"] = _ms_at(busiest, mbit)
+            entry["busiest_node_level1_bytes"] = busiest
+            entry["vs_lower_bound"] = entry["median_ms"] / lb_ms if lb_ms > 0 else None
+        lower_bound["busiest_node_level1_bytes"] = lb_node
+        emulation = {
+            "emulation": {"inter_mbit": args.emulate_inter_mbit, "latency_ms": float(args.emulate_latency_ms),
+                          "num_nodes": topology.sizes[0], "ranks_per_node": G // topology.sizes[0],
+                          "link": "each node's namespace <-> hub bridge, tbf rate limit on both directions"},
+            "lower_bound_ms": lb_ms,
+            "lower_bound_note": LOWER_BOUND_NOTE,
+        }
     return {
         "topology": str(topology),
         "world_size": G,
@@ -244,7 +333,8 @@ def run(args: argparse.Namespace) -> dict:
         "routing": str(parse_routing(args.routing)),
         "results": results,
         "chosen": chosen,
-        "lower_bound": {"bytes_by_level": {"level1": lower_bound_level1_bytes(topology, placement, ids, row_bytes)}},
+        "lower_bound": lower_bound,
+        **emulation,
         "bytes_per_elem": DTYPE_BYTES[args.dtype],
         "seed": args.seed,
         "iters": args.iters,
@@ -264,8 +354,9 @@ def format_report(report: dict) -> str:
     results = report["results"]
     levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=lambda s: int(s[5:]))
     flat_ms = results["flat"]["median_ms"] if "flat" in results else None
+    emulated = "emulation" in report
     cols = ["dispatch", "median ms", "p90 ms", "vs flat", "predicted ms", "plan ms", "plan %", "comm ms",
-            *[f"L{lv[5:]} MiB" for lv in levels]]
+            *[f"L{lv[5:]} MiB" for lv in levels], *(["wire ms", "vs bound"] if emulated else [])]
     rows = [cols]
     for name, r in results.items():
         label = f"{name} ({r['resolved']})" if "resolved" in r else name
@@ -275,16 +366,25 @@ def format_report(report: dict) -> str:
             f"{flat_ms / r['median_ms']:.2f}x" if flat_ms and r["median_ms"] > 0 else "",
             f"{r['predicted_ms']:.3f}", f"{r['plan_ms']:.2f}", f"{100 * share:.1f}%", f"{r['comm_ms']:.2f}",
             *[f"{r['bytes_by_level'].get(lv, 0) / mib:.2f}" for lv in levels],
+            *([f"{r['wire_ms']:.1f}", f"{r['vs_lower_bound']:.2f}x" if r["vs_lower_bound"] else ""]
+              if emulated else []),
         ])
     widths = [max(len(row[c]) for row in rows) for c in range(len(cols))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lb = report["lower_bound"]["bytes_by_level"]["level1"]
+    if emulated:
+        em = report["emulation"]
+        head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "
+                 f"{em['inter_mbit']} Mbit/s each way, latency {em['latency_ms']:g} ms per shaped hop")
+    extra = ([f"level-1 lower-bound time (busiest node link, payload only): {report['lower_bound_ms']:.1f} ms; "
+              "wire ms = a dispatch's own busiest-link level-1 bytes at that rate"] if emulated else [])
     return "\n".join([
         head, "", *lines, "",
         f"chosen by the cost model ({report['link_costs']}): {report['chosen']}",
         f"level-1 lower bound (dispatch+combine): {lb / mib:.2f} MiB",
+        *extra,
         "predicted ms = 2 x the model's one-way all-to-all time (dispatch + combine)",
     ])
 

@@ -13,9 +13,12 @@ import socket
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from ..bench.netem import EmulatedNetwork
 
 __all__ = ["run_ranks", "free_port", "RankFailure"]
 
@@ -30,12 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world_size, port, pg_timeout, outdir, args, kwargs):
+def _child(fn, rank, world_size, port, pg_timeout, outdir, args, kwargs, netns=None, ranks_per_node=None):
     code = 0
     try:
         torch.set_num_threads(1)
+        host = "127.0.0.1"
+        if netns is not None:
+            node = rank // ranks_per_node
+            netns.enter(node)  # this process's sockets now live in node `node`'s namespace
+            os.environ["GLOO_SOCKET_IFNAME"] = netns.interface(node)  # this child's own environment only
+            host = netns.node_address(0)  # rank 0 (node 0) hosts the rendezvous store
         torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            "gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         result = fn(rank, world_size, *args, **kwargs)
@@ -54,15 +63,32 @@ def _child(fn, rank, world_size, port, pg_timeout, outdir, args, kwargs):
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 60.0, pg_timeout: float = 30.0,
-              start_method: str = "fork", **kwargs) -> list[Any]:
+              start_method: str = "fork", netns: "EmulatedNetwork | None" = None, ranks_per_node: int | None = None,
+              **kwargs) -> list[Any]:
     """Run ``fn`` on ``world_size`` ranks; return each rank's return value (torch.save-able), rank order.
 
     Raises ``RankFailure`` with the first failing rank's traceback (or a timeout message) after killing the others.
+
+    With ``netns`` (an active :class:`~hiermoe_lightning.bench.netem.EmulatedNetwork`) rank ``r`` first joins node
+    ``r // ranks_per_node``'s network namespace, binds gloo to that node's interface and meets the others at
+    ``tcp://<node 0's address>:<port>``: ranks of one node talk over their namespace's loopback, ranks of different
+    nodes over the emulated (rate-limited) links.
     """
+    child_extra: tuple = ()
+    if netns is not None:
+        if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be an int >= 1 with netns, got {ranks_per_node!r}")
+        if world_size % ranks_per_node or world_size // ranks_per_node != netns.num_nodes:
+            raise ValueError(f"world_size {world_size} must be ranks_per_node {ranks_per_node} x the emulated "
+                             f"network's {netns.num_nodes} nodes")
+        child_extra = (netns, ranks_per_node)
+    elif ranks_per_node is not None:
+        raise ValueError("ranks_per_node is only meaningful together with netns")
     ctx = mp.get_context(start_method)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="hiermoe-ranks-") as outdir:
-        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, pg_timeout, outdir, args, kwargs), daemon=True)
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, pg_timeout, outdir, args, kwargs,
+                                                  *child_extra), daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -1,0 +1,234 @@
+"""HierMoECallback: routing statistics, the dedup-aware swap planner, in-place migration, and the savings in the logs.
+
+Every training batch it samples each sharded MoELayer's routing on every rank, gathers it (so every rank holds the
+same statistics) and adds it to an exponentially decayed window. After every ``plan_every_n_steps``-th optimizer
+step (never per micro-batch) it plans swaps for each layer with the cost model (identical on every rank: pure
+functions on identical data), migrates the experts with their gradients and optimizer state, and lets
+``dispatch="auto"`` re-choose its depth. Metrics go to every logger (see :class:`~hiermoe_lightning.metrics.DedupMonitor`
+plus ``hiermoe/swaps``); at the end of fit a heatmap of expert load per rank over time and the placement history are
+written to the log directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from .checkpoint import moe_layers
+from .metrics import DedupMonitor
+from .placement.migrate import expert_state_bytes, migrate_
+from .placement.planner import plan_swaps
+from .placement.window import RoutingWindow
+
+__all__ = ["HierMoECallback"]
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class HierMoECallback(DedupMonitor):
+    """Plan and execute expert swaps every ``plan_every_n_steps`` optimizer steps, and log the savings.
+
+    Args:
+        plan_every_n_steps: optimizer steps between plans.
+        swap: run the planner and migrate (False: statistics and metrics only).
+        max_swaps_per_plan: greedy swaps per layer and plan, at most.
+        gamma: smooth-max exponent used to rank candidates (None: plain max).
+        window_tokens_per_rank / window_decay: the routing window (EMA over recent batches).
+        sample_tokens_per_rank: tokens per rank and batch added to the window (evenly strided).
+        charge_migration: weigh each swap's saving over the next plan interval against its migration time.
+        compute_balance_tolerance: a swap may not push the busiest rank's expert load above this times the mean.
+        log_every_n_steps / print_summary / save_plots: reporting.
+    """
+
+    def __init__(
+        self,
+        plan_every_n_steps: int = 50,
+        swap: bool = True,
+        max_swaps_per_plan: int = 4,
+        gamma: float | None = 10.0,
+        window_tokens_per_rank: int = 4096,
+        window_decay: float = 0.9,
+        sample_tokens_per_rank: int = 512,
+        charge_migration: bool = True,
+        compute_balance_tolerance: float = 1.10,
+        log_every_n_steps: int = 1,
+        print_summary: bool = True,
+        save_plots: bool = True,
+    ):
+        super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
+        self.plan_every_n_steps = _positive_int("plan_every_n_steps", plan_every_n_steps)
+        self.max_swaps_per_plan = _positive_int("max_swaps_per_plan", max_swaps_per_plan, allow_zero=True)
+        self.window_tokens_per_rank = _positive_int("window_tokens_per_rank", window_tokens_per_rank)
+        self.sample_tokens_per_rank = _positive_int("sample_tokens_per_rank", sample_tokens_per_rank)
+        if not isinstance(swap, bool):
+            raise TypeError(f"swap must be a bool, got {swap!r}")
+        if gamma is not None and (not isinstance(gamma, (int, float)) or gamma < 1):
+            raise ValueError(f"gamma must be None (plain max) or a number >= 1, got {gamma!r}")
+        if not isinstance(window_decay, (int, float)) or not 0 < window_decay <= 1:
+            raise ValueError(f"window_decay must be in (0, 1], got {window_decay!r}")
+        if not isinstance(compute_balance_tolerance, (int, float)) or compute_balance_tolerance < 1:
+            raise ValueError(f"compute_balance_tolerance must be a number >= 1, got {compute_balance_tolerance!r}")
+        self.swap, self.gamma, self.window_decay = swap, gamma, float(window_decay)
+        self.charge_migration = bool(charge_migration)
+        self.compute_balance_tolerance = float(compute_balance_tolerance)
+        self.save_plots = save_plots
+        self.windows: dict[str, RoutingWindow] = {}
+        self.swaps_total = 0
+        self.history: list[dict] = []  # one entry per (plan, layer)
+        self.load_history: list[list[list[float]]] = []  # per plan/log point: per layer, per rank expert pairs
+        self.plan_seconds = 0.0
+        self.migration_seconds = 0.0
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update({
+            "windows": {name: w.state_dict() for name, w in self.windows.items()},
+            "swaps_total": self.swaps_total, "history": json.dumps(self.history),
+            "load_history": json.dumps(self.load_history),
+            "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
+        })
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.windows = {}
+        for name, ws in state.get("windows", {}).items():
+            w = RoutingWindow(self.window_tokens_per_rank, self.window_decay)
+            w.load_state_dict(ws)
+            self.windows[name] = w
+        self.swaps_total = int(state.get("swaps_total", 0))
+        self.history = json.loads(state.get("history", "[]"))
+        self.load_history = json.loads(state.get("load_history", "[]"))
+        self.plan_seconds = float(state.get("plan_seconds", 0.0))
+        self.migration_seconds = float(state.get("migration_seconds", 0.0))
+
+    # ------------------------------------------------------------------ per batch
+    def _sample(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[0]
+        if T <= self.sample_tokens_per_rank:
+            return ids
+        idx = torch.linspace(0, T - 1, self.sample_tokens_per_rank).round().long()
+        return ids[idx]
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
+        for name, layer in layers.items():
+            trace = layer.expert_parallel.gather_routing(self._sample(layer.last_expert_ids))
+            window = self.windows.setdefault(name, RoutingWindow(self.window_tokens_per_rank, self.window_decay))
+            window.add(trace)
+        step = trainer.global_step
+        if step == self._last_step:  # still inside a gradient-accumulation cycle
+            return
+        self._last_step = step
+        if self.swap and layers and step > 0 and step % self.plan_every_n_steps == 0:
+            self._plan_and_migrate(trainer, pl_module, layers)
+        pl_module.log("swaps", float(self.swaps_total), prog_bar=True, logger=False, rank_zero_only=True)
+        for logger in trainer.loggers:
+            logger.log_metrics({"hiermoe/swaps": float(self.swaps_total)}, step=step)
+
+    def _plan_and_migrate(self, trainer, pl_module, layers) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        start = time.perf_counter()
+        targets, records, loads = [], [], []
+        for i, (name, layer) in enumerate(layers.items()):
+            ep = layer.expert_parallel
+            ids, weights = self.windows[name].trace()
+            element = layer.experts.w_gate.element_size()
+            plan = plan_swaps(
+                ids, layer.placement, ep.topology, ep.link_costs, layer.hidden_size, element,
+                max_swaps=self.max_swaps_per_plan, token_weights=weights, gamma=self.gamma,
+                expert_bytes=expert_state_bytes(layer, optimizer) if self.charge_migration else None,
+                horizon_steps=self.plan_every_n_steps if self.charge_migration else None,
+                compute_balance_tolerance=self.compute_balance_tolerance,
+            )
+            targets.append(plan.placement_after)
+            loads.append(self._rank_load(ids, weights, layer.placement).tolist())
+            records.append({"step": trainer.global_step, "layer": i, "name": name, "swaps": [list(s) for s in plan.swaps],
+                            "predicted_ms_before": plan.predicted_ms_before, "predicted_ms_after": plan.predicted_ms_after,
+                            "chosen_before": plan.chosen_before, "chosen_after": plan.chosen_after,
+                            "placement_after": plan.placement_after.to_list()})
+        self.plan_seconds += time.perf_counter() - start
+        changed = [(layer, target) for layer, target in zip(layers.values(), targets) if target != layer.placement]
+        if changed:
+            stats = migrate_([c[0] for c in changed], [c[1] for c in changed], optimizer)
+            self.migration_seconds += stats.seconds
+            ep = changed[0][0].expert_parallel
+            ep.refresh_auto(pl_module)
+        self.swaps_total += sum(len(r["swaps"]) for r in records)
+        self.history.extend(records)
+        self.load_history.append(loads)
+        metrics = {}
+        for r in records:
+            metrics[f"hiermoe/plan/layer{r['layer']}/predicted_ms_before"] = r["predicted_ms_before"]
+            metrics[f"hiermoe/plan/layer{r['layer']}/predicted_ms_after"] = r["predicted_ms_after"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @staticmethod
+    def _rank_load(ids: torch.Tensor, weights: torch.Tensor, placement) -> torch.Tensor:
+        """``[G]`` weighted (token, expert) pairs each rank's experts would process."""
+        w = weights.unsqueeze(-1).expand_as(ids)
+        valid = ids >= 0
+        ranks = placement.expert_to_rank[ids[valid]]
+        return torch.zeros(placement.world_size, dtype=torch.float64).index_add_(0, ranks, w[valid].double())
+
+    # ------------------------------------------------------------------ end of fit
+    def on_fit_end(self, trainer, pl_module):
+        log_dir = trainer.log_dir  # collective under DDP
+        super().on_fit_end(trainer, pl_module)
+        if trainer.global_rank != 0 or not log_dir:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "hiermoe_placement_history.json"), "w") as f:
+            json.dump({"swaps_total": self.swaps_total, "plans": self.history, "load_per_rank": self.load_history,
+                       "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds}, f, indent=1)
+        if self.save_plots and self.load_history:
+            self._heatmap(os.path.join(log_dir, "hiermoe_expert_load.png"))
+
+    def _heatmap(self, path: str) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # plots are optional (pip install hiermoe-lightning[plots])
+            return
+        load = torch.tensor(self.load_history, dtype=torch.float64)  # [plans, layers, G]
+        share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
+        layers = share.shape[1]
+        fig, axes = plt.subplots(1, layers, figsize=(4 * layers, 3), squeeze=False)
+        for i in range(layers):
+            ax = axes[0][i]
+            im = ax.imshow(share[:, i, :].T.numpy(), aspect="auto", cmap="viridis", origin="lower")
+            ax.set_title(f"layer {i}: expert load share per rank")
+            ax.set_xlabel("plan")
+            ax.set_ylabel("rank")
+            fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def summary(self, trainer, log_dir: str | None = None) -> str:
+        text = super().summary(trainer, log_dir)
+        if self.swap:
+            text += (f"\nexpert swaps                {self.swaps_total} in {len({h['step'] for h in self.history})} plans "
+                     f"(planning {self.plan_seconds:.2f} s, migration {self.migration_seconds:.2f} s)")
+            if self.history:
+                first = [h for h in self.history if h["step"] == self.history[0]["step"]]
+                last = [h for h in self.history if h["step"] == self.history[-1]["step"]]
+                before = sum(h["predicted_ms_before"] for h in first)
+                after = sum(h["predicted_ms_after"] for h in last)
+                text += f"\npredicted a2a ms (all layers) {before:.3f} at the first plan -> {after:.3f} after the last"
+        return text
