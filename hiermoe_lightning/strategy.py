@@ -190,18 +190,13 @@ class HierMoEStrategy(DDPStrategy):
         """Clip all gradients by the norm over dense parameters (replicated) and every rank's experts."""
         expert_ids = {id(p) for layer in ckpt.moe_layers(self.lightning_module).values()
                       for p in layer.experts.slot_parameters()}
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        expert_sq = torch.zeros((), dtype=torch.float64)
-        dense_sq = torch.zeros((), dtype=torch.float64)
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                sq = p.grad.detach().double().pow(2).sum().cpu()
-                if id(p) in expert_ids:
-                    expert_sq += sq
-                else:
-                    dense_sq += sq
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        norms = torch._foreach_norm(grads) if grads else []
+        is_expert = torch.tensor([id(p) in expert_ids for p in params], dtype=torch.bool)
+        squares = torch.stack([n.double() for n in norms]).pow(2) if norms else torch.zeros(0, dtype=torch.float64)
+        expert_sq = squares[is_expert].sum()
+        dense_sq = squares[~is_expert].sum()
         if self.expert_parallel is not None and self.expert_parallel.world_size > 1:
             dist.all_reduce(expert_sq, group=self.expert_parallel.peer_group("a2a").group)
         total = (dense_sq + expert_sq).sqrt()

@@ -46,14 +46,13 @@ from ..traces import ALLOWED_ROUTINGS, parse_routing
 from .netem import EmulatedNetwork, EmulationUnavailable
 
 __all__ = ["add_arguments", "run", "main", "format_report", "parse_dispatch_list", "DTYPES",
-           "EMULATION_UNAVAILABLE", "PREDICTED_NOTE", "LOWER_BOUND_NOTE", "node_link_bytes"]
+           "EMULATION_EXIT_STATUS", "PREDICTED_NOTE", "LOWER_BOUND_NOTE", "node_link_bytes"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2}
 DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
 DEFAULT_TOP_K = 4
 DEFAULT_TOKENS_PER_RANK = 2048
-EMULATION_UNAVAILABLE = "network emulation is unavailable here"  # prefix of the exit-3 message
 EMULATION_EXIT_STATUS = 3
 PREDICTED_NOTE = ("predicted_ms = 2 x the cost model's one-way all-to-all time (cost.model.predict with these link "
                   "costs): median_ms times dispatch + combine, which move the same rows each way")
@@ -280,7 +279,7 @@ def run(args: argparse.Namespace) -> dict:
             with EmulatedNetwork(num_nodes, args.emulate_inter_mbit, latency_ms=float(args.emulate_latency_ms)) as net:
                 per_rank = run_ranks(_rank_fn, G, cfg, netns=net, ranks_per_node=G // num_nodes, **launch)
         except EmulationUnavailable as e:
-            raise CLIError(f"--emulate-inter-mbit: {EMULATION_UNAVAILABLE}: {e}", EMULATION_EXIT_STATUS) from None
+            raise CLIError(f"--emulate-inter-mbit: {e}", EMULATION_EXIT_STATUS) from None
     measured = per_rank[0]  # every rank holds the same all-reduced numbers
 
     results = {}

@@ -1,0 +1,651 @@
+"""The expert-swap planner (HierMoE's placement idea, plus migration cost, windowed statistics and compute balance).
+
+Pure functions: no collectives, and deterministic (the same inputs give the same plan on every rank).
+
+What a swap changes
+-------------------
+Every phase of every ``hd<d>`` dispatch moves, from source rank ``s`` via level-``L`` group ``g``, as many rows as
+``s`` has tokens that chose at least one expert in ``g`` (``hits[L][s, g]``; see
+:mod:`hiermoe_lightning.cost.traffic`). :class:`GroupCounts` keeps, per (token, level-``L`` group), how many of the
+token's experts the group owns, for every level ``1..D``. Swapping experts ``a`` and ``b`` (on different ranks) only
+changes tokens that chose exactly one of them: at each level where their groups differ the group losing its expert
+drops by one, the gaining group rises by one (:meth:`GroupCounts.apply_swap`).
+
+Evaluating every pair at once (``O(D*T*K*E)`` statistics plus ``O(P*E^2*G)`` arithmetic for ``P`` phases)
+----------------------------------------------------------------------------------------------------------
+For a level ``L`` at which ``a`` and ``b`` sit in different groups ``g_a`` and ``g_b``, the hit change at ``g_a`` is
+
+    dH[s, g_a] = - lose[a][s] + both[a, b][s] + gain[b][s, g_a]
+
+* ``lose[a][s]``: weight of the tokens of ``s`` that chose ``a`` and have no other expert in ``g_a``,
+* ``both[a, b][s]``: the part of those tokens that also chose ``b`` (they keep a hit in ``g_a`` after the swap),
+* ``gain[b][s, g]``: weight of the tokens of ``s`` that chose ``b`` and have no expert in ``g`` (they start hitting
+  ``g_a`` when ``b`` moves there),
+
+and symmetrically at ``g_b``. Those statistics are sums over tokens (``O(T*K*(K + U))`` per level), are kept
+incrementally (after a swap only the tokens that chose ``a`` or ``b`` are re-counted) and are mapped through each
+phase's (current rank, next rank) table to per-rank send/receive changes, giving every pair's per-rank loads in every
+phase as ``[E, E, G]`` tensors.
+
+Determinism: token weights are turned into fixed-point integers (``2**-16`` of a token by default) and every count,
+hit and load is an integer held in float64, so sums are exact whatever their order or thread count. Only the
+smooth-max, used to rank candidates, is rounded floating point; ties go to the lowest ``(a, b)``.
+
+Costs (one way, ms): ``alpha + beta * busiest_rank_bytes`` per phase as in :mod:`hiermoe_lightning.cost.model`
+(a phase whose groups are single ranks costs 0), ``t_d`` the sum over the phases of ``hd<d>``, ``d*`` = argmin.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+import torch
+
+from ..cost.link_costs import LinkCosts
+from ..cost.traffic import check_expert_ids
+from ..dispatch.spec import parse_dispatch, phase_groups, phase_next_rank
+from ..topology import Topology
+from .placement import Placement
+
+__all__ = [
+    "GroupCounts",
+    "SwapPlan",
+    "predict_hd_ms",
+    "plan_swaps",
+    "smooth_max",
+    "migration_ms_table",
+]
+
+_FIXED_POINT_BITS = 16  # token weights are kept as integer multiples of 2**-16 (fewer when the totals are huge)
+_EXACT_LIMIT = 2.0 ** 50  # keep every fixed-point sum below this (float64 holds integers exactly below 2**53)
+_TOKEN_CHUNK = 8192  # tokens per block when (re)counting statistics: bounds [chunk, K, U] and [chunk, K, K] blocks
+_SAVING_EPS_MS = 1e-9  # a "positive" saving must exceed this (guards against float noise between equal loads)
+
+
+# ---------------------------------------------------------------------------------------------------------------- utils
+def smooth_max(x: torch.Tensor, gamma: float | None, dim: int = -1) -> torch.Tensor:
+    """``max(x) * (sum_i (x_i / max(x)) ** gamma) ** (1 / gamma)`` along ``dim`` (0 where ``max(x) == 0``).
+
+    ``gamma=None`` is the plain max. ``x`` must be non-negative. Always ``>= max(x)``; tends to ``max(x)`` as
+    ``gamma`` grows and rewards lowering the second-busiest entries too.
+    """
+    peak = x.amax(dim=dim)
+    if gamma is None:
+        return peak
+    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+    ratio = x / safe.unsqueeze(dim)
+    return peak * ratio.pow(gamma).sum(dim=dim).pow(1.0 / gamma)
+
+
+def _check_gamma(gamma: object) -> float | None:
+    if gamma is None:
+        return None
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a number > 0 or None (plain max), got {gamma!r}")
+    gamma = float(gamma)
+    if not math.isfinite(gamma) or gamma <= 0:
+        raise ValueError(f"gamma must be a finite number > 0 or None (plain max), got {gamma}")
+    return gamma
+
+
+def _quantize_weights(token_weights: torch.Tensor | None, G: int, T: int) -> tuple[torch.Tensor, float]:
+    """``[G, T]`` weights (default 1) -> (``[G*T]`` float64 integer fixed-point weights, scale = units per token)."""
+    if token_weights is None:
+        return torch.ones(G * T, dtype=torch.float64), 1.0
+    if not isinstance(token_weights, torch.Tensor):
+        raise TypeError(f"token_weights must be a float tensor [world_size, tokens_per_rank], got "
+                        f"{type(token_weights).__name__}")
+    if tuple(token_weights.shape) != (G, T):
+        raise ValueError(f"token_weights must have shape [world_size={G}, tokens_per_rank={T}] like expert_ids, got "
+                         f"{list(token_weights.shape)}")
+    w = token_weights.detach().to(torch.float64).reshape(-1)
+    if w.numel() and (not bool(torch.isfinite(w).all()) or float(w.min()) < 0):
+        raise ValueError("token_weights must be finite and >= 0")
+    total = float(w.sum()) if w.numel() else 0.0
+    bits = _FIXED_POINT_BITS
+    while bits > 0 and total * 2.0 ** bits * 4 >= _EXACT_LIMIT:
+        bits -= 1
+    scale = 2.0 ** bits
+    wq = torch.round(w * scale)
+    if float(wq.sum()) * 4 >= _EXACT_LIMIT:
+        raise ValueError(f"token_weights sum to {total:g}: too large to count exactly; rescale them")
+    return wq, scale
+
+
+# ------------------------------------------------------------------------------------------------------- phase tables
+@dataclass(frozen=True)
+class _Phase:
+    """One phase kind of the ``hd<d>`` dispatches: the level ``L`` whose group decides a row's hop, and the 0/1 tables
+    ``send[s, g, r]`` / ``recv[s, g, r]``: the row from source ``s`` via level-``L`` group ``g`` leaves / reaches rank
+    ``r`` in this phase (zero when it stays on its rank). ``single``: its groups are single ranks (costs 0)."""
+
+    name: str
+    level: int
+    send: torch.Tensor
+    recv: torch.Tensor
+    single: bool
+
+
+@lru_cache(maxsize=32)
+def _phase_tables(sizes: tuple[int, ...]) -> tuple[dict[str, _Phase], dict[int, tuple[str, ...]]]:
+    """Every distinct phase of hd1..hdD on this topology, and the phases of each ``hd<d>``."""
+    topology = Topology(list(sizes))
+    G, D = topology.world_size, topology.num_levels
+    phases: dict[str, _Phase] = {}
+    by_d: dict[int, tuple[str, ...]] = {}
+    for d in range(1, D + 1):
+        spec = parse_dispatch(f"hd{d}", D)
+        by_d[d] = spec.phases
+        for index, name in enumerate(spec.phases):
+            if name in phases:
+                continue
+            L = max(int(p[5:]) if p.startswith("inter") else D for p in spec.phases[: index + 1])
+            U = topology.num_groups(L)
+            rep = (torch.arange(U) * (G // U))[None, :].expand(G, U)
+            cur = torch.arange(G)[:, None].expand(G, U)
+            for p in spec.phases[:index]:
+                cur = phase_next_rank(topology, p, cur, rep)
+            nxt = phase_next_rank(topology, name, cur, rep)
+            moving = (cur != nxt).to(torch.float64)  # [G, U]
+            eye = torch.eye(G, dtype=torch.float64)
+            send = eye[cur] * moving[..., None]  # [G, U, G]
+            recv = eye[nxt] * moving[..., None]
+            single = len(phase_groups(topology, name)[0]) == 1
+            phases[name] = _Phase(name, L, send.contiguous(), recv.contiguous(), single)
+    return phases, by_d
+
+
+# -------------------------------------------------------------------------------------------------------- GroupCounts
+class GroupCounts:
+    """Per-(token, level-``L`` group) counts of each token's chosen experts, for every level ``1..D``.
+
+    ``expert_ids``: int ``[G, T, K]`` (``-1`` = dropped pair); ``token_weights``: optional ``[G, T]`` non-negative
+    float (windowed / EMA statistics; default 1 per token). ``counts[L-1]`` is int32 ``[G*T, U[L]]``. Mutable:
+    :meth:`apply_swap` updates counts and :attr:`placement` incrementally; :meth:`recomputed` counts from scratch.
+    """
+
+    def __init__(self, expert_ids: torch.Tensor, placement: Placement, topology: "Topology | str",
+                 token_weights: torch.Tensor | None = None):
+        topology = Topology.parse(topology)
+        if not isinstance(placement, Placement):
+            raise TypeError(f"placement must be a Placement, got {type(placement).__name__}")
+        ids = check_expert_ids(topology, placement, expert_ids)
+        G, T, K = ids.shape
+        if K == 0 or T == 0:
+            raise ValueError(f"expert_ids must hold at least one token and one expert slot, got {list(ids.shape)}")
+        s = ids.sort(dim=2).values
+        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+            raise ValueError("expert_ids has a token that lists the same expert twice; top-k experts must be distinct")
+        self._raw_ids = ids
+        self._raw_weights = token_weights
+        self.topology = topology
+        self.placement = placement
+        self.tokens_per_rank = T
+        self.top_k = K
+        self.ids = ids.reshape(G * T, K).contiguous()
+        self.source = torch.arange(G).repeat_interleave(T)
+        self.weights, self.scale = _quantize_weights(token_weights, G, T)
+        self.counts: list[torch.Tensor] = [
+            self._count(L, torch.arange(G * T)) for L in range(1, topology.num_levels + 1)
+        ]
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_experts(self) -> int:
+        return self.placement.num_experts
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    def group_size(self, level: int) -> int:
+        return self.topology.world_size // self.topology.num_groups(level)
+
+    def expert_group(self, level: int) -> torch.Tensor:
+        """``[E + 1]`` int64: level-``level`` group of each expert's rank; the last entry (id ``-1``) is ``U[level]``."""
+        U = self.topology.num_groups(level)
+        return torch.cat([self.placement.expert_to_rank // self.group_size(level), torch.tensor([U])])
+
+    def _count(self, level: int, rows: torch.Tensor) -> torch.Tensor:
+        U = self.topology.num_groups(level)
+        grp = self.expert_group(level)[self.ids[rows]]  # [n, K], dropped -> U
+        out = torch.zeros(rows.numel(), U + 1, dtype=torch.int32)
+        out.scatter_add_(1, grp, torch.ones_like(grp, dtype=torch.int32))
+        return out[:, :U].contiguous()
+
+    def hits_fixed(self, level: int) -> torch.Tensor:
+        """``[G, U[level]]`` float64: fixed-point weight of the tokens of each source hitting each group."""
+        G, T = self.topology.world_size, self.tokens_per_rank
+        hit = (self.counts[level - 1] > 0).to(torch.float64) * self.weights[:, None]
+        return hit.reshape(G, T, -1).sum(dim=1)
+
+    def hits(self, level: int) -> torch.Tensor:
+        """``[G, U[level]]`` float64: weighted tokens of source ``s`` with at least one expert in group ``g``."""
+        return self.hits_fixed(level) / self.scale
+
+    def expert_load_fixed(self) -> torch.Tensor:
+        valid = self.ids >= 0
+        w = (self.weights[:, None] * valid).reshape(-1)
+        return torch.zeros(self.num_experts, dtype=torch.float64).index_add_(0, self.ids.clamp_min(0).reshape(-1), w)
+
+    def expert_load(self) -> torch.Tensor:
+        """``[E]`` float64: weighted (token, expert) pairs of each expert (its compute load)."""
+        return self.expert_load_fixed() / self.scale
+
+    def rank_load(self) -> torch.Tensor:
+        """``[G]`` float64: weighted (token, expert) pairs processed by each rank under :attr:`placement`."""
+        return torch.zeros(self.topology.world_size, dtype=torch.float64).index_add_(
+            0, self.placement.expert_to_rank, self.expert_load())
+
+    # ------------------------------------------------------------------ swaps
+    def tokens_with(self, *experts: int) -> torch.Tensor:
+        """``[N]`` bool: tokens that chose any of ``experts``."""
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for e in experts:
+            mask |= (self.ids == e).any(dim=1)
+        return mask
+
+    def apply_swap(self, a: int, b: int) -> None:
+        """Swap experts ``a`` and ``b`` in :attr:`placement` and update the counts incrementally.
+
+        Only tokens that chose exactly one of them change: at each level where the two experts' groups differ, the
+        group losing its expert drops by one and the gaining group rises by one.
+        """
+        a, b = int(a), int(b)
+        new_placement = self.placement.swapped(a, b)  # validates ids
+        ra, rb = int(self.placement.expert_to_rank[a]), int(self.placement.expert_to_rank[b])
+        if ra != rb:
+            has_a, has_b = (self.ids == a).any(dim=1), (self.ids == b).any(dim=1)
+            only_a = (has_a & ~has_b).nonzero().flatten()
+            only_b = (has_b & ~has_a).nonzero().flatten()
+            for L in range(1, self.topology.num_levels + 1):
+                size = self.group_size(L)
+                ga, gb = ra // size, rb // size
+                if ga == gb:
+                    continue
+                c = self.counts[L - 1]
+                c[only_a, ga] -= 1
+                c[only_a, gb] += 1
+                c[only_b, gb] -= 1
+                c[only_b, ga] += 1
+        self.placement = new_placement
+
+    def recomputed(self) -> "GroupCounts":
+        """Fresh counts of the same routing on the current placement (the reference for the incremental update)."""
+        return GroupCounts(self._raw_ids, self.placement, self.topology, self._raw_weights)
+
+    def copy(self) -> "GroupCounts":
+        out = object.__new__(GroupCounts)
+        out.__dict__.update(self.__dict__)
+        out.counts = [c.clone() for c in self.counts]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------- predictions
+def _check_row_bytes(row_bytes: object) -> int:
+    if isinstance(row_bytes, bool) or not isinstance(row_bytes, int):
+        raise TypeError(f"row_bytes must be an int, got {row_bytes!r}")
+    if row_bytes <= 0:
+        raise ValueError(f"row_bytes must be >= 1, got {row_bytes}")
+    return row_bytes
+
+
+def _hd_times(phase_x: dict[str, torch.Tensor], by_d: dict[int, tuple[str, ...]], tables: dict[str, _Phase],
+              link_costs: LinkCosts, row_bytes: int, scale: float, gamma: float | None) -> dict[int, torch.Tensor]:
+    """Per-rank loads ``x[..., G]`` (fixed point) of each phase -> ``{d: t_d[...]}`` in ms (max or smooth-max)."""
+    ms: dict[str, torch.Tensor] = {}
+    for name, x in phase_x.items():
+        peak = smooth_max(x, gamma)
+        if tables[name].single:
+            ms[name] = torch.zeros_like(peak)
+        else:
+            cost = link_costs[name]
+            ms[name] = cost.alpha + cost.beta * ((peak / scale) * row_bytes)
+    out = {}
+    for d, names in by_d.items():
+        total = torch.zeros_like(next(iter(ms.values())))
+        for n in names:  # the same order as cost.model's sum over phases
+            total = total + ms[n]
+        out[d] = total
+    return out
+
+
+def _phase_loads(counts: GroupCounts, tables: dict[str, _Phase]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{phase: (send [G], recv [G])}`` fixed-point rows each rank sends / receives in each phase."""
+    hits = {L: counts.hits_fixed(L) for L in {p.level for p in tables.values()}}
+    return {
+        name: (torch.einsum("sg,sgr->r", hits[p.level], p.send), torch.einsum("sg,sgr->r", hits[p.level], p.recv))
+        for name, p in tables.items()
+    }
+
+
+def predict_hd_ms(counts: GroupCounts, placement: Placement, topology: "Topology | str",
+                  link_costs: "LinkCosts | str", row_bytes: int, gamma: float | None = None) -> dict[int, float]:
+    """Predicted one-way time (ms) of every ``hd<d>``, ``{d: ms}`` for ``d = 1..D``, from weighted counts.
+
+    ``gamma=None``: each phase costs ``alpha + beta * busiest-rank bytes`` (equal to
+    :func:`hiermoe_lightning.cost.model.predict` on the same unweighted routing); otherwise the busiest rank is
+    replaced by ``smooth_max`` over ranks of max(sent, received) with exponent ``gamma`` (for ranking only).
+    """
+    topology = Topology.parse(topology)
+    link_costs = LinkCosts.resolve(link_costs)
+    row_bytes = _check_row_bytes(row_bytes)
+    gamma = _check_gamma(gamma)
+    if not isinstance(counts, GroupCounts):
+        raise TypeError(f"counts must be a GroupCounts, got {type(counts).__name__}")
+    if counts.topology != topology:
+        raise ValueError(f"counts are for topology {counts.topology}, not {topology}")
+    if counts.placement != placement:
+        raise ValueError("counts were built for (or swapped to) a different placement than the one given")
+    tables, by_d = _phase_tables(topology.sizes)
+    link_costs.require(tables)
+    loads = _phase_loads(counts, tables)
+    x = {name: torch.maximum(s, r) for name, (s, r) in loads.items()}
+    times = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
+    return {d: float(t) for d, t in times.items()}
+
+
+def _best(times: dict[int, float]) -> tuple[int, float]:
+    best, best_ms = 1, float("inf")
+    for d in sorted(times):
+        if times[d] < best_ms:
+            best, best_ms = d, times[d]
+    return best, best_ms
+
+
+# ---------------------------------------------------------------------------------------------------- pair statistics
+class _PairStats:
+    """Token sums behind every pair's effect, per level ``L`` (fixed point, float64 holding integers):
+
+    * ``lose[L]`` ``[E, G]``: tokens of source ``s`` that chose ``e`` and have no other expert in ``e``'s group,
+    * ``gain[L]`` ``[E, G, U]``: tokens of ``s`` that chose ``e`` and have no expert in group ``g``,
+    * ``both[L]`` ``[E, E, G]``: tokens of ``s`` that chose ``a`` and ``b`` and have no other expert in ``a``'s group.
+    """
+
+    def __init__(self, counts: GroupCounts):
+        topo = counts.topology
+        E, G = counts.num_experts, topo.world_size
+        self.levels = list(range(1, topo.num_levels + 1))
+        self.lose = {L: torch.zeros(E, G, dtype=torch.float64) for L in self.levels}
+        self.gain = {L: torch.zeros(E, G, topo.num_groups(L), dtype=torch.float64) for L in self.levels}
+        self.both = {L: torch.zeros(E, E, G, dtype=torch.float64) for L in self.levels}
+        self.add(counts, torch.arange(counts.num_tokens), 1.0)
+
+    def add(self, counts: GroupCounts, rows: torch.Tensor, sign: float) -> None:
+        """Add (``sign=1``) or remove (``sign=-1``) the contributions of tokens ``rows`` under ``counts``' state."""
+        E, G, K = counts.num_experts, counts.topology.world_size, counts.top_k
+        off_diag = ~torch.eye(K, dtype=torch.bool)
+        groups = {L: counts.expert_group(L) for L in self.levels}
+        for start in range(0, rows.numel(), _TOKEN_CHUNK):
+            r = rows[start: start + _TOKEN_CHUNK]
+            n = r.numel()
+            ids = counts.ids[r]
+            valid = ids >= 0
+            ids0 = ids.clamp_min(0)
+            src = counts.source[r]
+            w = counts.weights[r] * sign
+            idx = (ids0 * G + src[:, None]).reshape(-1)  # [n*K] (expert, source)
+            pair_idx = ((ids0[:, :, None] * E + ids0[:, None, :]) * G + src[:, None, None]).reshape(-1)
+            pair_ok = valid[:, None, :] & off_diag
+            for L in self.levels:
+                c = counts.counts[L - 1][r]  # [n, U]
+                U = c.shape[1]
+                grp = groups[L][ids].clamp_max(U - 1)
+                lonely = valid & (c.gather(1, grp) == 1)
+                wl = w[:, None] * lonely  # [n, K]
+                self.lose[L].view(-1).index_add_(0, idx, wl.reshape(-1))
+                z = (c == 0).to(torch.float64) * w[:, None]  # [n, U]
+                zk = (z[:, None, :] * valid[:, :, None]).reshape(n * K, U)
+                self.gain[L].view(E * G, U).index_add_(0, idx, zk)
+                bv = (wl[:, :, None] * pair_ok).reshape(-1)
+                self.both[L].view(-1).index_add_(0, pair_idx, bv)
+
+
+def _pair_phase_x(counts: GroupCounts, stats: _PairStats, tables: dict[str, _Phase],
+                  base: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{phase: x[a, b, r]}``: max(sent, received) fixed-point rows of rank ``r`` in the phase after swapping
+    ``a`` and ``b`` (``[E, E, G]``; meaningful for ``a``, ``b`` on different ranks)."""
+    out = {}
+    for name, p in tables.items():
+        L = p.level
+        g = counts.expert_group(L)[:-1]  # [E]
+        differ = (g[:, None] != g[None, :]).to(torch.float64)[..., None]  # [E, E, 1]
+        xs = []
+        for table, cur in ((p.send, base[name][0]), (p.recv, base[name][1])):
+            tab_a = table[:, g, :].permute(1, 0, 2)  # [E, G_s, G_r]: table at a's group
+            lose = torch.bmm(stats.lose[L][:, None, :], tab_a)[:, 0, :]  # [E, G]
+            gain = torch.einsum("bsg,sgr->bgr", stats.gain[L], table)  # [E, U, G]
+            delta = torch.bmm(stats.both[L], tab_a)  # [E_a, E_b, G]
+            delta += gain[:, g, :].permute(1, 0, 2)  # gain[b, g(a)]
+            delta -= lose[:, None, :]
+            total = delta + delta.transpose(0, 1)
+            total *= differ
+            total += cur
+            xs.append(total)
+        out[name] = torch.maximum(xs[0], xs[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- planner
+@dataclass
+class SwapPlan:
+    """The result of :func:`plan_swaps`. ``swaps`` are applied in order; times are one-way plain-max predictions of
+    ``chosen_before`` / ``chosen_after`` (``hd<d>``)."""
+
+    swaps: list[tuple[int, int]]
+    placement_before: Placement
+    placement_after: Placement
+    predicted_ms_before: float
+    predicted_ms_after: float
+    chosen_before: str
+    chosen_after: str
+    moved_experts: int
+    seconds: float
+    round_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def saving_ms(self) -> float:
+        return self.predicted_ms_before - self.predicted_ms_after
+
+
+def migration_ms_table(topology: "Topology | str", link_costs: "LinkCosts | str", expert_bytes: float,
+                       link_bandwidth_bytes_per_ms: float | None = None) -> torch.Tensor:
+    """``[D + 1]`` float64: time (ms) to swap two experts whose ranks first differ at level ``L`` (index ``L``).
+
+    A swap moves ``expert_bytes`` each way, counted as ``2 * expert_bytes`` over one link. With
+    ``link_bandwidth_bytes_per_ms``: ``2 * expert_bytes / bandwidth``. Otherwise ``alpha + beta * 2 * expert_bytes``
+    of the phase kind that runs over that link: ``inter{L}`` for ``L < D``, ``intra{D-1}`` for ``L = D``
+    (``a2a`` on a one-level topology). Index 0 (same rank) is 0.
+    """
+    topology = Topology.parse(topology)
+    link_costs = LinkCosts.resolve(link_costs)
+    D = topology.num_levels
+    out = torch.zeros(D + 1, dtype=torch.float64)
+    moved = 2.0 * float(expert_bytes)
+    for L in range(1, D + 1):
+        if link_bandwidth_bytes_per_ms is not None:
+            out[L] = moved / float(link_bandwidth_bytes_per_ms)
+        else:
+            phase = f"inter{L}" if L < D else (f"intra{D - 1}" if D >= 2 else "a2a")
+            out[L] = link_costs[phase].ms(moved)
+    return out
+
+
+def _check_int(value: object, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{what} must be >= {low}, got {value}")
+    return value
+
+
+def _check_positive_number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value}")
+    return value
+
+
+def _candidate_mask(candidate_pairs: Iterable[Sequence[int]] | None, E: int) -> torch.Tensor | None:
+    if candidate_pairs is None:
+        return None
+    mask = torch.zeros(E, E, dtype=torch.bool)
+    for pair in candidate_pairs:
+        if len(pair) != 2:
+            raise ValueError(f"candidate_pairs must hold (a, b) expert pairs, got {pair!r}")
+        a, b = (int(v) for v in pair)
+        if not (0 <= a < E and 0 <= b < E):
+            raise ValueError(f"candidate_pairs: expert ids must be in 0..{E - 1}, got {(a, b)}")
+        mask[a, b] = mask[b, a] = True
+    return mask
+
+
+def _balance_ok(rank_load: torch.Tensor, expert_load: torch.Tensor, expert_rank: torch.Tensor,
+                tolerance: float) -> torch.Tensor:
+    """``[E, E]`` bool: swapping ``a`` and ``b`` keeps the busiest rank's load <= max(current busiest, tol * mean)."""
+    G = rank_load.numel()
+    limit = max(float(rank_load.max()), tolerance * float(rank_load.sum()) / G)
+    ra, rb = expert_rank[:, None], expert_rank[None, :]
+    diff = expert_load[None, :] - expert_load[:, None]  # [a, b]: load[b] - load[a]
+    new_ra = rank_load[ra] + diff
+    new_rb = rank_load[rb] - diff
+    k = min(3, G)
+    top_v, top_i = rank_load.topk(k)  # the busiest ranks other than ra, rb are among the top 3
+    other = torch.full_like(new_ra, float("-inf"))
+    for j in reversed(range(k)):  # the first top entry not equal to ra or rb wins
+        usable = (top_i[j] != ra) & (top_i[j] != rb)
+        other = torch.where(usable, top_v[j], other)
+    new_max = torch.maximum(torch.maximum(new_ra, new_rb), other)
+    return new_max <= limit
+
+
+def plan_swaps(
+    expert_ids: torch.Tensor,
+    placement: Placement,
+    topology: "Topology | str",
+    link_costs: "LinkCosts | str",
+    hidden_size: int,
+    bytes_per_elem: int,
+    *,
+    max_swaps: int,
+    token_weights: torch.Tensor | None = None,
+    gamma: float | None = 10.0,
+    expert_bytes: float | None = None,
+    horizon_steps: int | None = None,
+    link_bandwidth_bytes_per_ms: float | None = None,
+    compute_balance_tolerance: float | None = 1.10,
+    candidate_pairs: Iterable[Sequence[int]] | None = None,
+) -> SwapPlan:
+    """Greedy expert swaps that lower the predicted all-to-all time ``t_{d*}`` (one way, plain max).
+
+    Each round evaluates every pair ``(a, b)`` of experts on different ranks (or only ``candidate_pairs``) and
+    keeps those that are *admissible*:
+
+    * the plain-max ``t_{d*}`` after the swap is lower than now, by more than the amortised migration cost
+      ``saving_ms * horizon_steps > migration_ms`` when ``expert_bytes`` and ``horizon_steps`` are given (see
+      :func:`migration_ms_table`; the saving counts once per step: scale ``horizon_steps`` to count dispatch plus
+      combine, forward plus backward), otherwise by any positive amount;
+    * with ``compute_balance_tolerance`` (``None`` disables it) the busiest rank's weighted (token, expert) load
+      after the swap stays <= max(current busiest, tolerance * mean).
+
+    Among them it applies the one with the lowest objective: ``t_{d*}`` with each phase's busiest rank replaced by
+    ``smooth_max(., gamma)`` (``gamma=None``: plain max; ``d*`` is the plain-max choice after the swap). Ties go to the
+    lowest ``(a, b)``. It stops after ``max_swaps`` swaps or when no pair is admissible.
+
+    ``expert_ids`` int ``[G, T, K]`` (``-1`` = dropped); ``token_weights`` optional ``[G, T]`` (e.g.
+    :meth:`RoutingWindow.trace`). Pure and deterministic.
+    """
+    t0 = time.perf_counter()
+    topology = Topology.parse(topology)
+    link_costs = LinkCosts.resolve(link_costs)
+    hidden_size = _check_int(hidden_size, "hidden_size", 1)
+    bytes_per_elem = _check_int(bytes_per_elem, "bytes_per_elem", 1)
+    max_swaps = _check_int(max_swaps, "max_swaps", 0)
+    gamma = _check_gamma(gamma)
+    if (expert_bytes is None) != (horizon_steps is None):
+        raise ValueError("expert_bytes and horizon_steps must be given together (migration cost needs both) or "
+                         f"not at all; got expert_bytes={expert_bytes!r}, horizon_steps={horizon_steps!r}")
+    if expert_bytes is not None:
+        expert_bytes = _check_positive_number(expert_bytes, "expert_bytes")
+        horizon_steps = _check_int(horizon_steps, "horizon_steps", 1)
+    if link_bandwidth_bytes_per_ms is not None:
+        link_bandwidth_bytes_per_ms = _check_positive_number(link_bandwidth_bytes_per_ms, "link_bandwidth_bytes_per_ms")
+    if compute_balance_tolerance is not None:
+        compute_balance_tolerance = _check_positive_number(compute_balance_tolerance, "compute_balance_tolerance")
+    row_bytes = hidden_size * bytes_per_elem
+
+    counts = GroupCounts(expert_ids, placement, topology, token_weights)
+    E, G, D = placement.num_experts, topology.world_size, topology.num_levels
+    tables, by_d = _phase_tables(topology.sizes)
+    link_costs.require(tables)
+    cand = _candidate_mask(candidate_pairs, E)
+    mig = None
+    if expert_bytes is not None:
+        mig = migration_ms_table(topology, link_costs, expert_bytes, link_bandwidth_bytes_per_ms)
+    level_table = topology.link_level_table
+    upper = torch.ones(E, E, dtype=torch.bool).triu(1)
+    expert_load = counts.expert_load_fixed()
+
+    before = predict_hd_ms(counts, counts.placement, topology, link_costs, row_bytes)
+    d_before, ms_before = _best(before)
+    current_ms = ms_before
+    swaps: list[tuple[int, int]] = []
+    round_seconds: list[float] = []
+    stats = _PairStats(counts) if max_swaps > 0 and G > 1 else None
+    while stats is not None and len(swaps) < max_swaps:
+        r0 = time.perf_counter()
+        base = _phase_loads(counts, tables)
+        x = _pair_phase_x(counts, stats, tables, base)
+        plain = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, None)
+        plain_t = torch.stack([plain[d] for d in sorted(plain)])  # [D, E, E]
+        best_plain, d_idx = plain_t.min(dim=0)  # ties -> smaller d, like choose_hd
+        if gamma is None:
+            objective = best_plain
+        else:
+            smooth = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
+            objective = torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[None])[0]
+        rank = counts.placement.expert_to_rank
+        ok = upper & (rank[:, None] != rank[None, :])
+        saving = current_ms - best_plain
+        if mig is not None:
+            ok &= saving * horizon_steps > mig[level_table[rank][:, rank]]
+        ok &= saving > _SAVING_EPS_MS
+        if compute_balance_tolerance is not None:
+            rank_load = torch.zeros(G, dtype=torch.float64).index_add_(0, rank, expert_load)
+            ok &= _balance_ok(rank_load, expert_load, rank, compute_balance_tolerance)
+        if cand is not None:
+            ok &= cand
+        round_seconds.append(time.perf_counter() - r0)
+        if not bool(ok.any()):
+            break
+        flat = torch.where(ok, objective, torch.full_like(objective, float("inf"))).reshape(-1)
+        best = int(torch.argmin(flat))  # first minimum: lowest (a, b) on ties
+        a, b = divmod(best, E)
+        affected = counts.tokens_with(a, b).nonzero().flatten()
+        stats.add(counts, affected, -1.0)
+        counts.apply_swap(a, b)
+        stats.add(counts, affected, 1.0)
+        swaps.append((a, b))
+        current_ms = float(best_plain[a, b])
+
+    after = predict_hd_ms(counts, counts.placement, topology, link_costs, row_bytes)
+    d_after, ms_after = _best(after)
+    moved = int((placement.expert_to_rank != counts.placement.expert_to_rank).sum())
+    return SwapPlan(
+        swaps=swaps,
+        placement_before=placement,
+        placement_after=counts.placement,
+        predicted_ms_before=ms_before,
+        predicted_ms_after=ms_after,
+        chosen_before=f"hd{d_before}",
+        chosen_after=f"hd{d_after}",
+        moved_experts=moved,
+        seconds=time.perf_counter() - t0,
+        round_seconds=round_seconds,
+    )

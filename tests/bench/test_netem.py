@@ -1,0 +1,253 @@
+"""Emulated multi-node network (``hiermoe_lightning.bench.netem``) and its use by ``run_ranks`` / ``bench comm``.
+
+These tests create real network namespaces, veth pairs and tc qdiscs: they need root (CI runs them as root).
+Every namespace they make is named ``hmoe-<pid>-<k>-...`` or ``hmoet-...`` and removed again.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hiermoe_lightning.bench import comm, netem
+from hiermoe_lightning.bench.netem import EmulatedNetwork, EmulationUnavailable
+from hiermoe_lightning.cli import main as cli
+from hiermoe_lightning.testing.launch import run_ranks
+
+SMALL = ["--topology", "2x2", "--num-experts", "8", "--top-k", "2", "--hidden-size", "32",
+         "--tokens-per-rank", "32", "--dispatch", "flat,hd2,auto", "--iters", "2", "--warmup", "1", "--timeout", "60"]
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _ip(ns: str, *argv: str) -> str:
+    return subprocess.run(["ip", "-n", ns, *argv], capture_output=True, text=True, timeout=10, check=True).stdout
+
+
+def _tc(ns: str, dev: str) -> str:
+    return subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True, timeout=10,
+                          check=True).stdout
+
+
+@pytest.fixture
+def no_leftovers():
+    before = _netns()
+    yield
+    assert _netns() - before == set(), "namespaces left behind"
+
+
+def test_namespaces_links_and_shaping_then_fully_removed(no_leftovers):
+    before = _netns()
+    net = EmulatedNetwork(3, 200)
+    with net as same:
+        assert same is net and net.active
+        names = [net.namespace(i) for i in range(3)]
+        assert set(names) | {net.hub} <= _netns()
+        assert len(set(names)) == 3 and all(str(os.getpid()) in n for n in names + [net.hub])
+        for i, ns in enumerate(names):
+            assert net.node_address(i) == f"10.77.0.{i + 1}"
+            addr = _ip(ns, "-4", "addr", "show", "dev", net.interface(i))
+            assert f"inet 10.77.0.{i + 1}/24" in addr
+            assert "state UP" in _ip(ns, "link", "show", "lo") or "LOOPBACK,UP" in _ip(ns, "link", "show", "lo")
+            assert "tbf" in _tc(ns, net.interface(i)) and "rate 200Mbit" in _tc(ns, net.interface(i))  # node -> hub
+            hub_if = f"{net.prefix}h{i}"
+            assert "tbf" in _tc(net.hub, hub_if) and "rate 200Mbit" in _tc(net.hub, hub_if)  # hub -> node
+            assert f"master {net.bridge}" in _ip(net.hub, "link", "show", hub_if)
+        # a second instance (same process) gets other names: concurrent runs do not collide
+        with EmulatedNetwork(1, 10) as other:
+            assert other.namespace(0) not in names and other.hub != net.hub
+        # nothing of ours in the caller's namespace
+        assert net.interface(0) not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert not net.active
+    assert _netns() == before
+    net.cleanup()  # idempotent
+    with pytest.raises(IndexError):
+        net.node_address(3)
+
+
+def test_removed_after_exception_and_after_partial_setup(monkeypatch, no_leftovers):
+    before = _netns()
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(ZeroDivisionError):
+        with EmulatedNetwork(2, 100) as net:
+            assert net.hub in _netns()
+            1 / 0
+    assert _netns() == before
+
+    calls = []
+
+    def failing_shape(self, ns, dev):
+        calls.append(dev)
+        if len(calls) == 3:  # node 1's first qdisc: node 0 is complete, node 1 half built
+            raise RuntimeError("simulated tc failure")
+
+    monkeypatch.setattr(EmulatedNetwork, "_shape", failing_shape)
+    with pytest.raises(EmulationUnavailable, match="simulated tc failure"):
+        with EmulatedNetwork(2, 100):
+            pytest.fail("body ran after a failed setup")
+    assert len(calls) == 3 and _netns() == before
+    # handlers are put back
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_forked_child_never_cleans_up(no_leftovers):
+    with EmulatedNetwork(1, 100) as net:
+        p = mp.get_context("fork").Process(target=net.cleanup)
+        p.start()
+        p.join(10)
+        assert p.exitcode == 0 and net.namespace(0) in _netns()
+
+
+def test_remove_stale_only_dead_owners(no_leftovers):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"hmoe-{dead.pid}-0-n0"
+    other = f"hmoet-{dead.pid}-0-n0"  # not our naming: never touched
+    for name in (stale, other):
+        subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        with EmulatedNetwork(1, 100) as net:  # setup sweeps stale namespaces of dead owners
+            assert stale not in _netns() and other in _netns() and net.hub in _netns()
+    finally:
+        for name in (stale, other):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_signal_cleans_up(sig, code, no_leftovers):
+    # load netem.py alone (no package import: torch/lightning would take seconds)
+    script = textwrap.dedent(f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("netem_alone", {netem.__file__!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        EmulatedNetwork = mod.EmulatedNetwork
+        try:
+            with EmulatedNetwork(2, 100, prefix="hmoet") as net:
+                print(net.hub, flush=True)
+                time.sleep(30)
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        hub = proc.stdout.readline().strip()
+        assert hub.startswith(f"hmoet-{proc.pid}-") and hub in _netns()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not {n for n in _netns() if n.startswith(f"hmoet-{proc.pid}-")}
+
+
+def _netns_id() -> str:
+    return os.readlink("/proc/self/ns/net")
+
+
+def _allreduce_fn(rank, world):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return float(t), _netns_id(), os.environ.get("GLOO_SOCKET_IFNAME")
+
+
+def test_run_ranks_all_reduce_across_namespaces(no_leftovers):
+    env_before = os.environ.get("GLOO_SOCKET_IFNAME")
+    with EmulatedNetwork(2, 100) as net:
+        out = run_ranks(_allreduce_fn, 4, netns=net, ranks_per_node=2, timeout=30, pg_timeout=20)
+    assert [o[0] for o in out] == [10.0] * 4
+    ns = [o[1] for o in out]
+    assert ns[0] == ns[1] and ns[2] == ns[3] and ns[0] != ns[2] and _netns_id() not in ns
+    assert [o[2] for o in out] == [net.interface(0)] * 2 + [net.interface(1)] * 2
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == env_before  # the parent's environment is untouched
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        run_ranks(_allreduce_fn, 4, netns=net, ranks_per_node=3)
+    with pytest.raises(ValueError, match="only meaningful"):
+        run_ranks(_allreduce_fn, 4, ranks_per_node=2)
+
+
+def _transfer_fn(rank, world, nbytes):
+    big = torch.zeros(nbytes // 4)
+    ack = torch.zeros(1)
+    times = {}
+    for name, (a, b) in (("intra", (0, 1)), ("inter", (0, 2)), ("intra2", (2, 3))):
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == a:
+            dist.send(big, b)
+            dist.recv(ack, b)
+        elif rank == b:
+            dist.recv(big, a)
+            dist.send(ack, a)
+        times[name] = time.perf_counter() - start
+    return times
+
+
+def test_rate_limit_between_nodes_not_within(no_leftovers):
+    nbytes = 2 * 1024 * 1024  # 2 MiB at 50 Mbit/s: 0.34 s of payload
+    with EmulatedNetwork(2, 50) as net:
+        out = run_ranks(_transfer_fn, 4, nbytes, netns=net, ranks_per_node=2, timeout=30, pg_timeout=20)
+    inter, intra, intra2 = out[0]["inter"], out[0]["intra"], out[2]["intra2"]
+    assert inter >= 0.25, f"2 MiB crossed a 50 Mbit/s link in {inter:.3f} s: rate limit not effective"
+    assert inter < 2.0, f"2 MiB at 50 Mbit/s took {inter:.3f} s"
+    assert intra < 0.1 and intra2 < 0.1 and inter > 4 * max(intra, intra2), (inter, intra, intra2)
+
+
+def test_latency_needs_netem_or_works(no_leftovers):
+    try:
+        with EmulatedNetwork(2, 100, latency_ms=5) as net:
+            assert "netem" in _tc(net.namespace(0), net.interface(0))
+    except EmulationUnavailable as e:  # this kernel may lack sch_netem: a clear reason, nothing left behind
+        assert "netem" in str(e)
+
+
+def test_not_root_raises_and_cli_exits_3(monkeypatch, capsys, no_leftovers):
+    monkeypatch.setattr(netem, "_is_root", lambda: False)
+    before = _netns()
+    with pytest.raises(EmulationUnavailable, match="needs root"):
+        with EmulatedNetwork(2, 100):
+            pytest.fail("ran without root")
+    assert isinstance(EmulationUnavailable("x"), RuntimeError) and _netns() == before
+    monkeypatch.setattr(comm, "run_ranks", lambda *a, **k: pytest.fail("spawned ranks without emulation"))
+    assert cli.main(["bench", "comm", *SMALL, "--emulate-inter-mbit", "100", "--json"]) == 3
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == ""
+    assert len(err) == 1 and "--emulate-inter-mbit" in err[0] and "needs root" in err[0], err
+
+
+def test_bench_comm_emulated_json(capsys, no_leftovers):
+    assert cli.main(["bench", "comm", *SMALL, "--emulate-inter-mbit", "100", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["emulation"]["inter_mbit"] == 100 and report["emulation"]["latency_ms"] == 0.0
+    assert report["emulation"]["ranks_per_node"] == 2
+    lb_bytes = report["lower_bound"]["bytes_by_level"]["level1"]
+    # 2 symmetric-ish nodes: the busiest node link carries at least half of the level-1 lower bound
+    assert report["lower_bound"]["busiest_node_level1_bytes"] >= lb_bytes / 2
+    assert report["lower_bound_ms"] == pytest.approx(
+        report["lower_bound"]["busiest_node_level1_bytes"] * 8 / 100e6 * 1e3)
+    assert "busiest" in report["lower_bound_note"]
+    for name, r in report["results"].items():
+        assert {"median_ms", "p90_ms", "predicted_ms", "bytes_by_level"} <= set(r)
+        assert r["max_abs_err"] < 1e-4
+        assert r["wire_ms"] >= report["lower_bound_ms"] - 1e-9
+        assert r["vs_lower_bound"] == pytest.approx(r["median_ms"] / report["lower_bound_ms"])
+    assert report["results"]["hd2"]["busiest_node_level1_bytes"] * 8 / 100e6 * 1e3 == pytest.approx(
+        report["results"]["hd2"]["wire_ms"])
+    with pytest.raises(ValueError, match="--emulate-latency-ms"):
+        comm.run(comm.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+            [*SMALL, "--emulate-latency-ms", "5"]))
