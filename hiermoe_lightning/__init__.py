@@ -1,5 +1,6 @@
 """hiermoe-lightning: hierarchical, token-deduplicated expert parallelism for PyTorch Lightning (after HierMoE)."""
 
+from .callback import HierMoECallback
 from .cost.link_costs import LinkCosts
 from .layer import MoELayer
 from .parallel import ExpertParallel
@@ -11,4 +12,5 @@ register_strategy()
 
 __version__ = "0.1.0"
 
-__all__ = ["Topology", "LinkCosts", "MoELayer", "ExpertParallel", "HierMoEStrategy", "Placement", "__version__"]
+__all__ = ["Topology", "LinkCosts", "MoELayer", "ExpertParallel", "HierMoEStrategy", "HierMoECallback", "Placement",
+           "__version__"]

@@ -58,7 +58,7 @@ class HierMoECallback(DedupMonitor):
         window_decay: float = 0.9,
         sample_tokens_per_rank: int = 512,
         charge_migration: bool = True,
-        compute_balance_tolerance: float = 1.10,
+        compute_balance_tolerance: float | None = 1.10,
         log_every_n_steps: int = 1,
         print_summary: bool = True,
         save_plots: bool = True,
@@ -74,11 +74,15 @@ class HierMoECallback(DedupMonitor):
             raise ValueError(f"gamma must be None (plain max) or a number >= 1, got {gamma!r}")
         if not isinstance(window_decay, (int, float)) or not 0 < window_decay <= 1:
             raise ValueError(f"window_decay must be in (0, 1], got {window_decay!r}")
-        if not isinstance(compute_balance_tolerance, (int, float)) or compute_balance_tolerance < 1:
-            raise ValueError(f"compute_balance_tolerance must be a number >= 1, got {compute_balance_tolerance!r}")
+        if compute_balance_tolerance is not None and (
+            not isinstance(compute_balance_tolerance, (int, float)) or compute_balance_tolerance < 1
+        ):
+            raise ValueError(
+                f"compute_balance_tolerance must be None (no guard) or a number >= 1, got {compute_balance_tolerance!r}"
+            )
         self.swap, self.gamma, self.window_decay = swap, gamma, float(window_decay)
         self.charge_migration = bool(charge_migration)
-        self.compute_balance_tolerance = float(compute_balance_tolerance)
+        self.compute_balance_tolerance = compute_balance_tolerance
         self.save_plots = save_plots
         self.windows: dict[str, RoutingWindow] = {}
         self.swaps_total = 0
@@ -126,8 +130,12 @@ class HierMoECallback(DedupMonitor):
         layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
         for name, layer in layers.items():
             trace = layer.expert_parallel.gather_routing(self._sample(layer.last_expert_ids))
-            window = self.windows.setdefault(name, RoutingWindow(self.window_tokens_per_rank, self.window_decay))
-            window.add(trace)
+            window = self.windows.get(name)
+            if window is not None and not window.empty and window.trace(normalize=False)[0].shape[0] != trace.shape[0]:
+                window = None  # resumed on another world size: per-rank statistics start afresh
+            if window is None:
+                window = self.windows[name] = RoutingWindow(self.window_tokens_per_rank, self.window_decay)
+            window.ingest(trace)
         step = trainer.global_step
         if step == self._last_step:  # still inside a gradient-accumulation cycle
             return
@@ -205,7 +213,8 @@ class HierMoECallback(DedupMonitor):
             import matplotlib.pyplot as plt
         except ImportError:  # plots are optional (pip install hiermoe-lightning[plots])
             return
-        load = torch.tensor(self.load_history, dtype=torch.float64)  # [plans, layers, G]
+        world = len(self.load_history[-1][0])  # after a resume on another world size, plot the current one only
+        load = torch.tensor([h for h in self.load_history if len(h[0]) == world], dtype=torch.float64)  # [plans, L, G]
         share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
         layers = share.shape[1]
         fig, axes = plt.subplots(1, layers, figsize=(4 * layers, 3), squeeze=False)

@@ -134,7 +134,8 @@ class MoELayer(nn.Module):
         handle = DispatchHandle(route.spec.name, route.num_levels, self.hidden_size * x.element_size())
         rows, pair_weight, pair_row, pair_expert = dispatch(x2, pair_weight, pair_row, flat_ids, route, handle)
         pair_slot = self.placement.expert_to_slot.to(x.device)[pair_expert]
-        y = apply_experts(self.experts, rows, pair_row, pair_slot, pair_weight)
+        one_pair_per_row = bool(route.phases) and not route.spec.dedup
+        y = apply_experts(self.experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_row)
         out = combine(y, handle, x.dtype)
         self.last_handle = handle
         self.last_local_slots = pair_slot.detach()  # [P] local slot of every pair this rank's experts processed

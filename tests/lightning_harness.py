@@ -66,7 +66,7 @@ class SaveAtEnd(pl.Callback):
 
 def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimizer="adamw", clip=None,
         accumulate=1, ckpt_path=None, save_path=None, tag="run", samples=40, model_kwargs=None, check_replicas=False,
-        checkpoint_format="full", extra_callbacks=()):
+        checkpoint_format="full", extra_callbacks=(), link_costs="paper-a6000", logger=False):
     """Train; return the recorded global losses."""
     losses_path = os.path.join(tmp, f"{tag}.json")
     callbacks = [RecordLosses(losses_path)] + ([SaveAtEnd(save_path)] if save_path else [])
@@ -78,10 +78,10 @@ def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimi
         strategy, devices = "auto", 1
     else:
         strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60,
-                                   checkpoint_format=checkpoint_format)
+                                   checkpoint_format=checkpoint_format, link_costs=link_costs)
         devices = world
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs, logger=False, callbacks=callbacks,
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, gradient_clip_val=clip, gradient_clip_algorithm="norm",
         accumulate_grad_batches=accumulate, default_root_dir=tmp, num_sanity_val_steps=0, limit_val_batches=0,

@@ -22,7 +22,8 @@ A process (thread) joins node ``i`` with :meth:`EmulatedNetwork.enter` (``setns(
 ``os.setns``). ``cleanup()`` removes every namespace (and with it every veth, bridge and qdisc) this object made; it
 is idempotent, runs on leaving the ``with`` block whatever the reason, after a failed setup, on ``SIGINT`` /
 ``SIGTERM`` (handlers installed for the object's lifetime when it is created on the main thread) and at interpreter
-exit. Forked children inherit the object but never clean up: only the creating process does.
+exit. Forked children inherit the object but never clean up (only the creating process does), and get the signal
+handlers that were in place before it (so e.g. a rank blocked in a collective still dies at once on ``SIGTERM``).
 
 Needs root (``CAP_NET_ADMIN`` + ``CAP_SYS_ADMIN``), the ``ip`` and ``tc`` tools (iproute2) and, for ``latency_ms``,
 the kernel's ``sch_netem``; otherwise :class:`EmulationUnavailable` is raised with the reason.
@@ -41,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import weakref
 from typing import Callable
 
 __all__ = ["EmulatedNetwork", "EmulationUnavailable", "CLONE_NEWNET", "NETNS_DIR", "SUBNET", "remove_stale"]
@@ -52,6 +54,16 @@ MAX_NODES = 250
 _CMD_TIMEOUT_S = 20.0  # per ip/tc call: bounded run time even if the kernel or a tool misbehaves
 _counter = itertools.count()
 _libc = None
+_live: "weakref.WeakSet[EmulatedNetwork]" = weakref.WeakSet()  # instances whose signal handlers are installed
+
+
+def _after_fork_in_child() -> None:
+    """A forked child is a worker, not the owner: give it back the handlers that were there before ours."""
+    for net in list(_live):
+        net._drop_handlers_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class EmulationUnavailable(RuntimeError):
@@ -319,8 +331,21 @@ class EmulatedNetwork:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
             except (ValueError, OSError):  # pragma: no cover - not the main thread of the main interpreter
                 pass
+        _live.add(self)
+
+    def _drop_handlers_in_child(self) -> None:
+        for sig, old in list(self._old_handlers.items()):
+            try:
+                if signal.getsignal(sig) == self._on_signal:
+                    signal.signal(sig, old)
+            except (ValueError, OSError, TypeError):  # pragma: no cover
+                pass
+        self._old_handlers = {}
+        self._created = []
+        _live.discard(self)
 
     def _restore_handlers(self) -> None:
+        _live.discard(self)
         if self._atexit is not None:
             atexit.unregister(self._atexit)
             self._atexit = None

@@ -199,10 +199,6 @@ def load_imbalance(expert_ids: torch.Tensor, placement: Placement) -> float:
     return float(per_rank.max() / mean) if mean > 0 else 1.0
 
 
-def _moved(before: Placement, after: Placement) -> int:
-    return int((before.expert_to_rank != after.expert_to_rank).sum())
-
-
 def compare_placements(
     expert_ids: torch.Tensor,
     topology: "str | Topology",
@@ -259,6 +255,8 @@ def compare_placements(
             placement = smartmoe_greedy_placement(load, start_placement)
         placements[name] = (placement, time.perf_counter() - t0, extra)
 
+    from ..placement.baselines import moved_experts
+
     names = ["flat"] + [f"hd{d}" for d in range(1, D + 1)]
     results: dict[str, dict] = {}
     for name, (placement, seconds, extra) in placements.items():
@@ -268,7 +266,7 @@ def compare_placements(
             "chosen": pred.chosen,
             "predicted_ms_by_hd": {n: pred.dispatch[n].predicted_ms for n in names if n != "flat"},
             "flat_ms": pred.dispatch["flat"].predicted_ms,
-            "moved_experts": _moved(start_placement, placement),
+            "moved_experts": moved_experts(start_placement, placement),
             "load_imbalance": load_imbalance(expert_ids, placement),
             "seconds": seconds,
             **extra,

@@ -2,7 +2,9 @@
 
 Counts the rows every dispatch (flat, 2dh, hd1..hdD) moves in each phase for a generated or recorded routing on the
 contiguous placement, prices each phase with the link costs (``alpha + beta * max_rank_bytes``) and names the fastest
-``hd<d>``. ``--json`` prints one JSON object; otherwise an aligned table.
+``hd<d>``. ``--json`` prints one JSON object; otherwise an aligned table. ``--swaps N`` also runs the expert-swap
+planner (:func:`hiermoe_lightning.placement.planner.plan_swaps`) from the contiguous placement and reports the
+placements before and after, the swaps in order and the prediction after them.
 
 Errors are ``ValueError`` / ``TypeError`` naming the flag; the ``hiermoe`` entry point prints them as one line.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from ..cost.link_costs import LinkCosts
 from ..cost.model import Prediction, predict
@@ -42,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated routing (default 0)")
     parser.add_argument("--padded", action="store_true",
                         help="price phases as the paper's padded all-to-all (group size x largest chunk)")
+    parser.add_argument("--swaps", type=int, default=0,
+                        help="also run the expert-swap planner for up to N swaps from the contiguous placement "
+                             "(default 0: no planner)")
+    parser.add_argument("--expert-bytes", type=float, default=None,
+                        help="bytes one expert's migration moves (weights, gradients, optimizer state); with "
+                             "--horizon-steps, a swap must save more than its migration time")
+    parser.add_argument("--horizon-steps", type=int, default=None,
+                        help="steps until the next plan over which a swap's saving counts (with --expert-bytes)")
+    parser.add_argument("--gamma", default="10",
+                        help="smooth-max exponent the planner ranks swaps with (default 10; 'none' = plain max)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -113,14 +126,65 @@ def _trace_ids(path: str, args: argparse.Namespace, world_size: int, num_experts
     return ids
 
 
+def _swap_options(args: argparse.Namespace) -> "dict | None":
+    """Validate ``--swaps``, ``--expert-bytes``, ``--horizon-steps`` and ``--gamma``; None when ``--swaps`` is 0."""
+    swaps = getattr(args, "swaps", 0)
+    if isinstance(swaps, bool) or not isinstance(swaps, int):
+        raise TypeError(f"--swaps must be an int, got {swaps!r}")
+    if swaps < 0:
+        raise ValueError(f"--swaps must be >= 0, got {swaps}")
+    expert_bytes = getattr(args, "expert_bytes", None)
+    horizon = getattr(args, "horizon_steps", None)
+    if (expert_bytes is None) != (horizon is None):
+        raise ValueError("--expert-bytes and --horizon-steps must be given together (migration cost needs both)")
+    if expert_bytes is not None:
+        if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, (int, float)):
+            raise TypeError(f"--expert-bytes must be a number, got {expert_bytes!r}")
+        if not math.isfinite(expert_bytes) or expert_bytes <= 0:
+            raise ValueError(f"--expert-bytes must be a number > 0, got {expert_bytes}")
+        _positive(horizon, "--horizon-steps")
+    gamma_text = getattr(args, "gamma", "10")
+    if gamma_text is None or (isinstance(gamma_text, str) and gamma_text.strip().lower() in ("none", "max")):
+        gamma = None
+    else:
+        try:
+            gamma = float(gamma_text)
+        except (TypeError, ValueError):
+            gamma = float("nan")
+        if not math.isfinite(gamma) or gamma <= 0:
+            raise ValueError(f"--gamma must be a number > 0 or 'none' (plain max), got {gamma_text!r}")
+    if swaps == 0:
+        return None
+    return {"max_swaps": swaps, "gamma": gamma, "expert_bytes": expert_bytes, "horizon_steps": horizon}
+
+
+def _swap_report(topology: Topology, placement: Placement, ids, args: argparse.Namespace, link_costs: LinkCosts,
+                 bytes_per_elem: int, options: dict) -> dict:
+    """The keys ``--swaps N`` adds: the planner's swaps and the prediction on the placement after them."""
+    from ..placement.planner import plan_swaps
+
+    plan = plan_swaps(ids, placement, topology, link_costs, args.hidden_size, bytes_per_elem, **options)
+    after: Prediction = predict(topology, plan.placement_after, ids, args.hidden_size, bytes_per_elem, link_costs,
+                                padded=bool(args.padded))
+    return {
+        "placement_before": plan.placement_before.to_list(),
+        "placement_after": plan.placement_after.to_list(),
+        "swaps": [[int(a), int(b)] for a, b in plan.swaps],
+        "chosen_after": after.chosen,
+        "predicted_ms_after": after.chosen_ms,
+        "moved_experts": plan.moved_experts,
+    }
+
+
 def build_report(args: argparse.Namespace) -> dict:
     """The ``plan`` JSON object (contract keys first, then ``world_size``, ``routing``, ``seed``, ``link_costs``, ``padded``)."""
     topology, link_costs, bytes_per_elem, ids = _resolve_inputs(args)
+    swap_options = _swap_options(args)
     G, T, K = ids.shape
     placement = Placement.contiguous(args.num_experts, G)
     pred: Prediction = predict(topology, placement, ids, args.hidden_size, bytes_per_elem, link_costs,
                                padded=bool(args.padded))
-    return {
+    report = {
         "topology": str(topology),
         "num_experts": args.num_experts,
         "top_k": K,
@@ -135,6 +199,9 @@ def build_report(args: argparse.Namespace) -> dict:
         "link_costs": link_costs.name,
         "padded": bool(args.padded),
     }
+    if swap_options is not None:
+        report.update(_swap_report(topology, placement, ids, args, link_costs, bytes_per_elem, swap_options))
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -167,7 +234,16 @@ def format_report(report: dict) -> str:
     chosen = report["chosen"]
     chosen_ms = report["dispatch"][chosen]["predicted_ms"]
     speed = f", {flat_ms / chosen_ms:.2f}x over flat" if chosen_ms > 0 else ""
-    return "\n".join([head, "", *lines, "", f"chosen: {chosen} ({chosen_ms:.3f} ms{speed})"])
+    out = [head, "", *lines, "", f"chosen: {chosen} ({chosen_ms:.3f} ms{speed})"]
+    if "swaps" in report:
+        swaps = report["swaps"]
+        after = report["predicted_ms_after"]
+        gain = f", {chosen_ms / after:.2f}x over no swap" if after > 0 else ""
+        listed = ", ".join(f"{a}<->{b}" for a, b in swaps[:16]) + (", ..." if len(swaps) > 16 else "")
+        out += ["", f"swaps: {len(swaps)} applied, {report['moved_experts']} experts moved"
+                    + (f": {listed}" if swaps else ""),
+                f"after swaps: {report['chosen_after']} ({after:.3f} ms{gain})"]
+    return "\n".join(out)
 
 
 def run(args: argparse.Namespace) -> int:

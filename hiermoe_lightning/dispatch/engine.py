@@ -217,13 +217,19 @@ def combine(y: torch.Tensor, handle: DispatchHandle, out_dtype: torch.dtype) -> 
     return _Combine.apply(y, handle, out_dtype)
 
 
-def apply_experts(experts, rows, pair_row, pair_slot, pair_weight) -> torch.Tensor:
+def apply_experts(experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_row: bool = False) -> torch.Tensor:
     """Run each pair's expert on its row and sum the weighted outputs per row.
 
-    ``rows`` ``[R, M]``, pairs ``[P]`` -> ``[R, M]`` fp32. Loops over local expert slots only.
+    ``rows`` ``[R, M]``, pairs ``[P]`` -> ``[R, M]`` fp32. Loops over local expert slots only. With
+    ``one_pair_per_row`` (dispatches without dedup deliver exactly one pair per row) the sum is a permutation and the
+    zero-filled accumulator is skipped.
     """
     order = torch.argsort(pair_slot, stable=True)
     rows_per_slot = torch.bincount(pair_slot, minlength=experts.num_slots).tolist()
     src_row = pair_row[order]
-    out = experts(rows[src_row], rows_per_slot, scale=pair_weight[order])
-    return rows.new_zeros(rows.shape[0], rows.shape[1], dtype=torch.float32).index_add(0, src_row, out.float())
+    out = experts(rows[src_row], rows_per_slot, scale=pair_weight[order]).float()
+    if one_pair_per_row and src_row.numel() == rows.shape[0]:
+        inverse = torch.empty_like(src_row)
+        inverse[src_row] = torch.arange(src_row.numel(), device=src_row.device)
+        return out[inverse]
+    return rows.new_zeros(rows.shape[0], rows.shape[1], dtype=torch.float32).index_add(0, src_row, out)

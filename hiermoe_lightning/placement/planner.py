@@ -62,6 +62,7 @@ __all__ = [
 
 _FIXED_POINT_BITS = 16  # token weights are kept as integer multiples of 2**-16 (fewer when the totals are huge)
 _EXACT_LIMIT = 2.0 ** 50  # keep every fixed-point sum below this (float64 holds integers exactly below 2**53)
+_FLOAT32_EXACT = 2.0 ** 24  # float32 holds integers exactly below this
 _TOKEN_CHUNK = 8192  # tokens per block when (re)counting statistics: bounds [chunk, K, U] and [chunk, K, K] blocks
 _SAVING_EPS_MS = 1e-9  # a "positive" saving must exceed this (guards against float noise between equal loads)
 
@@ -78,7 +79,21 @@ def smooth_max(x: torch.Tensor, gamma: float | None, dim: int = -1) -> torch.Ten
         return peak
     safe = torch.where(peak > 0, peak, torch.ones_like(peak))
     ratio = x / safe.unsqueeze(dim)
-    return peak * ratio.pow(gamma).sum(dim=dim).pow(1.0 / gamma)
+    return peak * _power(ratio, gamma).sum(dim=dim).pow(1.0 / gamma)
+
+
+def _power(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``x ** gamma``; by repeated squaring for integer ``gamma`` (several times faster than ``pow`` on CPU)."""
+    if gamma != int(gamma) or not 1 <= gamma <= 64:
+        return x.pow(gamma)
+    n, out, base = int(gamma), None, x
+    while n:
+        if n & 1:
+            out = base.clone() if out is None else out.mul_(base)
+        n >>= 1
+        if n:
+            base = base * base
+    return out
 
 
 def _check_gamma(gamma: object) -> float | None:
@@ -92,8 +107,13 @@ def _check_gamma(gamma: object) -> float | None:
     return gamma
 
 
-def _quantize_weights(token_weights: torch.Tensor | None, G: int, T: int) -> tuple[torch.Tensor, float]:
-    """``[G, T]`` weights (default 1) -> (``[G*T]`` float64 integer fixed-point weights, scale = units per token)."""
+def _quantize_weights(token_weights: torch.Tensor | None, G: int, T: int,
+                      bits: int | None = None) -> tuple[torch.Tensor, float]:
+    """``[G, T]`` weights (default 1) -> (``[G*T]`` float64 integer fixed-point weights, scale = units per token).
+
+    ``bits``: fixed-point fraction bits (default: 16, fewer when the total would not stay exact in float64).
+    Without weights every token counts 1 (scale 1).
+    """
     if token_weights is None:
         return torch.ones(G * T, dtype=torch.float64), 1.0
     if not isinstance(token_weights, torch.Tensor):
@@ -106,7 +126,7 @@ def _quantize_weights(token_weights: torch.Tensor | None, G: int, T: int) -> tup
     if w.numel() and (not bool(torch.isfinite(w).all()) or float(w.min()) < 0):
         raise ValueError("token_weights must be finite and >= 0")
     total = float(w.sum()) if w.numel() else 0.0
-    bits = _FIXED_POINT_BITS
+    bits = _FIXED_POINT_BITS if bits is None else bits
     while bits > 0 and total * 2.0 ** bits * 4 >= _EXACT_LIMIT:
         bits -= 1
     scale = 2.0 ** bits
@@ -169,7 +189,7 @@ class GroupCounts:
     """
 
     def __init__(self, expert_ids: torch.Tensor, placement: Placement, topology: "Topology | str",
-                 token_weights: torch.Tensor | None = None):
+                 token_weights: torch.Tensor | None = None, fixed_point_bits: int | None = None):
         topology = Topology.parse(topology)
         if not isinstance(placement, Placement):
             raise TypeError(f"placement must be a Placement, got {type(placement).__name__}")
@@ -182,16 +202,18 @@ class GroupCounts:
             raise ValueError("expert_ids has a token that lists the same expert twice; top-k experts must be distinct")
         self._raw_ids = ids
         self._raw_weights = token_weights
+        self._bits = fixed_point_bits
         self.topology = topology
         self.placement = placement
         self.tokens_per_rank = T
         self.top_k = K
         self.ids = ids.reshape(G * T, K).contiguous()
         self.source = torch.arange(G).repeat_interleave(T)
-        self.weights, self.scale = _quantize_weights(token_weights, G, T)
+        self.weights, self.scale = _quantize_weights(token_weights, G, T, fixed_point_bits)
         self.counts: list[torch.Tensor] = [
             self._count(L, torch.arange(G * T)) for L in range(1, topology.num_levels + 1)
         ]
+        self._hits = [self._hits_from_counts(L) for L in range(1, topology.num_levels + 1)]
 
     # ------------------------------------------------------------------ facts
     @property
@@ -217,11 +239,15 @@ class GroupCounts:
         out.scatter_add_(1, grp, torch.ones_like(grp, dtype=torch.int32))
         return out[:, :U].contiguous()
 
-    def hits_fixed(self, level: int) -> torch.Tensor:
-        """``[G, U[level]]`` float64: fixed-point weight of the tokens of each source hitting each group."""
+    def _hits_from_counts(self, level: int) -> torch.Tensor:
         G, T = self.topology.world_size, self.tokens_per_rank
         hit = (self.counts[level - 1] > 0).to(torch.float64) * self.weights[:, None]
         return hit.reshape(G, T, -1).sum(dim=1)
+
+    def hits_fixed(self, level: int) -> torch.Tensor:
+        """``[G, U[level]]`` float64: fixed-point weight of the tokens of each source hitting each group (a copy;
+        kept incrementally by :meth:`apply_swap`, exact because the fixed-point weights are integers)."""
+        return self._hits[level - 1].clone()
 
     def hits(self, level: int) -> torch.Tensor:
         """``[G, U[level]]`` float64: weighted tokens of source ``s`` with at least one expert in group ``g``."""
@@ -267,21 +293,25 @@ class GroupCounts:
                 ga, gb = ra // size, rb // size
                 if ga == gb:
                     continue
-                c = self.counts[L - 1]
-                c[only_a, ga] -= 1
-                c[only_a, gb] += 1
-                c[only_b, gb] -= 1
-                c[only_b, ga] += 1
+                c, h = self.counts[L - 1], self._hits[L - 1].view(-1)
+                U = c.shape[1]
+                for rows, lose_g, gain_g in ((only_a, ga, gb), (only_b, gb, ga)):
+                    w, src = self.weights[rows], self.source[rows] * U
+                    h.index_add_(0, src + lose_g, -w * (c[rows, lose_g] == 1))  # its last expert there leaves
+                    h.index_add_(0, src + gain_g, w * (c[rows, gain_g] == 0))  # its first expert there arrives
+                    c[rows, lose_g] -= 1
+                    c[rows, gain_g] += 1
         self.placement = new_placement
 
     def recomputed(self) -> "GroupCounts":
         """Fresh counts of the same routing on the current placement (the reference for the incremental update)."""
-        return GroupCounts(self._raw_ids, self.placement, self.topology, self._raw_weights)
+        return GroupCounts(self._raw_ids, self.placement, self.topology, self._raw_weights, self._bits)
 
     def copy(self) -> "GroupCounts":
         out = object.__new__(GroupCounts)
         out.__dict__.update(self.__dict__)
         out.counts = [c.clone() for c in self.counts]
+        out._hits = [h.clone() for h in self._hits]
         return out
 
 
@@ -299,7 +329,7 @@ def _hd_times(phase_x: dict[str, torch.Tensor], by_d: dict[int, tuple[str, ...]]
     """Per-rank loads ``x[..., G]`` (fixed point) of each phase -> ``{d: t_d[...]}`` in ms (max or smooth-max)."""
     ms: dict[str, torch.Tensor] = {}
     for name, x in phase_x.items():
-        peak = smooth_max(x, gamma)
+        peak = smooth_max(x, gamma).to(torch.float64)
         if tables[name].single:
             ms[name] = torch.zeros_like(peak)
         else:
@@ -318,7 +348,8 @@ def _phase_loads(counts: GroupCounts, tables: dict[str, _Phase]) -> dict[str, tu
     """``{phase: (send [G], recv [G])}`` fixed-point rows each rank sends / receives in each phase."""
     hits = {L: counts.hits_fixed(L) for L in {p.level for p in tables.values()}}
     return {
-        name: (torch.einsum("sg,sgr->r", hits[p.level], p.send), torch.einsum("sg,sgr->r", hits[p.level], p.recv))
+        name: (hits[p.level].reshape(-1) @ p.send.reshape(-1, p.send.shape[2]),
+               hits[p.level].reshape(-1) @ p.recv.reshape(-1, p.recv.shape[2]))
         for name, p in tables.items()
     }
 
@@ -359,27 +390,107 @@ def _best(times: dict[int, float]) -> tuple[int, float]:
 
 # ---------------------------------------------------------------------------------------------------- pair statistics
 class _PairStats:
-    """Token sums behind every pair's effect, per level ``L`` (fixed point, float64 holding integers):
+    """Token sums behind every pair's effect, per level ``L`` (fixed point; integers held in ``dtype``):
 
-    * ``lose[L]`` ``[E, G]``: tokens of source ``s`` that chose ``e`` and have no other expert in ``e``'s group,
+    * ``lose[L-1]`` ``[E, G]``: tokens of source ``s`` that chose ``e`` with no other expert in ``e``'s group,
     * ``gain[L]`` ``[E, G, U]``: tokens of ``s`` that chose ``e`` and have no expert in group ``g``,
-    * ``both[L]`` ``[E, E, G]``: tokens of ``s`` that chose ``a`` and ``b`` and have no other expert in ``a``'s group.
+    * ``both[L-1]`` ``[E, E, G]``: tokens of ``s`` that chose ``a`` and ``b`` with no other expert in ``a``'s group.
+
+    An expert alone in its level-``L`` group is alone in its finer groups too, so when counting from scratch each
+    (token, a, b) is added once, at the coarsest level where ``a`` is alone, and a cumulative sum over levels gives
+    ``both``. ``both`` is kept as one ``[D, E, E, G]`` tensor.
     """
 
-    def __init__(self, counts: GroupCounts):
+    def __init__(self, counts: GroupCounts, dtype: torch.dtype):
         topo = counts.topology
-        E, G = counts.num_experts, topo.world_size
-        self.levels = list(range(1, topo.num_levels + 1))
-        self.lose = {L: torch.zeros(E, G, dtype=torch.float64) for L in self.levels}
-        self.gain = {L: torch.zeros(E, G, topo.num_groups(L), dtype=torch.float64) for L in self.levels}
-        self.both = {L: torch.zeros(E, E, G, dtype=torch.float64) for L in self.levels}
-        self.add(counts, torch.arange(counts.num_tokens), 1.0)
+        E, G, D = counts.num_experts, topo.world_size, topo.num_levels
+        self.dtype = dtype
+        self.levels = list(range(1, D + 1))
+        self.lose = torch.zeros(D, E, G, dtype=dtype)
+        # gain rows are (expert, source) pairs plus one last row that collects dropped pairs
+        self._gain = {L: torch.zeros(E * G + 1, topo.num_groups(L), dtype=dtype) for L in self.levels}
+        self.gain = {L: g[:-1].view(E, G, -1) for L, g in self._gain.items()}
+        first = torch.zeros(D + 1, E, E, G, dtype=dtype)  # index D: never alone (discarded)
+        self._count(counts, torch.arange(counts.num_tokens), first)
+        self.both = first[:-1].cumsum(dim=0)
+        del first
 
-    def add(self, counts: GroupCounts, rows: torch.Tensor, sign: float) -> None:
-        """Add (``sign=1``) or remove (``sign=-1``) the contributions of tokens ``rows`` under ``counts``' state."""
-        E, G, K = counts.num_experts, counts.topology.world_size, counts.top_k
+    def _alone(self, counts: GroupCounts, rows: torch.Tensor) -> torch.Tensor:
+        """``[D, n, K]`` bool: the token's k-th expert is the only one of its experts in its level-``L`` group."""
+        ids = counts.ids[rows]
+        valid = ids >= 0
+        out = []
+        for L in self.levels:
+            c = counts.counts[L - 1][rows]
+            grp = counts.expert_group(L)[ids].clamp_max(c.shape[1] - 1)
+            out.append(valid & (c.gather(1, grp) == 1))
+        return torch.stack(out)
+
+    def swap(self, counts: GroupCounts, a: int, b: int) -> None:
+        """``counts.apply_swap(a, b)`` and update the statistics for the tokens it touches, term by term:
+
+        ``lose`` and ``both`` change only for tokens that chose ``a`` or ``b`` (their experts' groups or counts
+        change), ``gain`` only for tokens that chose exactly one of them, and only in the two groups involved.
+        """
+        E, G, K, D = counts.num_experts, counts.topology.world_size, counts.top_k, counts.topology.num_levels
+        has_a, has_b = (counts.ids == a).any(dim=1), (counts.ids == b).any(dim=1)
+        rows = (has_a | has_b).nonzero().flatten()
+        one = (has_a ^ has_b)[rows]  # counts change only for tokens with exactly one of a, b
+        ids = counts.ids[rows]
+        n = rows.numel()
+        valid = ids >= 0
+        ids0 = ids.clamp_min(0)
+        src = counts.source[rows]
+        w = counts.weights[rows].to(self.dtype)
+        size = {L: counts.group_size(L) for L in self.levels}
+        ra, rb = int(counts.placement.expert_to_rank[a]), int(counts.placement.expert_to_rank[b])
+        cols = {L: (ra // size[L], rb // size[L]) for L in self.levels if ra // size[L] != rb // size[L]}
+        old_alone = self._alone(counts, rows)
+        old_zero = {L: counts.counts[L - 1][rows][:, list(c)] == 0 for L, c in cols.items()}  # [n, 2]
+
+        counts.apply_swap(a, b)
+
+        new_alone = self._alone(counts, rows)
+        idx = ids0 * G + src[:, None]  # [n, K]
+        # lose: +w where newly alone, -w where no longer alone
+        diff = new_alone.to(self.dtype) - old_alone.to(self.dtype)  # [D, n, K]
+        lose_idx = torch.arange(D)[:, None, None] * (E * G) + idx[None]
+        self.lose.view(-1).scatter_add_(0, lose_idx.reshape(-1), (diff * w[None, :, None]).reshape(-1))
+        # both: a triple (a, b, s) counts at every level from the coarsest one where a is alone
+        def first_level(alone: torch.Tensor) -> torch.Tensor:
+            lvl = torch.full((n, K), D, dtype=torch.long)
+            for L in reversed(self.levels):
+                lvl = torch.where(alone[L - 1], L - 1, lvl)
+            return lvl
+        old_lvl, new_lvl = first_level(old_alone), first_level(new_alone)
+        t, k1 = (old_lvl != new_lvl).nonzero(as_tuple=True)
+        if t.numel():
+            other = valid[t] & (torch.arange(K)[None, :] != k1[:, None])  # [m, K] partners k2
+            e1 = ids0[t, k1][:, None]
+            base = ((e1 * E + ids0[t]) * G + src[t][:, None]).reshape(-1)  # [m*K] (a, b, s)
+            wt = w[t][:, None] * other  # [m, K]
+            lo, ln = old_lvl[t, k1], new_lvl[t, k1]
+            flat = self.both.view(D, -1)
+            for j in range(D):
+                coef = ((ln <= j).to(self.dtype) - (lo <= j).to(self.dtype))[:, None]
+                flat[j].scatter_add_(0, base, (wt * coef).reshape(-1))
+        # gain: the zero indicator of the two groups involved, for tokens whose counts changed
+        for L, c in cols.items():
+            new_zero = counts.counts[L - 1][rows][:, list(c)] == 0
+            dz = (new_zero.to(self.dtype) - old_zero[L].to(self.dtype)) * (w * one)[:, None]  # [n, 2]
+            gidx = torch.where(valid, idx, E * G)  # [n, K]
+            U = self._gain[L].shape[1]
+            for j, col in enumerate(c):
+                target = (gidx * U + col).reshape(-1)
+                self._gain[L].view(-1).scatter_add_(0, target, dz[:, j:j + 1].expand(n, K).reshape(-1))
+
+    def _count(self, counts: GroupCounts, rows: torch.Tensor, first: torch.Tensor) -> None:
+        """Add the contributions of tokens ``rows``; pair triples go to ``first`` at their coarsest alone level."""
+        E, G, K, D = counts.num_experts, counts.topology.world_size, counts.top_k, counts.topology.num_levels
         off_diag = ~torch.eye(K, dtype=torch.bool)
         groups = {L: counts.expert_group(L) for L in self.levels}
+        lose, first = self.lose.view(-1), first.view(-1)
+        sign = 1.0
         for start in range(0, rows.numel(), _TOKEN_CHUNK):
             r = rows[start: start + _TOKEN_CHUNK]
             n = r.numel()
@@ -387,46 +498,53 @@ class _PairStats:
             valid = ids >= 0
             ids0 = ids.clamp_min(0)
             src = counts.source[r]
-            w = counts.weights[r] * sign
-            idx = (ids0 * G + src[:, None]).reshape(-1)  # [n*K] (expert, source)
-            pair_idx = ((ids0[:, :, None] * E + ids0[:, None, :]) * G + src[:, None, None]).reshape(-1)
-            pair_ok = valid[:, None, :] & off_diag
-            for L in self.levels:
+            w = (counts.weights[r] * sign).to(self.dtype)
+            idx = ids0 * G + src[:, None]  # [n, K] (expert, source)
+            gain_idx = torch.where(valid, idx, E * G)  # dropped pairs go to the last row
+            wk = w[:, None].expand(n, K)
+            first_level = torch.full((n, K), D, dtype=torch.long)  # coarsest level where the expert is alone
+            for L in reversed(self.levels):
                 c = counts.counts[L - 1][r]  # [n, U]
                 U = c.shape[1]
-                grp = groups[L][ids].clamp_max(U - 1)
-                lonely = valid & (c.gather(1, grp) == 1)
-                wl = w[:, None] * lonely  # [n, K]
-                self.lose[L].view(-1).index_add_(0, idx, wl.reshape(-1))
-                z = (c == 0).to(torch.float64) * w[:, None]  # [n, U]
-                zk = (z[:, None, :] * valid[:, :, None]).reshape(n * K, U)
-                self.gain[L].view(E * G, U).index_add_(0, idx, zk)
-                bv = (wl[:, :, None] * pair_ok).reshape(-1)
-                self.both[L].view(-1).index_add_(0, pair_idx, bv)
+                alone = valid & (c.gather(1, groups[L][ids].clamp_max(U - 1)) == 1)
+                first_level = torch.where(alone, L - 1, first_level)
+                lose.scatter_add_(0, (idx + (L - 1) * E * G).reshape(-1), (wk * alone).reshape(-1))
+                z = (c == 0).to(self.dtype).mul_(w[:, None])  # [n, U]
+                for k in range(K):
+                    self._gain[L].index_add_(0, gain_idx[:, k], z)
+            # (a, b, s) triples land at the coarsest level where a is alone; the rest at level D (discarded)
+            level = torch.where(valid[:, None, :] & off_diag, first_level[:, :, None], D)
+            pair_idx = ((level * E + ids0[:, :, None]) * E + ids0[:, None, :]) * G + src[:, None, None]
+            first.scatter_add_(0, pair_idx.reshape(-1), w[:, None, None].expand(n, K, K).reshape(-1))
 
 
 def _pair_phase_x(counts: GroupCounts, stats: _PairStats, tables: dict[str, _Phase],
                   base: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``{phase: x[a, b, r]}``: max(sent, received) fixed-point rows of rank ``r`` in the phase after swapping
-    ``a`` and ``b`` (``[E, E, G]``; meaningful for ``a``, ``b`` on different ranks)."""
+    ``a`` and ``b`` (``[E, E, G]`` in ``stats.dtype``; meaningful for ``a``, ``b`` on different ranks).
+
+    Per level ``L`` the change of hits at ``a``'s group, as a function of the source rank, is
+    ``S[a, b, s] = both[a, b, s] + gain[b, s, g(a)] - lose[a, s]`` (zero when ``a`` and ``b`` share the group);
+    each phase maps it through its table at ``a``'s group (one ``bmm``) and adds the mirror term of ``b``.
+    """
     out = {}
-    for name, p in tables.items():
-        L = p.level
+    dt = stats.dtype
+    for L in sorted({p.level for p in tables.values()}):
         g = counts.expert_group(L)[:-1]  # [E]
-        differ = (g[:, None] != g[None, :]).to(torch.float64)[..., None]  # [E, E, 1]
-        xs = []
-        for table, cur in ((p.send, base[name][0]), (p.recv, base[name][1])):
-            tab_a = table[:, g, :].permute(1, 0, 2)  # [E, G_s, G_r]: table at a's group
-            lose = torch.bmm(stats.lose[L][:, None, :], tab_a)[:, 0, :]  # [E, G]
-            gain = torch.einsum("bsg,sgr->bgr", stats.gain[L], table)  # [E, U, G]
-            delta = torch.bmm(stats.both[L], tab_a)  # [E_a, E_b, G]
-            delta += gain[:, g, :].permute(1, 0, 2)  # gain[b, g(a)]
-            delta -= lose[:, None, :]
-            total = delta + delta.transpose(0, 1)
-            total *= differ
-            total += cur
-            xs.append(total)
-        out[name] = torch.maximum(xs[0], xs[1])
+        S = stats.gain[L].permute(2, 0, 1)[g]  # [E_a, E_b, G_s]: gain[b, s, g(a)]
+        S += stats.both[L - 1]
+        S -= stats.lose[L - 1][:, None, :]
+        S.masked_fill_((g[:, None] == g[None, :])[..., None], 0)
+        for name, p in tables.items():
+            if p.level != L:
+                continue
+            x = None
+            for table, cur in ((p.send, base[name][0]), (p.recv, base[name][1])):
+                tab_a = table.to(dt)[:, g, :].permute(1, 0, 2)  # [E, G_s, G_r]: the table at a's group
+                half = torch.baddbmm((cur.to(dt) * 0.5).expand(1, 1, -1), S, tab_a)  # cur / 2 + change at g(a)
+                total = half + half.transpose(0, 1)
+                x = total if x is None else torch.maximum(x, total, out=x)
+            out[name] = x
     return out
 
 
@@ -473,6 +591,22 @@ def migration_ms_table(topology: "Topology | str", link_costs: "LinkCosts | str"
             phase = f"inter{L}" if L < D else (f"intra{D - 1}" if D >= 2 else "a2a")
             out[L] = link_costs[phase].ms(moved)
     return out
+
+
+def _search_precision(token_weights: torch.Tensor | None) -> tuple[int | None, torch.dtype]:
+    """Fixed-point bits and dtype of the pair search: float32 (exact for integers below 2**24, and several times
+    faster than float64) when the weights fit with at least 4 fraction bits, else float64 with the default bits."""
+    if token_weights is None:
+        return 0, torch.float32  # float64 after all when the token count is too large (checked by the caller)
+    if not isinstance(token_weights, torch.Tensor):
+        return None, torch.float64  # GroupCounts raises the clear error
+    total = float(token_weights.detach().to(torch.float64).sum()) if token_weights.numel() else 0.0
+    if not math.isfinite(total) or total < 0:
+        return None, torch.float64
+    for bits in range(_FIXED_POINT_BITS, 3, -1):
+        if (total + token_weights.numel()) * 2.0 ** bits * 8 < _FLOAT32_EXACT:
+            return bits, torch.float32
+    return None, torch.float64
 
 
 def _check_int(value: object, what: str, low: int) -> int:
@@ -580,7 +714,10 @@ def plan_swaps(
         compute_balance_tolerance = _check_positive_number(compute_balance_tolerance, "compute_balance_tolerance")
     row_bytes = hidden_size * bytes_per_elem
 
-    counts = GroupCounts(expert_ids, placement, topology, token_weights)
+    bits, dtype = _search_precision(token_weights)
+    counts = GroupCounts(expert_ids, placement, topology, token_weights, fixed_point_bits=bits)
+    if float(counts.weights.sum()) * 8 >= _FLOAT32_EXACT:
+        dtype = torch.float64
     E, G, D = placement.num_experts, topology.world_size, topology.num_levels
     tables, by_d = _phase_tables(topology.sizes)
     link_costs.require(tables)
@@ -597,7 +734,7 @@ def plan_swaps(
     current_ms = ms_before
     swaps: list[tuple[int, int]] = []
     round_seconds: list[float] = []
-    stats = _PairStats(counts) if max_swaps > 0 and G > 1 else None
+    stats = _PairStats(counts, dtype) if max_swaps > 0 and G > 1 else None
     while stats is not None and len(swaps) < max_swaps:
         r0 = time.perf_counter()
         base = _phase_loads(counts, tables)
@@ -605,11 +742,6 @@ def plan_swaps(
         plain = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, None)
         plain_t = torch.stack([plain[d] for d in sorted(plain)])  # [D, E, E]
         best_plain, d_idx = plain_t.min(dim=0)  # ties -> smaller d, like choose_hd
-        if gamma is None:
-            objective = best_plain
-        else:
-            smooth = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
-            objective = torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[None])[0]
         rank = counts.placement.expert_to_rank
         ok = upper & (rank[:, None] != rank[None, :])
         saving = current_ms - best_plain
@@ -621,16 +753,21 @@ def plan_swaps(
             ok &= _balance_ok(rank_load, expert_load, rank, compute_balance_tolerance)
         if cand is not None:
             ok &= cand
-        round_seconds.append(time.perf_counter() - r0)
-        if not bool(ok.any()):
+        ia, ib = ok.nonzero(as_tuple=True)  # admissible pairs, (a, b) in increasing order
+        if ia.numel() == 0:
+            round_seconds.append(time.perf_counter() - r0)
             break
-        flat = torch.where(ok, objective, torch.full_like(objective, float("inf"))).reshape(-1)
-        best = int(torch.argmin(flat))  # first minimum: lowest (a, b) on ties
-        a, b = divmod(best, E)
-        affected = counts.tokens_with(a, b).nonzero().flatten()
-        stats.add(counts, affected, -1.0)
-        counts.apply_swap(a, b)
-        stats.add(counts, affected, 1.0)
+        if gamma is None:
+            objective = best_plain[ia, ib]
+        else:  # smooth-max only for the admissible pairs
+            xs = {name: xp[ia, ib] for name, xp in x.items()}  # [P, G]
+            smooth = _hd_times(xs, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
+            objective = torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia, ib][None])[0]
+        best = int(torch.argmin(objective))  # first minimum: lowest (a, b) on ties
+        a, b = int(ia[best]), int(ib[best])
+        del x
+        round_seconds.append(time.perf_counter() - r0)
+        stats.swap(counts, a, b)  # also applies the swap to counts
         swaps.append((a, b))
         current_ms = float(best_plain[a, b])
 

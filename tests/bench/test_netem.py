@@ -103,12 +103,22 @@ def test_removed_after_exception_and_after_partial_setup(monkeypatch, no_leftove
     assert signal.getsignal(signal.SIGINT) is handler
 
 
-def test_forked_child_never_cleans_up(no_leftovers):
+def _child_check(net, term_before, int_before):
+    # the owner's handlers are gone in a forked child (a rank blocked in gloo must die on SIGTERM at once) ...
+    assert signal.getsignal(signal.SIGTERM) == term_before and signal.getsignal(signal.SIGINT) == int_before
+    net.cleanup()  # ... and cleanup there is a no-op
+
+
+def test_forked_child_never_cleans_up_and_has_old_handlers(no_leftovers):
+    term_before, int_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with EmulatedNetwork(1, 100) as net:
-        p = mp.get_context("fork").Process(target=net.cleanup)
+        assert signal.getsignal(signal.SIGTERM) == net._on_signal
+        p = mp.get_context("fork").Process(target=_child_check, args=(net, term_before, int_before))
         p.start()
         p.join(10)
         assert p.exitcode == 0 and net.namespace(0) in _netns()
+        assert signal.getsignal(signal.SIGTERM) == net._on_signal  # the parent keeps them
+    assert signal.getsignal(signal.SIGTERM) == term_before
 
 
 def test_remove_stale_only_dead_owners(no_leftovers):
@@ -251,3 +261,61 @@ def test_bench_comm_emulated_json(capsys, no_leftovers):
     with pytest.raises(ValueError, match="--emulate-latency-ms"):
         comm.run(comm.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
             [*SMALL, "--emulate-latency-ms", "5"]))
+
+
+def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers):
+    """A rank blocked inside a gloo collective must not outlive its parent's SIGTERM (nor keep a namespace)."""
+    script = textwrap.dedent("""
+        import os, time
+        import torch.distributed as dist
+        from hiermoe_lightning.bench.netem import EmulatedNetwork
+        from hiermoe_lightning.testing.launch import run_ranks
+
+        def fn(rank, world):
+            print("pid", os.getpid(), flush=True)
+            if rank == 0:
+                dist.barrier()  # blocks in C++ until the others come: they never do
+            else:
+                time.sleep(60)
+
+        with EmulatedNetwork(2, 100, prefix="hmoet") as net:
+            run_ranks(fn, 4, netns=net, ranks_per_node=2, timeout=60, pg_timeout=60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.DEVNULL)
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    pids = []
+    try:
+        while len(pids) < 4:
+            line = proc.stdout.readline()
+            assert line, "the script ended early"
+            if line.startswith("pid "):
+                pids.append(int(line.split()[1]))
+        mine = {n for n in _netns() if n.startswith(f"hmoet-{proc.pid}-")}
+        assert len(mine) == 3
+        time.sleep(0.3)  # rank 0 inside the barrier
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        assert time.monotonic() - start < 15
+        assert not {n for n in _netns() if n.startswith(f"hmoet-{proc.pid}-")}
+        deadline = time.monotonic() + 5
+        while any(running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(running(p) for p in pids), "a rank outlived its parent"
+    finally:  # after a failure only: our own processes by pid, our own namespaces by name
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in pids:
+            if running(p):
+                os.kill(p, signal.SIGKILL)
+        for n in {n for n in _netns() if n.startswith(f"hmoet-{proc.pid}-")}:
+            subprocess.run(["ip", "netns", "delete", n], capture_output=True, timeout=10)

@@ -106,8 +106,6 @@ def test_no_swap_equals_predict():
 
 @pytest.fixture(scope="module")
 def clusters_report():
-    pytest.importorskip("hiermoe_lightning.placement.planner")
-    pytest.importorskip("hiermoe_lightning.placement.baselines")
     return pb.build_report(parse([*SMALL, "--routing", "clusters:4", "--json"]))
 
 
@@ -121,7 +119,6 @@ def test_planner_not_worse_than_no_swap(clusters_report):
 
 @pytest.mark.parametrize("routing", ["zipf:1.2", "uniform"])
 def test_planner_not_worse_on_generated(routing):
-    pytest.importorskip("hiermoe_lightning.placement.planner")
     ids = generate_routing(routing, 4, 64, 8, 2, 1)
     r = pb.compare_placements(ids, "2x2", 8, "paper-a6000", 64, 2, max_swaps=3, methods=["none", "hiermoe"])
     assert r["hiermoe"]["predicted_ms"] <= r["none"]["predicted_ms"] + 1e-9
@@ -136,7 +133,6 @@ def test_baselines_valid_placements(clusters_report):
 
 
 def test_eplb_balances_zipf_load():
-    pytest.importorskip("hiermoe_lightning.placement.baselines")
     ids = generate_routing("zipf:1.2", 8, 64, 16, 4, 0)
     r = pb.compare_placements(ids, "2x2x2", 16, "paper-a6000", 64, 2, methods=["none", "eplb", "smartmoe"])
     assert r["eplb"]["load_imbalance"] < r["none"]["load_imbalance"]
