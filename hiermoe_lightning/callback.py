@@ -240,4 +240,14 @@ class HierMoECallback(DedupMonitor):
                 before = sum(h["predicted_ms_before"] for h in first)
                 after = sum(h["predicted_ms_after"] for h in last)
                 text += f"\npredicted a2a ms (all layers) {before:.3f} at the first plan -> {after:.3f} after the last"
+            if self.load_history:
+                def imbalance(loads):  # mean over layers of max/mean expert load per rank
+                    t = torch.tensor(loads, dtype=torch.float64)
+                    return float((t.max(-1).values / t.mean(-1).clamp_min(1e-9)).mean())
+
+                text += (f"\nexpert load imbalance        {imbalance(self.load_history[0]):.3f} at the first plan -> "
+                         f"{imbalance(self.load_history[-1]):.3f} at the last (max/mean over ranks)")
+            if self._start:
+                share = (self.plan_seconds + self.migration_seconds) / max(time.perf_counter() - self._start, 1e-9)
+                text += f"\nswap overhead               {100 * share:.2f}% of training time"
         return text

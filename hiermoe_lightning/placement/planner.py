@@ -64,7 +64,8 @@ _FIXED_POINT_BITS = 16  # token weights are kept as integer multiples of 2**-16 
 _EXACT_LIMIT = 2.0 ** 50  # keep every fixed-point sum below this (float64 holds integers exactly below 2**53)
 _FLOAT32_EXACT = 2.0 ** 24  # float32 holds integers exactly below this
 _TOKEN_CHUNK = 8192  # tokens per block when (re)counting statistics: bounds [chunk, K, U] and [chunk, K, K] blocks
-_SAVING_EPS_MS = 1e-9  # a "positive" saving must exceed this (guards against float noise between equal loads)
+_SAVING_EPS_MS = 1e-9  # a "positive" net gain must exceed this (guards against float noise between equal loads)
+_OBJECTIVE_RTOL = 1e-9  # a swap must lower the ranking objective by more than this share of it
 
 
 # ---------------------------------------------------------------------------------------------------------------- utils
@@ -378,6 +379,19 @@ def predict_hd_ms(counts: GroupCounts, placement: Placement, topology: "Topology
     x = {name: torch.maximum(s, r) for name, (s, r) in loads.items()}
     times = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
     return {d: float(t) for d, t in times.items()}
+
+
+def _current(counts: GroupCounts, tables: dict[str, _Phase], by_d: dict[int, tuple[str, ...]],
+             link_costs: LinkCosts, row_bytes: int, gamma: float | None) -> tuple[float, float]:
+    """(plain ``t_{d*}``, objective = the smooth-max time of that ``hd<d*>``) of the current placement, computed the
+    way the pair search computes them (so equal loads give equal numbers)."""
+    x = {name: torch.maximum(s, r)[None] for name, (s, r) in _phase_loads(counts, tables).items()}  # [1, G]
+    plain = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, None)
+    d = min(sorted(plain), key=lambda k: float(plain[k][0]))
+    if gamma is None:
+        return float(plain[d][0]), float(plain[d][0])
+    smooth = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
+    return float(plain[d][0]), float(smooth[d][0])
 
 
 def _best(times: dict[int, float]) -> tuple[int, float]:
@@ -731,10 +745,13 @@ def plan_swaps(
 
     before = predict_hd_ms(counts, counts.placement, topology, link_costs, row_bytes)
     d_before, ms_before = _best(before)
-    current_ms = ms_before
     swaps: list[tuple[int, int]] = []
     round_seconds: list[float] = []
+    ms_path = [ms_before]  # plain t_{d*} after each swap
+    mig_path = [0.0]  # cumulative migration ms
     stats = _PairStats(counts, dtype) if max_swaps > 0 and G > 1 else None
+    if stats is not None:
+        current_ms, current_obj = _current(counts, tables, by_d, link_costs, row_bytes, gamma)
     while stats is not None and len(swaps) < max_swaps:
         r0 = time.perf_counter()
         base = _phase_loads(counts, tables)
@@ -743,34 +760,47 @@ def plan_swaps(
         plain_t = torch.stack([plain[d] for d in sorted(plain)])  # [D, E, E]
         best_plain, d_idx = plain_t.min(dim=0)  # ties -> smaller d, like choose_hd
         rank = counts.placement.expert_to_rank
-        ok = upper & (rank[:, None] != rank[None, :])
-        saving = current_ms - best_plain
-        if mig is not None:
-            ok &= saving * horizon_steps > mig[level_table[rank][:, rank]]
-        ok &= saving > _SAVING_EPS_MS
+        ok = upper & (rank[:, None] != rank[None, :]) & (best_plain <= current_ms)  # never a slower dispatch
         if compute_balance_tolerance is not None:
             rank_load = torch.zeros(G, dtype=torch.float64).index_add_(0, rank, expert_load)
             ok &= _balance_ok(rank_load, expert_load, rank, compute_balance_tolerance)
         if cand is not None:
             ok &= cand
-        ia, ib = ok.nonzero(as_tuple=True)  # admissible pairs, (a, b) in increasing order
+        ia, ib = ok.nonzero(as_tuple=True)  # candidate pairs, (a, b) in increasing order
+        if ia.numel():
+            if gamma is None:
+                smooth_ab = best_plain[ia, ib]
+            else:  # smooth-max only for the candidates, in float64
+                xs = {name: xp[ia, ib].to(torch.float64) for name, xp in x.items()}  # [P, G]
+                smooth = _hd_times(xs, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
+                smooth_ab = torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia, ib][None])[0]
+            pair_mig = mig[level_table[rank[ia], rank[ib]]] if mig is not None else torch.zeros_like(smooth_ab)
+            objective = smooth_ab + pair_mig / (horizon_steps or 1)
+            better = objective < current_obj - _OBJECTIVE_RTOL * abs(current_obj)
+            ia, ib, objective, smooth_ab, pair_mig = ia[better], ib[better], objective[better], smooth_ab[better], \
+                pair_mig[better]
+        del x
         if ia.numel() == 0:
             round_seconds.append(time.perf_counter() - r0)
             break
-        if gamma is None:
-            objective = best_plain[ia, ib]
-        else:  # smooth-max only for the admissible pairs
-            xs = {name: xp[ia, ib] for name, xp in x.items()}  # [P, G]
-            smooth = _hd_times(xs, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
-            objective = torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia, ib][None])[0]
         best = int(torch.argmin(objective))  # first minimum: lowest (a, b) on ties
         a, b = int(ia[best]), int(ib[best])
-        del x
         round_seconds.append(time.perf_counter() - r0)
         stats.swap(counts, a, b)  # also applies the swap to counts
         swaps.append((a, b))
-        current_ms = float(best_plain[a, b])
+        current_ms, current_obj = float(best_plain[a, b]), float(smooth_ab[best])
+        ms_path.append(current_ms)
+        mig_path.append(mig_path[-1] + float(pair_mig[best]))
 
+    # keep the prefix of swaps with the largest net gain (plateau moves that led nowhere are dropped)
+    keep, best_net = 0, 0.0
+    for k in range(1, len(swaps) + 1):
+        net = (ms_before - ms_path[k]) * (horizon_steps or 1) - mig_path[k]
+        if net > best_net + _SAVING_EPS_MS:
+            keep, best_net = k, net
+    for a, b in reversed(swaps[keep:]):
+        counts.apply_swap(a, b)  # undo
+    swaps = swaps[:keep]
     after = predict_hd_ms(counts, counts.placement, topology, link_costs, row_bytes)
     d_after, ms_after = _best(after)
     moved = int((placement.expert_to_rank != counts.placement.expert_to_rank).sum())
