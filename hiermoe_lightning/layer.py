@@ -7,6 +7,7 @@ only this rank's experts and routes rows with the chosen dispatch; the function 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -99,6 +100,7 @@ class MoELayer(nn.Module):
         self.last_handle: DispatchHandle | None = None
         self.last_expert_ids: torch.Tensor | None = None  # [T, K] of the last forward, -1 = dropped
         self.last_local_slots: torch.Tensor | None = None
+        self.expert_timings: dict | None = None  # set to {} to time the experts in place (benchmarks)
         self.register_buffer("routed_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     # ------------------------------------------------------------------ forward
@@ -135,13 +137,29 @@ class MoELayer(nn.Module):
         rows, pair_weight, pair_row, pair_expert = dispatch(x2, pair_weight, pair_row, flat_ids, route, handle)
         pair_slot = self.placement.expert_to_slot.to(x.device)[pair_expert]
         one_pair_per_row = bool(route.phases) and not route.spec.dedup
+        start = time.perf_counter()
         y = apply_experts(self.experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_row)
+        if self.expert_timings is not None:
+            self._time_expert_backward(y, rows, time.perf_counter() - start)
         out = combine(y, handle, x.dtype)
         self.last_handle = handle
         self.last_local_slots = pair_slot.detach()  # [P] local slot of every pair this rank's experts processed
         if self.shared_experts is not None:
             out = out + self.shared_experts(x2)
         return out.reshape(shape)
+
+    def _time_expert_backward(self, y: torch.Tensor, rows: torch.Tensor, forward_seconds: float) -> None:
+        """Benchmarks only (``expert_timings`` a dict): expert forward time, and backward from y's grad to rows' grad."""
+        t = self.expert_timings
+        t["forward"] = t.get("forward", 0.0) + forward_seconds
+        if y.requires_grad and rows.requires_grad:
+            mark = {}
+            y.register_hook(lambda g: mark.__setitem__("start", time.perf_counter()))
+
+            def stop(g):
+                t["backward"] = t.get("backward", 0.0) + time.perf_counter() - mark.get("start", time.perf_counter())
+
+            rows.register_hook(stop)
 
     def _apply_capacity(self, expert_ids: torch.Tensor, weights: torch.Tensor):
         """Keep at most ``ceil(cf * T * K / E)`` pairs per expert; dropped pairs get id -1 and weight 0."""

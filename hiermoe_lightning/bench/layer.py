@@ -1,5 +1,9 @@
 """``hiermoe bench layer``: forward+backward of one sharded MoELayer, time split into all-to-all, expert compute and
-everything else (routing, planning, permutation, bookkeeping), plus peak memory against the unsharded layer."""
+everything else (routing, planning, permutation, bookkeeping), plus peak memory against the unsharded layer.
+
+All-to-all = time inside collectives (``DispatchHandle.comm_seconds``, waiting for slower peers included); experts =
+the expert forward plus the backward from the experts' output gradient to their input rows' gradient, timed in place
+(``MoELayer.expert_timings``; that backward window also holds the gather's backward); other = the rest of the step."""
 
 from __future__ import annotations
 
@@ -32,29 +36,15 @@ def _layer(args) -> MoELayer:
                     dtype=DTYPES[args.dtype], aux_loss_coef=0.0)
 
 
-def _time_experts(layer: MoELayer, x: torch.Tensor, iters: int) -> float:
-    """Median seconds of expert forward+backward alone, on the rows the layer's last forward fed them."""
-    rows_per_slot = torch.bincount(layer.last_local_slots, minlength=layer.experts.num_slots).tolist()
-    n = sum(rows_per_slot)
-    xs = torch.randn(n, layer.hidden_size, dtype=x.dtype)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        out = layer.experts(xs, rows_per_slot)
-        out.float().sum().backward()
-        times.append(time.perf_counter() - start)
-    layer.experts.zero_grad(set_to_none=True)
-    return statistics.median(times)
-
-
 def _rank_fn(rank, world, args):
     torch.manual_seed(args.seed + rank)
     layer = _layer(args)
     ExpertParallel(args.topology, dispatch=args.dispatch).shard_(layer)
     x = torch.randn(args.tokens_per_rank, args.hidden_size, dtype=DTYPES[args.dtype], requires_grad=True)
-    totals, comms, plans = [], [], []
+    totals, comms, plans, experts = [], [], [], []
     for i in range(args.warmup + args.iters):
         dist.barrier()
+        layer.expert_timings = {}
         start = time.perf_counter()
         out = layer(x)
         out.float().sum().backward()
@@ -63,12 +53,12 @@ def _rank_fn(rank, world, args):
             totals.append(elapsed)
             comms.append(layer.last_handle.comm_seconds)
             plans.append(layer.last_handle.plan_seconds)
+            experts.append(layer.expert_timings.get("forward", 0.0) + layer.expert_timings.get("backward", 0.0))
         layer.zero_grad(set_to_none=True)
         x.grad = None
     dist.barrier()
-    experts_s = _time_experts(layer, x, max(2, args.iters // 2))
     return {"total": statistics.median(totals), "a2a": statistics.median(comms), "plan": statistics.median(plans),
-            "experts": experts_s, "peak_rss_mib": peak_rss_mib()}
+            "experts": statistics.median(experts), "peak_rss_mib": peak_rss_mib()}
 
 
 def _unsharded_fn(rank, world, args):

@@ -328,6 +328,8 @@ class EmulatedNetwork:
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
+                if signal.getsignal(sig) == signal.SIG_IGN:  # e.g. SIGINT of a background job: stays ignored
+                    continue
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
             except (ValueError, OSError):  # pragma: no cover - not the main thread of the main interpreter
                 pass

@@ -776,7 +776,17 @@ def plan_swaps(
                 smooth_ab = torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia, ib][None])[0]
             pair_mig = mig[level_table[rank[ia], rank[ib]]] if mig is not None else torch.zeros_like(smooth_ab)
             objective = smooth_ab + pair_mig / (horizon_steps or 1)
-            better = objective < current_obj - _OBJECTIVE_RTOL * abs(current_obj)
+            h = horizon_steps or 1
+            pays = (current_ms - best_plain[ia, ib]) * h - pair_mig > _SAVING_EPS_MS  # faster, by enough
+            smoother = objective < current_obj - _OBJECTIVE_RTOL * abs(current_obj)  # or a plateau move
+            import os
+            variant = os.environ.get("PV", "B")
+            if variant == "A":
+                better = pays
+            else:
+                better = pays | smoother
+            if variant == "C":
+                objective = best_plain[ia, ib] + pair_mig / h + 1e-6 * objective
             ia, ib, objective, smooth_ab, pair_mig = ia[better], ib[better], objective[better], smooth_ab[better], \
                 pair_mig[better]
         del x

@@ -140,7 +140,8 @@ def test_remove_stale_only_dead_owners(no_leftovers):
 def test_signal_cleans_up(sig, code, no_leftovers):
     # load netem.py alone (no package import: torch/lightning would take seconds)
     script = textwrap.dedent(f"""
-        import importlib.util, sys, time
+        import importlib.util, signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if our runner ignores SIGINT
         spec = importlib.util.spec_from_file_location("netem_alone", {netem.__file__!r})
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
