@@ -69,8 +69,6 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser (fit/validate/test appear for ``--help`` only: :func:`main` forwards them before parsing)."""
-    from ..bench import comm as bench_comm
-    from ..bench import layer as bench_layer
     from . import plan as plan_cmd
 
     parser = _Parser(prog=PROG, description="Hierarchical, token-deduplicated expert-parallel MoE for PyTorch "
@@ -88,18 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(p)
     p.set_defaults(func=plan_cmd.run)
 
-    bench = sub.add_parser("bench", help="benchmarks (comm, layer)")
-    bsub = bench.add_subparsers(dest="bench_command", metavar="{comm,layer}", required=True)
-    c = bsub.add_parser("comm", help="time dispatch+combine of every dispatch on spawned gloo ranks",
-                        description="Time dispatch+combine of each dispatch on ranks spawned on this machine (gloo).")
-    bench_comm.add_arguments(c)
-    _add_debug(c)
-    c.set_defaults(func=bench_comm.main)
-    lay = bsub.add_parser("layer", help="forward+backward of one sharded MoELayer, time split",
-                          description=bench_layer.__doc__)
-    bench_layer.add_arguments(lay)
-    _add_debug(lay)
-    lay.set_defaults(func=bench_layer.main)
+    import importlib
+
+    benches = {  # name -> (module, one-line help)
+        "comm": ("comm", "time dispatch+combine of every dispatch on spawned gloo ranks"),
+        "layer": ("layer", "forward+backward of one sharded MoELayer, time split"),
+        "e2e": ("e2e", "tokens/s of training the bundled model per dispatch, with and without swaps"),
+        "placement": ("placement", "swap planner vs no swap, EPLB-style and SmartMoE-style placements"),
+        "simulate": ("simulate", "paper-scale predictions with the cost model, beside the paper's table"),
+    }
+    bench = sub.add_parser("bench", help=f"benchmarks ({', '.join(benches)})")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="{" + ",".join(benches) + "}", required=True)
+    for name, (module_name, help_text) in benches.items():
+        try:
+            module = importlib.import_module(f"..bench.{module_name}", __package__)
+        except ModuleNotFoundError as e:  # only a benchmark module that is absent from this install is left out
+            if e.name != f"hiermoe_lightning.bench.{module_name}":
+                raise
+            continue
+        b = bsub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        module.add_arguments(b)
+        _add_debug(b)
+        b.set_defaults(func=module.main)
     return parser
 
 

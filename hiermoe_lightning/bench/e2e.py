@@ -1,0 +1,520 @@
+"""``hiermoe bench e2e``: training throughput (tokens/s) of the bundled MoEGPT under every dispatch, end to end.
+
+For each variant (``--dispatch`` values, plus ``auto+swaps`` with ``--swaps``) the command forks ``world_size`` ranks
+with :func:`~hiermoe_lightning.testing.launch.run_ranks` (one spawn per variant). Every rank already holds an
+initialised gloo process group there, and builds a real ``lightning.pytorch.Trainer``::
+
+    Trainer(accelerator="cpu", devices=world, num_nodes=1, plugins=[ExternalRankEnvironment(rank, world)],
+            strategy=HierMoEStrategy(topology=..., dispatch=...), max_steps=warmup + steps, ...)
+
+:class:`ExternalRankEnvironment` reports the rank and world of the forked process and
+``creates_processes_externally = True``, so Lightning forks nothing and skips ``init_process_group`` (the group
+exists). Every variant trains the same model (same ``--seed``) on the same batches (the default corpus or ``--data``,
+a hand-built ``DistributedSampler(shuffle=False)`` per rank, so the union of the ranks' step-s batches is the same
+global batch for every variant).
+
+Timing: a callback (after every other callback, so expert-swap planning and migration are counted) takes a
+``dist.barrier()``-synchronised timestamp at the end of every optimizer step; the first ``--warmup-steps`` are
+excluded. ``tokens_per_s = steps x world x batch_size x seq_len / (slowest rank's time from the end of the last
+warmup step to the end of the last step)``; ``step_ms_median`` / ``step_ms_p90`` over the timed steps.
+
+Traffic: every variant runs a :class:`~hiermoe_lightning.metrics.DedupMonitor` (``auto+swaps``: a
+:class:`~hiermoe_lightning.callback.HierMoECallback`, a subclass); the report holds its totals over the timed steps:
+``bytes_by_level`` (payload of every MoE layer's forward dispatch + combine, all ranks; the backward moves the same
+rows again, not counted) against ``flat_bytes_by_level`` (what a flat dispatch would have moved for the same
+routing), ``dedup_saving`` and, with swaps, ``swaps`` / ``plan_seconds`` / ``migration_seconds``.
+
+``--emulate-inter-mbit N`` (root only; see :mod:`hiermoe_lightning.bench.netem`): the ranks of each top-level group
+(``world / sizes[0]`` consecutive ranks: one "node") run in a network namespace of their own, node links limited to
+N Mbit/s each way (``--emulate-latency-ms`` adds delay on each shaped hop). The namespaces are set up once for the
+whole command. Without root / ``ip`` / ``tc`` the command exits with status 3 and says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import ClusterEnvironment
+
+from ..cli.main import CLIError
+from ..cost.link_costs import LinkCosts
+from ..testing.launch import run_ranks
+from ..topology import Topology
+from .comm import EMULATION_EXIT_STATUS, parse_dispatch_list
+from .netem import EmulatedNetwork, EmulationUnavailable
+
+__all__ = ["add_arguments", "run", "main", "format_report", "variant_names", "ExternalRankEnvironment",
+           "SWAPS_VARIANT", "EMULATION_EXIT_STATUS", "RESULT_KEYS", "BYTES_NOTE"]
+
+DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
+SWAPS_VARIANT = "auto+swaps"
+RESULT_KEYS = ("tokens_per_s", "step_ms_median", "step_ms_p90", "elapsed_s", "speedup_vs_flat", "dispatch_resolved",
+               "bytes_by_level", "flat_bytes_by_level", "dedup_saving", "swaps", "loss_first", "loss_last")
+BYTES_NOTE = ("bytes_by_level: payload bytes of every MoE layer's forward dispatch + combine over level-L links, "
+              "summed over ranks, layers and timed steps (DedupMonitor's count; the backward moves the same rows "
+              "again and is not included). flat_bytes_by_level: what a flat dispatch would move for the same routing. "
+              "Dense-gradient all-reduce (DDP) traffic is not counted either.")
+
+
+# ---------------------------------------------------------------------------- arguments
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``bench e2e`` flags to ``p``."""
+    p.add_argument("--topology", default="2x2", help="level sizes, outermost first; its product = ranks (default 2x2)")
+    p.add_argument("--dispatch", default=DEFAULT_DISPATCH,
+                   help=f"comma-separated dispatch values to train with (default {DEFAULT_DISPATCH})")
+    p.add_argument("--swaps", action="store_true",
+                   help=f"also run '{SWAPS_VARIANT}': dispatch auto + HierMoECallback expert swaps")
+    p.add_argument("--plan-every-n-steps", type=int, default=5,
+                   help="with --swaps: optimizer steps between swap plans (default 5)")
+    p.add_argument("--max-swaps-per-plan", type=int, default=4,
+                   help="with --swaps: swaps per layer and plan, at most (default 4)")
+    p.add_argument("--hidden-size", type=int, default=256, help="model hidden size (default 256)")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="hidden size of each expert's SwiGLU (default: --hidden-size)")
+    p.add_argument("--num-experts", type=int, default=16, help="experts per MoE layer (default 16)")
+    p.add_argument("--top-k", type=int, default=4, help="experts per token (default 4)")
+    p.add_argument("--num-layers", type=int, default=2, help="transformer blocks, each with an MoE FFN (default 2)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per rank and step (default 8)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant (default 20)")
+    p.add_argument("--warmup-steps", type=int, default=3,
+                   help="optimizer steps before the timed ones, not timed (default 3)")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adam or sgd (default adamw)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="model seed, the same for every variant (default 0)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a text file to train on (default: Python's documentation topics, offline)")
+    p.add_argument("--link-costs", default="paper-a6000",
+                   help="preset name (paper-a6000) or YAML file the auto dispatch and the planner use "
+                        "(default paper-a6000)")
+    p.add_argument("--auto-interval", type=int, default=50,
+                   help="dispatch auto re-chooses each layer's depth every this many steps (default 50)")
+    p.add_argument("--emulate-inter-mbit", type=int, default=None, metavar="N",
+                   help="run each top-level group of ranks in its own network namespace, node links limited to "
+                        "N Mbit/s each way (needs root; exit status 3 otherwise)")
+    p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
+                   help="with --emulate-inter-mbit: add L ms of delay on every shaped hop (default 0)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds before one variant's ranks are killed (default 900)")
+    p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON report to FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def _int(value: object, flag: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{flag} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")
+    return value
+
+
+def _number(value: object, flag: str, low: float, high: float | None = None, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{flag} must be a number, got {value!r}")
+    if value < low or (strict and value == low) or (high is not None and value > high):
+        bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"{flag} must be {bound}, got {value}")
+    return float(value)
+
+
+def variant_names(args: argparse.Namespace, num_levels: int) -> list[str]:
+    """The ``--dispatch`` values (checked for the topology, duplicates dropped), then ``auto+swaps`` with --swaps."""
+    names = parse_dispatch_list(args.dispatch, num_levels)
+    return names + ([SWAPS_VARIANT] if args.swaps else [])
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    return dict(vocab_size=256, seq_len=args.seq_len, num_layers=args.num_layers, hidden_size=args.hidden_size,
+                num_heads=args.num_heads, ffn_hidden_size=args.ffn_hidden_size or args.hidden_size,
+                num_experts=args.num_experts, top_k=args.top_k, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+
+
+def _resolve(args: argparse.Namespace) -> dict:
+    """Validate every flag in the parent (before any namespace or rank exists); return the ranks' configuration."""
+    from ..data.text import ByteTextDataModule
+    from ..models.moe_gpt import MoEGPT
+
+    try:
+        topology = Topology.parse(args.topology)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"--topology: {e}") from None
+    world = topology.world_size
+    if world < 2:
+        raise ValueError(f"--topology {args.topology!r} has {world} rank; expert parallelism needs at least 2")
+    names = variant_names(args, topology.num_levels)
+    for value, flag, low in ((args.hidden_size, "--hidden-size", 1), (args.num_heads, "--num-heads", 1),
+                             (args.num_experts, "--num-experts", 1), (args.top_k, "--top-k", 1),
+                             (args.num_layers, "--num-layers", 1), (args.seq_len, "--seq-len", 1),
+                             (args.batch_size, "--batch-size", 1), (args.steps, "--steps", 1),
+                             (args.warmup_steps, "--warmup-steps", 0), (args.seed, "--seed", 0),
+                             (args.plan_every_n_steps, "--plan-every-n-steps", 1),
+                             (args.max_swaps_per_plan, "--max-swaps-per-plan", 0),
+                             (args.auto_interval, "--auto-interval", 1)):
+        _int(value, flag, low)
+    if args.ffn_hidden_size is not None:
+        _int(args.ffn_hidden_size, "--ffn-hidden-size", 1)
+    if args.top_k > args.num_experts:
+        raise ValueError(f"--top-k ({args.top_k}) must be <= --num-experts ({args.num_experts})")
+    if args.num_experts % world:
+        raise ValueError(f"--num-experts ({args.num_experts}) must be divisible by the {world} ranks of "
+                         f"--topology {topology}")
+    _number(args.lr, "--lr", 0.0, strict=True)
+    _number(args.timeout, "--timeout", 0.0, strict=True)
+    if args.emulate_inter_mbit is not None:
+        _int(args.emulate_inter_mbit, "--emulate-inter-mbit", 1)
+    _number(args.emulate_latency_ms, "--emulate-latency-ms", 0.0, 10_000.0)
+    if args.emulate_latency_ms > 0 and args.emulate_inter_mbit is None:
+        raise ValueError("--emulate-latency-ms needs --emulate-inter-mbit")
+    try:
+        link_costs = LinkCosts.resolve(args.link_costs)
+    except (TypeError, ValueError, OSError) as e:
+        raise ValueError(f"--link-costs: {e}") from None
+    model_kwargs = _model_kwargs(args)
+    try:
+        MoEGPT(**{**model_kwargs, "num_layers": 1})  # every model argument checked once, cheaply
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"model: {e}") from None
+    try:
+        data = ByteTextDataModule(args.data, seq_len=args.seq_len, batch_size=args.batch_size)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"--data: {e}") from None
+    if data.num_train_samples < world * args.batch_size:
+        raise ValueError(f"--data: {data.num_train_samples} training windows of {args.seq_len + 1} bytes are fewer "
+                         f"than one global batch ({world} ranks x --batch-size {args.batch_size})")
+    return {"topology": topology, "world": world, "names": names, "link_costs": link_costs, "model": model_kwargs,
+            "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
+            "warmup": args.warmup_steps, "auto_interval": args.auto_interval,
+            "plan_every_n_steps": args.plan_every_n_steps, "max_swaps_per_plan": args.max_swaps_per_plan}
+
+
+# ---------------------------------------------------------------------------- Lightning on already-forked ranks
+class ExternalRankEnvironment(ClusterEnvironment):
+    """The cluster environment of a process started by someone else (``run_ranks``) with its process group up.
+
+    ``creates_processes_externally`` is True, so Lightning's launcher starts nothing, and the strategy finds
+    ``torch.distributed`` initialised and skips ``init_process_group``. Ranks are reported as given (one node:
+    local rank = global rank).
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0 .. {world_size - 1}")
+        self._rank, self._world = int(rank), int(world_size)
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    @property
+    def main_address(self) -> str:
+        return os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+    @property
+    def main_port(self) -> int:
+        return int(os.environ.get("MASTER_PORT", "0"))
+
+    @staticmethod
+    def detect() -> bool:
+        return False
+
+    def world_size(self) -> int:
+        return self._world
+
+    def set_world_size(self, size: int) -> None:
+        if size != self._world:
+            raise ValueError(f"Lightning computed a world size of {size}, but the process group has {self._world} "
+                             f"ranks (use devices=world_size, num_nodes=1)")
+
+    def global_rank(self) -> int:
+        return self._rank
+
+    def set_global_rank(self, rank: int) -> None:
+        if rank != self._rank:
+            raise ValueError(f"Lightning computed global rank {rank} for the process of rank {self._rank}")
+
+    def local_rank(self) -> int:
+        return self._rank
+
+    def node_rank(self) -> int:
+        return 0
+
+
+def _quiet_child() -> None:
+    """Forked ranks: no per-rank banners ("GPU available: ...") and none of Lightning's advice warnings."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    warnings.filterwarnings("ignore", message=".*on_train_batch_end.*")
+    warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _make_timer(warmup: int, monitor):
+    import lightning.pytorch as pl
+
+    class _StepTimer(pl.Callback):
+        """Barrier-synchronised timestamps at the end of every optimizer step, monitor totals after the warmup."""
+
+        def __init__(self):
+            self.stamps: list[float] = []
+            self.losses: list[float] = []
+            self.snapshot = None
+            self.result: dict | None = None
+
+        def _totals(self):
+            sent = monitor.total_sent.clone() if monitor.total_sent is not None else None
+            flat = monitor.total_flat.clone() if monitor.total_flat is not None else None
+            return sent, flat, getattr(monitor, "swaps_total", 0), getattr(monitor, "plan_seconds", 0.0), \
+                getattr(monitor, "migration_seconds", 0.0)
+
+        def on_train_start(self, trainer, pl_module):
+            dist.barrier()
+            self.stamps = [time.perf_counter()]
+            if warmup == 0:
+                self.snapshot = self._totals()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if isinstance(outputs, dict) and "loss" in outputs:
+                self.losses.append(float(outputs["loss"]))
+            dist.barrier()
+            self.stamps.append(time.perf_counter())
+            if len(self.stamps) - 1 == warmup:
+                self.snapshot = self._totals()
+
+        def on_train_end(self, trainer, pl_module):
+            stamps = self.stamps[warmup:]
+            steps = torch.tensor([b - a for a, b in zip(stamps, stamps[1:])], dtype=torch.float64)
+            elapsed = torch.tensor([stamps[-1] - stamps[0]], dtype=torch.float64)
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            losses = torch.tensor(self.losses, dtype=torch.float64)
+            dist.all_reduce(losses)
+            losses /= dist.get_world_size()
+            sent0, flat0, swaps0, plan0, mig0 = self.snapshot
+            sent, flat, swaps, plan, mig = self._totals()
+
+            def diff(end, start):
+                if end is None:
+                    return None
+                return (end - start if start is not None else end).tolist()
+
+            from ..checkpoint import moe_layers
+
+            self.result = {
+                "step_seconds": steps.tolist(), "elapsed_s": float(elapsed), "losses": losses.tolist(),
+                "sent": diff(sent, sent0), "flat": diff(flat, flat0), "swaps": swaps - swaps0,
+                "plan_seconds": plan - plan0, "migration_seconds": mig - mig0,
+                "dispatch_resolved": [m.dispatch for m in moe_layers(pl_module).values()],
+            }
+
+    return _StepTimer()
+
+
+def _rank_fn(rank: int, world: int, cfg: dict, variant: str) -> dict:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ..callback import HierMoECallback
+    from ..data.text import ByteTextDataModule
+    from ..metrics import DedupMonitor
+    from ..models.moe_gpt import MoEGPT
+    from ..strategy import HierMoEStrategy
+
+    _quiet_child()
+    torch.manual_seed(cfg["model"]["seed"])
+    swaps = variant == SWAPS_VARIANT
+    dispatch = "auto" if swaps else variant
+    model = MoEGPT(**cfg["model"])
+    dataset = ByteTextDataModule(cfg["data"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"]).train_dataset
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, drop_last=True)
+    if swaps:
+        monitor = HierMoECallback(plan_every_n_steps=cfg["plan_every_n_steps"],
+                                  max_swaps_per_plan=cfg["max_swaps_per_plan"], print_summary=False, save_plots=False)
+    else:
+        monitor = DedupMonitor(print_summary=False)
+    timer = _make_timer(cfg["warmup"], monitor)
+    strategy = HierMoEStrategy(topology=str(cfg["topology"]), dispatch=dispatch, link_costs=cfg["link_costs"],
+                               auto_interval=cfg["auto_interval"])
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, plugins=[ExternalRankEnvironment(rank, world)],
+        max_steps=cfg["warmup"] + cfg["steps"], max_epochs=-1, callbacks=[monitor, timer], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=cfg["root_dir"],
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    if timer.result is None:
+        raise RuntimeError(f"variant {variant}: training ended before its first step")
+    return timer.result
+
+
+# ---------------------------------------------------------------------------- report
+def _p90(values: list[float]) -> float:
+    s = sorted(values)
+    pos = 0.9 * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _summarise(raw: dict, tokens_per_step: int, steps: int, num_levels: int) -> dict:
+    levels = [f"level{i}" for i in range(1, num_levels + 1)]
+    sent = raw["sent"] or [0.0] * num_levels
+    flat = raw["flat"] or [0.0] * num_levels
+    step_ms = [s * 1e3 for s in raw["step_seconds"]]
+    return {
+        "tokens_per_s": tokens_per_step * steps / raw["elapsed_s"],
+        "step_ms_median": statistics.median(step_ms),
+        "step_ms_p90": _p90(step_ms),
+        "elapsed_s": raw["elapsed_s"],
+        "speedup_vs_flat": None,
+        "dispatch_resolved": raw["dispatch_resolved"],
+        "bytes_by_level": {k: int(round(v)) for k, v in zip(levels, sent)},
+        "flat_bytes_by_level": {k: int(round(v)) for k, v in zip(levels, flat)},
+        "dedup_saving": 1.0 - sum(sent) / sum(flat) if sum(flat) > 0 else 0.0,
+        "swaps": int(raw["swaps"]),
+        "plan_seconds": float(raw["plan_seconds"]),
+        "migration_seconds": float(raw["migration_seconds"]),
+        "loss_first": raw["losses"][0] if raw["losses"] else None,
+        "loss_last": raw["losses"][-1] if raw["losses"] else None,
+        "step_ms": step_ms,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Validate, then train every variant on freshly forked ranks; return the report (JSON-serialisable)."""
+    cfg = _resolve(args)
+    topology, world, names = cfg["topology"], cfg["world"], cfg["names"]
+    launch = dict(timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
+    root = tempfile.mkdtemp(prefix="hiermoe-e2e-")
+    cfg["root_dir"] = root
+    raw: dict[str, dict] = {}
+
+    def train_all(net=None):
+        extra = {} if net is None else {"netns": net, "ranks_per_node": world // topology.sizes[0]}
+        for name in names:
+            raw[name] = run_ranks(_rank_fn, world, cfg, name, **launch, **extra)[0]
+
+    try:
+        if args.emulate_inter_mbit is None:
+            train_all()
+        else:
+            try:
+                net = EmulatedNetwork(topology.sizes[0], args.emulate_inter_mbit,
+                                      latency_ms=float(args.emulate_latency_ms))
+                net.setup()
+            except EmulationUnavailable as e:
+                raise CLIError(f"--emulate-inter-mbit: network emulation is not available: {e}",
+                               EMULATION_EXIT_STATUS) from None
+            try:
+                train_all(net)
+            finally:
+                net.cleanup()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    tokens_per_step = world * args.batch_size * args.seq_len
+    results = {name: _summarise(raw[name], tokens_per_step, args.steps, topology.num_levels) for name in names}
+    if "flat" in results:
+        base = results["flat"]["tokens_per_s"]
+        for r in results.values():
+            r["speedup_vs_flat"] = r["tokens_per_s"] / base
+    report = {
+        "topology": str(topology),
+        "world_size": world,
+        "model": {k: v for k, v in cfg["model"].items()},
+        "seq_len": args.seq_len,
+        "batch_size_per_rank": args.batch_size,
+        "tokens_per_step": tokens_per_step,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "variants": names,
+        "results": results,
+        "link_costs": cfg["link_costs"].name,
+        "auto_interval": args.auto_interval,
+        "data": args.data or "default corpus (pydoc topics)",
+        "bytes_note": BYTES_NOTE,
+        "cpu_count": os.cpu_count(),
+    }
+    if args.swaps:
+        report["swaps"] = {"plan_every_n_steps": args.plan_every_n_steps,
+                           "max_swaps_per_plan": args.max_swaps_per_plan}
+    if args.emulate_inter_mbit is not None:
+        report["emulation"] = {"inter_mbit": args.emulate_inter_mbit, "latency_ms": float(args.emulate_latency_ms),
+                               "num_nodes": topology.sizes[0], "ranks_per_node": world // topology.sizes[0],
+                               "link": "each node's namespace <-> hub bridge, tbf rate limit on both directions"}
+    return report
+
+
+def format_report(report: dict) -> str:
+    """An aligned table: tokens/s, speedup over flat, step times, dispatch in use, bytes per level, dedup, swaps."""
+    mib = float(1 << 20)
+    model = report["model"]
+    head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), MoEGPT hidden "
+            f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts top-{model['top_k']}, "
+            f"seq {report['seq_len']} x batch {report['batch_size_per_rank']}/rank = {report['tokens_per_step']} "
+            f"tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup")
+    if "emulation" in report:
+        em = report["emulation"]
+        head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "
+                 f"{em['inter_mbit']} Mbit/s each way, latency {em['latency_ms']:g} ms per shaped hop")
+    results = report["results"]
+    levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=lambda s: int(s[5:]))
+    cols = ["variant", "tokens/s", "vs flat", "step ms", "p90 ms", "dispatch", *[f"L{lv[5:]} MiB" for lv in levels],
+            "dedup", "swaps", "loss"]
+    rows = [cols]
+    for name, r in results.items():
+        resolved = sorted(set(r["dispatch_resolved"]))
+        rows.append([
+            name, f"{r['tokens_per_s']:,.0f}",
+            f"{r['speedup_vs_flat']:.2f}x" if r["speedup_vs_flat"] is not None else "",
+            f"{r['step_ms_median']:.1f}", f"{r['step_ms_p90']:.1f}", "/".join(resolved),
+            *[f"{r['bytes_by_level'].get(lv, 0) / mib:.1f}" for lv in levels],
+            f"{100 * r['dedup_saving']:.1f}%", str(r["swaps"]),
+            f"{r['loss_last']:.3f}" if r["loss_last"] is not None else "",
+        ])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(cols))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    foot = [f"auto chooses with link costs {report['link_costs']} (every {report['auto_interval']} steps)"]
+    if "swaps" in report:
+        sw = report["swaps"]
+        foot.append(f"{SWAPS_VARIANT}: HierMoECallback plans every {sw['plan_every_n_steps']} steps, "
+                    f"<= {sw['max_swaps_per_plan']} swaps per layer and plan (planning + migration inside the timing)")
+    foot.append("L<i> MiB: forward dispatch+combine payload over level-i links, all ranks and timed steps; "
+                "loss: mean over ranks at the last step")
+    return "\n".join([head, "", *lines, "", *foot])
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = run(args)
+    except CLIError as e:
+        if e.status != EMULATION_EXIT_STATUS or getattr(args, "debug", False):
+            raise
+        print(f"hiermoe: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EMULATION_EXIT_STATUS
+    text = json.dumps(report, indent=2)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    print(text if args.json else format_report(report))
+    return 0
