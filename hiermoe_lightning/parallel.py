@@ -27,7 +27,8 @@ class ExpertParallel:
     Args:
         topology: ``"2x2"``, a list of sizes or a Topology; None = one level over the whole group.
         dispatch: ``"flat" | "2dh" | "hd1" .. "hd<D>" | "auto"``.
-        link_costs: preset name, YAML path or LinkCosts (used by ``auto`` and the statistics).
+        link_costs: preset name, YAML path or LinkCosts (used by ``auto`` and the statistics), or ``"calibrate"``:
+            fit them on the live process groups right after they are created (collective, a few seconds).
         group: the process group of the expert-parallel ranks; None = the default group.
         verify_splits: before every payload, check collectively that senders and receivers agree on split sizes
             (a debugging aid: gloo itself does not check, and a mismatch silently corrupts data or aborts).
@@ -42,7 +43,8 @@ class ExpertParallel:
         self.auto_interval = auto_interval
         topo = Topology.parse(topology) if topology is not None else None
         validate_dispatch(dispatch, topo.num_levels if topo is not None else 1)
-        self.link_costs = LinkCosts.resolve(link_costs)
+        calibrate = isinstance(link_costs, str) and link_costs == "calibrate"
+        self.link_costs = None if calibrate else LinkCosts.resolve(link_costs)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ExpertParallel needs torch.distributed initialised (init_process_group) first")
         ranks = list(dist.get_process_group_ranks(group)) if group is not None else list(range(dist.get_world_size()))
@@ -52,7 +54,7 @@ class ExpertParallel:
             raise ValueError(
                 f"topology {topo} has world size {topo.world_size} but the process group has {len(ranks)} ranks"
             )
-        if dispatch == "auto":
+        if dispatch == "auto" and not calibrate:
             from .dispatch.spec import dispatch_names
 
             self.link_costs.require(p for name in dispatch_names(topo.num_levels) if name.startswith("hd")
@@ -63,6 +65,8 @@ class ExpertParallel:
         self.world_size = len(ranks)
         self._peer_groups = self._build_groups(group is not None and len(ranks) != dist.get_world_size())
         self._routes: dict[tuple, Route] = {}
+        if calibrate:
+            self.link_costs = LinkCosts.calibrate(self)
 
     # ------------------------------------------------------------------ process groups
     def _build_groups(self, local_sync: bool) -> dict[str, PeerGroup]:

@@ -50,7 +50,8 @@ class HierMoEStrategy(DDPStrategy):
         topology: expert-parallel layout, e.g. ``"2x2"``; None = ``f"{num_nodes}x{devices}"``. It may differ from the
             physical layout (``"2x2"`` on ``devices=4`` emulates two nodes).
         dispatch: ``"flat" | "2dh" | "hd1" .. "hd<D>" | "auto"``.
-        link_costs: preset name or YAML path of the alpha-beta link costs (``auto`` uses them).
+        link_costs: preset name or YAML path of the alpha-beta link costs (``auto`` uses them), or ``"calibrate"`` to
+            fit them on the live process groups at setup.
         verify_splits: check split agreement before every all-to-all payload (debugging aid).
         auto_interval: with ``dispatch="auto"``, re-choose each layer's depth every this many training forwards.
         checkpoint_format: ``"full"`` (one portable file: the unsharded model and optimizer state, loadable into a
@@ -82,7 +83,8 @@ class HierMoEStrategy(DDPStrategy):
         # validate everything that needs no process group now, identically on every rank
         self._topology = Topology.parse(topology) if topology is not None else None
         validate_dispatch(dispatch, self._topology.num_levels if self._topology is not None else 2)
-        self._link_costs = LinkCosts.resolve(link_costs)
+        # "calibrate": fitted on the live process groups at setup (ExpertParallel does it)
+        self._link_costs = link_costs if link_costs == "calibrate" else LinkCosts.resolve(link_costs)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of 'popen', 'spawn', 'fork', 'forkserver', got {start_method!r}")
         if isinstance(timeout, (int, float)):

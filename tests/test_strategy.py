@@ -136,3 +136,44 @@ def test_resume_from_sharded_checkpoint_continues_exactly(tmp_path, reference_ru
     second, _ = fit(str(tmp_path), resume_world, topology=topo, dispatch="hd2", max_epochs=2, ckpt_path=ckpt,
                     tag="second", checkpoint_format="sharded")
     torch.testing.assert_close(torch.tensor(first + second), torch.tensor(reference_runs["adamw"]), **TOL)
+
+
+class _Val(torch.utils.data.Dataset):
+    def __init__(self):
+        from hiermoe_lightning.data import ByteTextDataModule
+
+        self.base = ByteTextDataModule(seq_len=MODEL["seq_len"], batch_size=1).val_dataset
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def _validate(world, tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    class Module(MoEGPT):
+        def val_dataloader(self):
+            ds = _Val()
+            if world == 1:
+                return DataLoader(ds, batch_size=8)
+            import torch.distributed as dist
+
+            return DataLoader(ds, batch_size=8 // world,
+                              sampler=DistributedSampler(ds, num_replicas=world, rank=dist.get_rank(), shuffle=False))
+
+    model = Module(**MODEL)
+    strategy = "auto" if world == 1 else HierMoEStrategy(topology="2x2", dispatch="hd2", start_method="fork", timeout=60)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(tmp_path))
+    return trainer.validate(model, verbose=False)[0]["val/loss"]
+
+
+def test_validate_on_four_ranks_equals_one_process(tmp_path):
+    # val/loss is logged with sync_dist (averaged over ranks); sharded experts must give the single-process value
+    single = _validate(1, tmp_path)
+    four = _validate(4, tmp_path)
+    assert abs(four - single) < 1e-4 and four > 0  # equal-size batches: the mean of rank means is the mean

@@ -56,13 +56,13 @@ DEFAULT_TOKENS_PER_RANK = 2048
 EMULATION_EXIT_STATUS = 3
 PREDICTED_NOTE = ("predicted_ms = 2 x the cost model's one-way all-to-all time (cost.model.predict with these link "
                   "costs): median_ms times dispatch + combine, which move the same rows each way")
-LOWER_BOUND_NOTE = ("lower_bound_ms = the busiest node link's level-1 lower-bound bytes in one direction / the emulated "
-                    "rate (inter_mbit Mbit/s per node link and direction). A node's outbound link carries its tokens' "
-                    "dispatch rows to other nodes plus the combine rows it returns for other nodes' tokens (inbound: "
-                    "the reverse), one row per distinct (token, other top-level group) each way, so per node "
-                    "bytes = row_bytes x (rows out + rows in) of the dispatch; the max over nodes is taken. Payload "
-                    "only: Ethernet/IP/TCP headers (~4-5% at MTU 1500) and gloo framing are not counted. wire_ms = "
-                    "the same for the dispatch's own level-1 bytes.")
+LOWER_BOUND_NOTE = (
+    "lower_bound_ms = the busiest node link's level-1 lower-bound bytes in one direction / the emulated rate "
+    "(inter_mbit Mbit/s per node link and direction). A node's outbound link carries its tokens' dispatch rows to "
+    "other nodes plus the combine rows it returns for other nodes' tokens (inbound: the reverse), one row per distinct "
+    "(token, other top-level group) each way, so per node bytes = row_bytes x (rows out + rows in) of the dispatch; "
+    "the max over nodes is taken. Payload only: Ethernet/IP/TCP headers (~4-5% at MTU 1500) and gloo framing are not "
+    "counted. wire_ms = the same for the dispatch's own level-1 bytes.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -143,7 +143,7 @@ def _resolve(args: argparse.Namespace):
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
     if args.emulate_inter_mbit is not None:
         _int(args.emulate_inter_mbit, "--emulate-inter-mbit", 1)
-    lat = args.emulate_latency_ms
+    lat = args.emulate_latency_ms = getattr(args, "emulate_latency_ms", 0.0)
     if isinstance(lat, bool) or not isinstance(lat, (int, float)) or not 0 <= lat <= 10_000:
         raise ValueError(f"--emulate-latency-ms must be a number of milliseconds in 0 .. 10000, got {lat!r}")
     if lat > 0 and args.emulate_inter_mbit is None:
@@ -234,7 +234,8 @@ def node_link_bytes(topology: Topology, rows: torch.Tensor, row_bytes: int) -> t
     return (m.sum(1) + m.sum(0)) * int(row_bytes)
 
 
-def _lower_bound_node_bytes(topology: Topology, placement: Placement, ids: torch.Tensor, row_bytes: int) -> torch.Tensor:
+def _lower_bound_node_bytes(topology: Topology, placement: Placement, ids: torch.Tensor,
+                            row_bytes: int) -> torch.Tensor:
     """:func:`node_link_bytes` of the lower bound: one row per distinct (token, other node) each way."""
     ids = check_expert_ids(topology, placement, ids)
     G, T, K = ids.shape

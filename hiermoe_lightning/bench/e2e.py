@@ -58,6 +58,7 @@ __all__ = ["add_arguments", "run", "main", "format_report", "variant_names", "Ex
            "SWAPS_VARIANT", "EMULATION_EXIT_STATUS", "RESULT_KEYS", "BYTES_NOTE"]
 
 DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
+CALIBRATE = "calibrate"
 SWAPS_VARIANT = "auto+swaps"
 RESULT_KEYS = ("tokens_per_s", "step_ms_median", "step_ms_p90", "elapsed_s", "speedup_vs_flat", "dispatch_resolved",
                "bytes_by_level", "flat_bytes_by_level", "dedup_saving", "swaps", "loss_first", "loss_last")
@@ -79,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="with --swaps: optimizer steps between swap plans (default 5)")
     p.add_argument("--max-swaps-per-plan", type=int, default=4,
                    help="with --swaps: swaps per layer and plan, at most (default 4)")
+    p.add_argument("--no-charge-migration", dest="charge_migration", action="store_false",
+                   help="with --swaps: let the planner ignore the cost of migrating experts (default: charge it "
+                        "over the next plan interval, as HierMoECallback does)")
     p.add_argument("--hidden-size", type=int, default=256, help="model hidden size (default 256)")
     p.add_argument("--num-heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--ffn-hidden-size", type=int, default=None,
@@ -97,7 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="PATH",
                    help="a text file to train on (default: Python's documentation topics, offline)")
     p.add_argument("--link-costs", default="paper-a6000",
-                   help="preset name (paper-a6000) or YAML file the auto dispatch and the planner use "
+                   help="preset name (paper-a6000), a YAML file, or 'calibrate' (measure them first on these ranks "
+                        "and network with LinkCosts.calibrate): the costs auto and the swap planner use "
                         "(default paper-a6000)")
     p.add_argument("--auto-interval", type=int, default=50,
                    help="dispatch auto re-chooses each layer's depth every this many steps (default 50)")
@@ -178,10 +183,12 @@ def _resolve(args: argparse.Namespace) -> dict:
     _number(args.emulate_latency_ms, "--emulate-latency-ms", 0.0, 10_000.0)
     if args.emulate_latency_ms > 0 and args.emulate_inter_mbit is None:
         raise ValueError("--emulate-latency-ms needs --emulate-inter-mbit")
-    try:
-        link_costs = LinkCosts.resolve(args.link_costs)
-    except (TypeError, ValueError, OSError) as e:
-        raise ValueError(f"--link-costs: {e}") from None
+    link_costs = None  # "calibrate": measured by run() on the ranks (and network) of the benchmark
+    if args.link_costs != CALIBRATE:
+        try:
+            link_costs = LinkCosts.resolve(args.link_costs)
+        except (TypeError, ValueError, OSError) as e:
+            raise ValueError(f"--link-costs: {e}") from None
     model_kwargs = _model_kwargs(args)
     try:
         MoEGPT(**{**model_kwargs, "num_layers": 1})  # every model argument checked once, cheaply
@@ -197,7 +204,8 @@ def _resolve(args: argparse.Namespace) -> dict:
     return {"topology": topology, "world": world, "names": names, "link_costs": link_costs, "model": model_kwargs,
             "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "warmup": args.warmup_steps, "auto_interval": args.auto_interval,
-            "plan_every_n_steps": args.plan_every_n_steps, "max_swaps_per_plan": args.max_swaps_per_plan}
+            "plan_every_n_steps": args.plan_every_n_steps, "max_swaps_per_plan": args.max_swaps_per_plan,
+            "charge_migration": bool(getattr(args, "charge_migration", True))}
 
 
 # ---------------------------------------------------------------------------- Lightning on already-forked ranks
@@ -260,7 +268,6 @@ def _quiet_child() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*")
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-    warnings.filterwarnings("ignore", message=".*on_train_batch_end.*")
     warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
@@ -316,7 +323,16 @@ def _make_timer(warmup: int, monitor):
 
             from ..checkpoint import moe_layers
 
+            history = getattr(monitor, "history", [])
+            plan_steps = sorted({h["step"] for h in history})
+            plans = {"count": len(plan_steps)}
+            if plan_steps:
+                first = [h for h in history if h["step"] == plan_steps[0]]
+                last = [h for h in history if h["step"] == plan_steps[-1]]
+                plans["predicted_ms_before_first"] = sum(h["predicted_ms_before"] for h in first)
+                plans["predicted_ms_after_last"] = sum(h["predicted_ms_after"] for h in last)
             self.result = {
+                "plans": plans,
                 "step_seconds": steps.tolist(), "elapsed_s": float(elapsed), "losses": losses.tolist(),
                 "sent": diff(sent, sent0), "flat": diff(flat, flat0), "swaps": swaps - swaps0,
                 "plan_seconds": plan - plan0, "migration_seconds": mig - mig0,
@@ -346,7 +362,8 @@ def _rank_fn(rank: int, world: int, cfg: dict, variant: str) -> dict:
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, drop_last=True)
     if swaps:
         monitor = HierMoECallback(plan_every_n_steps=cfg["plan_every_n_steps"],
-                                  max_swaps_per_plan=cfg["max_swaps_per_plan"], print_summary=False, save_plots=False)
+                                  max_swaps_per_plan=cfg["max_swaps_per_plan"], charge_migration=cfg["charge_migration"],
+                                  print_summary=False, save_plots=False)
     else:
         monitor = DedupMonitor(print_summary=False)
     timer = _make_timer(cfg["warmup"], monitor)
@@ -362,6 +379,15 @@ def _rank_fn(rank: int, world: int, cfg: dict, variant: str) -> dict:
     if timer.result is None:
         raise RuntimeError(f"variant {variant}: training ended before its first step")
     return timer.result
+
+
+def _calibrate_fn(rank: int, world: int, topology: Topology) -> dict:
+    """``LinkCosts.calibrate`` on these ranks (identical result on every rank) as a plain dict."""
+    from ..parallel import ExpertParallel
+
+    ep = ExpertParallel(topology, dispatch="flat")
+    costs = LinkCosts.calibrate(ep, name="calibrated (bench e2e)")
+    return {k: {"alpha": pc.alpha, "beta": pc.beta, "r2": pc.r2} for k, pc in costs.phases.items()}
 
 
 # ---------------------------------------------------------------------------- report
@@ -391,6 +417,7 @@ def _summarise(raw: dict, tokens_per_step: int, steps: int, num_levels: int) -> 
         "swaps": int(raw["swaps"]),
         "plan_seconds": float(raw["plan_seconds"]),
         "migration_seconds": float(raw["migration_seconds"]),
+        "plans": raw["plans"],
         "loss_first": raw["losses"][0] if raw["losses"] else None,
         "loss_last": raw["losses"][-1] if raw["losses"] else None,
         "step_ms": step_ms,
@@ -408,6 +435,9 @@ def run(args: argparse.Namespace) -> dict:
 
     def train_all(net=None):
         extra = {} if net is None else {"netns": net, "ranks_per_node": world // topology.sizes[0]}
+        if cfg["link_costs"] is None:
+            phases = run_ranks(_calibrate_fn, world, topology, **launch, **extra)[0]
+            cfg["link_costs"] = LinkCosts(phases, name="calibrated (bench e2e)")
         for name in names:
             raw[name] = run_ranks(_rank_fn, world, cfg, name, **launch, **extra)[0]
 
@@ -447,6 +477,8 @@ def run(args: argparse.Namespace) -> dict:
         "variants": names,
         "results": results,
         "link_costs": cfg["link_costs"].name,
+        "link_cost_phases": {k: {"alpha": pc.alpha, "beta": pc.beta, "r2": pc.r2}
+                             for k, pc in cfg["link_costs"].phases.items()},
         "auto_interval": args.auto_interval,
         "data": args.data or "default corpus (pydoc topics)",
         "bytes_note": BYTES_NOTE,

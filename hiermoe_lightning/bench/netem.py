@@ -82,7 +82,8 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"{' '.join(argv)!r} did not finish within {_CMD_TIMEOUT_S:.0f} s") from e
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)!r} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        reason = proc.stderr.strip() or proc.stdout.strip()
+        raise RuntimeError(f"{' '.join(argv)!r} failed ({proc.returncode}): {reason}")
     return proc
 
 

@@ -27,9 +27,16 @@ incrementally (after a swap only the tokens that chose ``a`` or ``b`` are re-cou
 phase's (current rank, next rank) table to per-rank send/receive changes, giving every pair's per-rank loads in every
 phase as ``[E, E, G]`` tensors.
 
-Determinism: token weights are turned into fixed-point integers (``2**-16`` of a token by default) and every count,
-hit and load is an integer held in float64, so sums are exact whatever their order or thread count. Only the
-smooth-max, used to rank candidates, is rounded floating point; ties go to the lowest ``(a, b)``.
+Determinism: token weights are turned into fixed-point integers (unweighted tokens count exactly 1; weights get
+``2**16`` units by default, fewer when the pair search runs in float32) and every count, hit and load is an integer
+held in float32 / float64 below the exact-integer limit, so sums are exact whatever their order or thread count: every
+rank computes the same plan. Only the smooth-max, used to rank candidates, is rounded floating point; remaining ties
+go to the lowest ``(a, b)``. The pair search uses float32 (about twice as fast) when every number it forms stays
+below ``2**24`` and the lightest token keeps >= 16 units, else float64.
+
+Search rules (see :func:`plan_swaps`): candidates never raise plain ``t_{d*}``; a swap is taken when it pays for its
+migration or, as a plateau move, lowers the smooth-max objective; the kept plan is the prefix with the largest net
+gain.
 
 Costs (one way, ms): ``alpha + beta * busiest_rank_bytes`` per phase as in :mod:`hiermoe_lightning.cost.model`
 (a phase whose groups are single ranks costs 0), ``t_d`` the sum over the phases of ``hd<d>``, ``d*`` = argmin.
@@ -60,7 +67,7 @@ __all__ = [
     "migration_ms_table",
 ]
 
-_FIXED_POINT_BITS = 16  # token weights are kept as integer multiples of 2**-16 (fewer when the totals are huge)
+_FIXED_POINT_BITS = 16  # token weights are kept as integer multiples of 2**-16 by default (coarser when needed)
 _EXACT_LIMIT = 2.0 ** 50  # keep every fixed-point sum below this (float64 holds integers exactly below 2**53)
 _FLOAT32_EXACT = 2.0 ** 24  # float32 holds integers exactly below this
 _TOKEN_CHUNK = 8192  # tokens per block when (re)counting statistics: bounds [chunk, K, U] and [chunk, K, K] blocks
@@ -109,11 +116,11 @@ def _check_gamma(gamma: object) -> float | None:
 
 
 def _quantize_weights(token_weights: torch.Tensor | None, G: int, T: int,
-                      bits: int | None = None) -> tuple[torch.Tensor, float]:
+                      scale: float | None = None) -> tuple[torch.Tensor, float]:
     """``[G, T]`` weights (default 1) -> (``[G*T]`` float64 integer fixed-point weights, scale = units per token).
 
-    ``bits``: fixed-point fraction bits (default: 16, fewer when the total would not stay exact in float64).
-    Without weights every token counts 1 (scale 1).
+    ``scale``: fixed-point units per token weight (default ``2**16``, less when the total would not stay exact in
+    float64). Without weights every token counts 1 (scale 1).
     """
     if token_weights is None:
         return torch.ones(G * T, dtype=torch.float64), 1.0
@@ -127,12 +134,11 @@ def _quantize_weights(token_weights: torch.Tensor | None, G: int, T: int,
     if w.numel() and (not bool(torch.isfinite(w).all()) or float(w.min()) < 0):
         raise ValueError("token_weights must be finite and >= 0")
     total = float(w.sum()) if w.numel() else 0.0
-    bits = _FIXED_POINT_BITS if bits is None else bits
-    while bits > 0 and total * 2.0 ** bits * 4 >= _EXACT_LIMIT:
-        bits -= 1
-    scale = 2.0 ** bits
+    scale = float(2 ** _FIXED_POINT_BITS) if scale is None else float(scale)
+    while scale > 1 and (total * scale + w.numel()) * 4 >= _EXACT_LIMIT:
+        scale /= 2
     wq = torch.round(w * scale)
-    if float(wq.sum()) * 4 >= _EXACT_LIMIT:
+    if (float(wq.sum()) + w.numel()) * 4 >= _EXACT_LIMIT:
         raise ValueError(f"token_weights sum to {total:g}: too large to count exactly; rescale them")
     return wq, scale
 
@@ -190,7 +196,7 @@ class GroupCounts:
     """
 
     def __init__(self, expert_ids: torch.Tensor, placement: Placement, topology: "Topology | str",
-                 token_weights: torch.Tensor | None = None, fixed_point_bits: int | None = None):
+                 token_weights: torch.Tensor | None = None, fixed_point_scale: float | None = None):
         topology = Topology.parse(topology)
         if not isinstance(placement, Placement):
             raise TypeError(f"placement must be a Placement, got {type(placement).__name__}")
@@ -203,14 +209,14 @@ class GroupCounts:
             raise ValueError("expert_ids has a token that lists the same expert twice; top-k experts must be distinct")
         self._raw_ids = ids
         self._raw_weights = token_weights
-        self._bits = fixed_point_bits
+        self._scale_arg = fixed_point_scale
         self.topology = topology
         self.placement = placement
         self.tokens_per_rank = T
         self.top_k = K
         self.ids = ids.reshape(G * T, K).contiguous()
         self.source = torch.arange(G).repeat_interleave(T)
-        self.weights, self.scale = _quantize_weights(token_weights, G, T, fixed_point_bits)
+        self.weights, self.scale = _quantize_weights(token_weights, G, T, fixed_point_scale)
         self.counts: list[torch.Tensor] = [
             self._count(L, torch.arange(G * T)) for L in range(1, topology.num_levels + 1)
         ]
@@ -276,7 +282,7 @@ class GroupCounts:
             mask |= (self.ids == e).any(dim=1)
         return mask
 
-    def apply_swap(self, a: int, b: int) -> None:
+    def apply_swap(self, a: int, b: int, has_a: torch.Tensor | None = None, has_b: torch.Tensor | None = None) -> None:
         """Swap experts ``a`` and ``b`` in :attr:`placement` and update the counts incrementally.
 
         Only tokens that chose exactly one of them change: at each level where the two experts' groups differ, the
@@ -286,7 +292,8 @@ class GroupCounts:
         new_placement = self.placement.swapped(a, b)  # validates ids
         ra, rb = int(self.placement.expert_to_rank[a]), int(self.placement.expert_to_rank[b])
         if ra != rb:
-            has_a, has_b = (self.ids == a).any(dim=1), (self.ids == b).any(dim=1)
+            if has_a is None or has_b is None:  # [N] bool: tokens that chose a / b (the caller may know them)
+                has_a, has_b = (self.ids == a).any(dim=1), (self.ids == b).any(dim=1)
             only_a = (has_a & ~has_b).nonzero().flatten()
             only_b = (has_b & ~has_a).nonzero().flatten()
             for L in range(1, self.topology.num_levels + 1):
@@ -306,7 +313,7 @@ class GroupCounts:
 
     def recomputed(self) -> "GroupCounts":
         """Fresh counts of the same routing on the current placement (the reference for the incremental update)."""
-        return GroupCounts(self._raw_ids, self.placement, self.topology, self._raw_weights, self._bits)
+        return GroupCounts(self._raw_ids, self.placement, self.topology, self._raw_weights, self._scale_arg)
 
     def copy(self) -> "GroupCounts":
         out = object.__new__(GroupCounts)
@@ -429,15 +436,16 @@ class _PairStats:
         self.both = first[:-1].cumsum(dim=0)
         del first
 
-    def _alone(self, counts: GroupCounts, rows: torch.Tensor) -> torch.Tensor:
-        """``[D, n, K]`` bool: the token's k-th expert is the only one of its experts in its level-``L`` group."""
-        ids = counts.ids[rows]
-        valid = ids >= 0
+    def _alone(self, counts: GroupCounts, rows: torch.Tensor, pair_rank: torch.Tensor,
+               valid: torch.Tensor) -> torch.Tensor:
+        """``[D, n, K]`` bool: the token's k-th expert is the only one of its experts in its level-``L`` group
+        (``pair_rank``: ``[n, K]`` rank of each chosen expert, any value where ``valid`` is False)."""
         out = []
         for L in self.levels:
-            c = counts.counts[L - 1][rows]
-            grp = counts.expert_group(L)[ids].clamp_max(c.shape[1] - 1)
-            out.append(valid & (c.gather(1, grp) == 1))
+            c = counts.counts[L - 1]
+            U = c.shape[1]
+            grp = torch.div(pair_rank, counts.group_size(L), rounding_mode="floor").clamp_(0, U - 1)
+            out.append(valid & (c.view(-1)[(rows * U)[:, None] + grp] == 1))
         return torch.stack(out)
 
     def swap(self, counts: GroupCounts, a: int, b: int) -> None:
@@ -451,52 +459,62 @@ class _PairStats:
         rows = (has_a | has_b).nonzero().flatten()
         one = (has_a ^ has_b)[rows]  # counts change only for tokens with exactly one of a, b
         ids = counts.ids[rows]
-        n = rows.numel()
         valid = ids >= 0
         ids0 = ids.clamp_min(0)
         src = counts.source[rows]
         w = counts.weights[rows].to(self.dtype)
         size = {L: counts.group_size(L) for L in self.levels}
         ra, rb = int(counts.placement.expert_to_rank[a]), int(counts.placement.expert_to_rank[b])
-        cols = {L: (ra // size[L], rb // size[L]) for L in self.levels if ra // size[L] != rb // size[L]}
-        old_alone = self._alone(counts, rows)
-        old_zero = {L: counts.counts[L - 1][rows][:, list(c)] == 0 for L, c in cols.items()}  # [n, 2]
+        cols = {L: torch.tensor([ra // size[L], rb // size[L]]) for L in self.levels if ra // size[L] != rb // size[L]}
+        pair_rank = counts.placement.expert_to_rank[ids0]
+        old_alone = self._alone(counts, rows, pair_rank, valid)
+        old_zero = {L: counts.counts[L - 1][rows[:, None], c[None, :]] == 0 for L, c in cols.items()}  # [n, 2]
 
-        counts.apply_swap(a, b)
+        counts.apply_swap(a, b, has_a, has_b)
 
-        new_alone = self._alone(counts, rows)
-        idx = ids0 * G + src[:, None]  # [n, K]
+        pair_rank = torch.where(ids == a, rb, torch.where(ids == b, ra, pair_rank))
+        new_alone = self._alone(counts, rows, pair_rank, valid)
         # lose: +w where newly alone, -w where no longer alone
-        diff = new_alone.to(self.dtype) - old_alone.to(self.dtype)  # [D, n, K]
-        lose_idx = torch.arange(D)[:, None, None] * (E * G) + idx[None]
-        self.lose.view(-1).scatter_add_(0, lose_idx.reshape(-1), (diff * w[None, :, None]).reshape(-1))
-        # both: a triple (a, b, s) counts at every level from the coarsest one where a is alone
-        def first_level(alone: torch.Tensor) -> torch.Tensor:
-            lvl = torch.full((n, K), D, dtype=torch.long)
-            for L in reversed(self.levels):
-                lvl = torch.where(alone[L - 1], L - 1, lvl)
-            return lvl
-        old_lvl, new_lvl = first_level(old_alone), first_level(new_alone)
+        lvl, t, k = (new_alone != old_alone).nonzero(as_tuple=True)
+        if t.numel():
+            sign = new_alone[lvl, t, k].to(self.dtype) * 2 - 1
+            self.lose.view(-1).scatter_add_(0, (lvl * E + ids0[t, k]) * G + src[t], sign * w[t])
+        # both: a triple (a, b, s) counts at every level from the coarsest one where a is alone (the alone levels
+        # are nested, so that level is D minus how many levels a is alone at)
+        def alone_levels(alone: torch.Tensor) -> torch.Tensor:
+            out = alone[0].to(torch.uint8)
+            for j in range(1, D):
+                out += alone[j]
+            return out
+
+        old_lvl, new_lvl = D - alone_levels(old_alone), D - alone_levels(new_alone)  # uint8 [n, K]
         t, k1 = (old_lvl != new_lvl).nonzero(as_tuple=True)
         if t.numel():
-            other = valid[t] & (torch.arange(K)[None, :] != k1[:, None])  # [m, K] partners k2
-            e1 = ids0[t, k1][:, None]
-            base = ((e1 * E + ids0[t]) * G + src[t][:, None]).reshape(-1)  # [m*K] (a, b, s)
-            wt = w[t][:, None] * other  # [m, K]
-            lo, ln = old_lvl[t, k1], new_lvl[t, k1]
+            lo, ln = old_lvl[t, k1].long(), new_lvl[t, k1].long()
+            low, high = torch.minimum(lo, ln), torch.maximum(lo, ln)
+            sign = torch.where(ln < lo, 1.0, -1.0).to(self.dtype)  # alone at more levels now: the triples count more
             flat = self.both.view(D, -1)
-            for j in range(D):
-                coef = ((ln <= j).to(self.dtype) - (lo <= j).to(self.dtype))[:, None]
-                flat[j].scatter_add_(0, base, (wt * coef).reshape(-1))
+            for j in range(D):  # levels low .. high-1 change
+                sel = ((low <= j) & (j < high)).nonzero().flatten()
+                if sel.numel() == 0:
+                    continue
+                ts, ks = t[sel], k1[sel]
+                other = valid[ts] & (torch.arange(K)[None, :] != ks[:, None])  # [m, K] partners k2
+                base = (ids0[ts, ks][:, None] * E + ids0[ts]) * G + src[ts][:, None]  # [m, K] (a, b, s)
+                flat[j].scatter_add_(0, base.reshape(-1), ((w[ts] * sign[sel])[:, None] * other).reshape(-1))
         # gain: the zero indicator of the two groups involved, for tokens whose counts changed
         for L, c in cols.items():
-            new_zero = counts.counts[L - 1][rows][:, list(c)] == 0
-            dz = (new_zero.to(self.dtype) - old_zero[L].to(self.dtype)) * (w * one)[:, None]  # [n, 2]
-            gidx = torch.where(valid, idx, E * G)  # [n, K]
+            new_zero = counts.counts[L - 1][rows[:, None], c[None, :]] == 0
+            changed = ((new_zero != old_zero[L]) & one[:, None]).any(dim=1).nonzero().flatten()
+            if changed.numel() == 0:
+                continue
+            dz = (new_zero[changed].to(self.dtype) - old_zero[L][changed].to(self.dtype)) * w[changed][:, None]
+            gidx = torch.where(valid[changed], ids0[changed] * G + src[changed][:, None], E * G)  # [m, K]
             U = self._gain[L].shape[1]
-            for j, col in enumerate(c):
-                target = (gidx * U + col).reshape(-1)
-                self._gain[L].view(-1).scatter_add_(0, target, dz[:, j:j + 1].expand(n, K).reshape(-1))
+            m = changed.numel()
+            for j in range(2):
+                target = (gidx * U + int(c[j])).reshape(-1)
+                self._gain[L].view(-1).scatter_add_(0, target, dz[:, j:j + 1].expand(m, K).reshape(-1))
 
     def _count(self, counts: GroupCounts, rows: torch.Tensor, first: torch.Tensor) -> None:
         """Add the contributions of tokens ``rows``; pair triples go to ``first`` at their coarsest alone level."""
@@ -504,7 +522,6 @@ class _PairStats:
         off_diag = ~torch.eye(K, dtype=torch.bool)
         groups = {L: counts.expert_group(L) for L in self.levels}
         lose, first = self.lose.view(-1), first.view(-1)
-        sign = 1.0
         for start in range(0, rows.numel(), _TOKEN_CHUNK):
             r = rows[start: start + _TOKEN_CHUNK]
             n = r.numel()
@@ -512,7 +529,7 @@ class _PairStats:
             valid = ids >= 0
             ids0 = ids.clamp_min(0)
             src = counts.source[r]
-            w = (counts.weights[r] * sign).to(self.dtype)
+            w = counts.weights[r].to(self.dtype)
             idx = ids0 * G + src[:, None]  # [n, K] (expert, source)
             gain_idx = torch.where(valid, idx, E * G)  # dropped pairs go to the last row
             wk = w[:, None].expand(n, K)
@@ -607,19 +624,30 @@ def migration_ms_table(topology: "Topology | str", link_costs: "LinkCosts | str"
     return out
 
 
-def _search_precision(token_weights: torch.Tensor | None) -> tuple[int | None, torch.dtype]:
-    """Fixed-point bits and dtype of the pair search: float32 (exact for integers below 2**24, and several times
-    faster than float64) when the weights fit with at least 4 fraction bits, else float64 with the default bits."""
+def _search_precision(token_weights: torch.Tensor | None) -> tuple[float | None, torch.dtype]:
+    """Fixed-point scale (units per token weight) and dtype of the pair search.
+
+    float32 holds integers exactly below 2**24 and runs about twice as fast as float64; no number the search forms
+    exceeds 3x the total fixed-point weight (each rank's loads and their changes are bounded by it). So float32 is
+    used with the largest integer scale that keeps 4x the total below 2**24, provided the lightest token keeps >= 16
+    units (quantisation error <= 3%); otherwise float64 with ``2**16`` units per token weight. Without weights every
+    token counts 1 (float32 up to about four million tokens; the caller checks).
+    """
     if token_weights is None:
-        return 0, torch.float32  # float64 after all when the token count is too large (checked by the caller)
+        return 1.0, torch.float32
     if not isinstance(token_weights, torch.Tensor):
         return None, torch.float64  # GroupCounts raises the clear error
-    total = float(token_weights.detach().to(torch.float64).sum()) if token_weights.numel() else 0.0
-    if not math.isfinite(total) or total < 0:
+    w = token_weights.detach().to(torch.float64).reshape(-1)
+    if w.numel() == 0 or not bool(torch.isfinite(w).all()) or float(w.min()) < 0:
         return None, torch.float64
-    for bits in range(_FIXED_POINT_BITS, 3, -1):
-        if (total + token_weights.numel()) * 2.0 ** bits * 8 < _FLOAT32_EXACT:
-            return bits, torch.float32
+    total = float(w.sum())
+    positive = w[w > 0]
+    if total <= 0 or positive.numel() == 0:
+        return None, torch.float64
+    # rounding adds at most half a unit per token: (sum + tokens) * 4 stays below 2**24 (the caller checks)
+    scale = min(float(2 ** _FIXED_POINT_BITS), math.floor((_FLOAT32_EXACT / 4 - 2 * w.numel()) / total))
+    if scale >= 1 and float(positive.min()) * scale >= 16:
+        return float(scale), torch.float32
     return None, torch.float64
 
 
@@ -689,25 +717,32 @@ def plan_swaps(
     link_bandwidth_bytes_per_ms: float | None = None,
     compute_balance_tolerance: float | None = 1.10,
     candidate_pairs: Iterable[Sequence[int]] | None = None,
+    ranking: str = "plain_first",
 ) -> SwapPlan:
     """Greedy expert swaps that lower the predicted all-to-all time ``t_{d*}`` (one way, plain max).
 
-    Each round evaluates every pair ``(a, b)`` of experts on different ranks (or only ``candidate_pairs``) and
-    keeps those that are *admissible*:
+    Each round evaluates every pair ``(a, b)`` of experts on different ranks (or only ``candidate_pairs``). A pair is
+    a *candidate* when, after swapping it:
 
-    * the plain-max ``t_{d*}`` after the swap is lower than now, by more than the amortised migration cost
-      ``saving_ms * horizon_steps > migration_ms`` when ``expert_bytes`` and ``horizon_steps`` are given (see
-      :func:`migration_ms_table`; the saving counts once per step: scale ``horizon_steps`` to count dispatch plus
-      combine, forward plus backward), otherwise by any positive amount;
-    * with ``compute_balance_tolerance`` (``None`` disables it) the busiest rank's weighted (token, expert) load
-      after the swap stays <= max(current busiest, tolerance * mean).
+    * ``t_{d*}`` (plain max) does not rise, and with ``compute_balance_tolerance`` (``None`` disables the guard) the
+      busiest rank's weighted (token, expert) load stays <= max(current busiest, tolerance * mean), and
+    * either it *pays*: ``(t_{d*} now - after) * horizon_steps > migration_ms`` (with ``expert_bytes`` and
+      ``horizon_steps``; see :func:`migration_ms_table`; otherwise any saving > 0), or it is a *plateau move*: it
+      lowers the smooth-max objective (``t_{d*}`` with each phase's busiest rank replaced by
+      ``smooth_max(., gamma)``, plus the amortised ``migration_ms / horizon_steps``) without lowering plain ``t_{d*}``
+      enough; it unloads the second-busiest ranks so a later swap can lower the max (``gamma=None``: no plateau moves).
 
-    Among them it applies the one with the lowest objective: ``t_{d*}`` with each phase's busiest rank replaced by
-    ``smooth_max(., gamma)`` (``gamma=None``: plain max; ``d*`` is the plain-max choice after the swap). Ties go to the
-    lowest ``(a, b)``. It stops after ``max_swaps`` swaps or when no pair is admissible.
+    ``ranking="plain_first"`` (default) applies the candidate with the lowest plain ``t_{d*}`` after the swap (plus
+    amortised migration), ties and plateau moves broken by the lowest smooth-max objective; ``ranking="smooth"``
+    applies the lowest smooth-max objective (the paper's rule; on our zipf test traces it stalls early, well above
+    ``plain_first``). Remaining ties go to the lowest ``(a, b)``. The rounds stop after
+    ``max_swaps`` swaps or when no pair is a candidate; the plan is then the prefix of the swaps with the largest net
+    gain ``(t_before - t_k) * horizon_steps - sum of migration_ms`` (> 0), so plateau moves that led nowhere are dropped
+    and the kept swaps pay for their migration together. The saving counts once per step (one-way dispatch): scale
+    ``horizon_steps`` to count dispatch plus combine, forward plus backward.
 
     ``expert_ids`` int ``[G, T, K]`` (``-1`` = dropped); ``token_weights`` optional ``[G, T]`` (e.g.
-    :meth:`RoutingWindow.trace`). Pure and deterministic.
+    :meth:`RoutingWindow.trace`; quantised to fixed point, see :class:`GroupCounts`). Pure and deterministic.
     """
     t0 = time.perf_counter()
     topology = Topology.parse(topology)
@@ -726,11 +761,13 @@ def plan_swaps(
         link_bandwidth_bytes_per_ms = _check_positive_number(link_bandwidth_bytes_per_ms, "link_bandwidth_bytes_per_ms")
     if compute_balance_tolerance is not None:
         compute_balance_tolerance = _check_positive_number(compute_balance_tolerance, "compute_balance_tolerance")
+    if ranking not in ("plain_first", "smooth"):
+        raise ValueError(f"ranking must be 'plain_first' or 'smooth', got {ranking!r}")
     row_bytes = hidden_size * bytes_per_elem
 
-    bits, dtype = _search_precision(token_weights)
-    counts = GroupCounts(expert_ids, placement, topology, token_weights, fixed_point_bits=bits)
-    if float(counts.weights.sum()) * 8 >= _FLOAT32_EXACT:
+    scale, dtype = _search_precision(token_weights)
+    counts = GroupCounts(expert_ids, placement, topology, token_weights, fixed_point_scale=scale)
+    if (float(counts.weights.sum()) + counts.num_tokens) * 4 >= _FLOAT32_EXACT:
         dtype = torch.float64
     E, G, D = placement.num_experts, topology.world_size, topology.num_levels
     tables, by_d = _phase_tables(topology.sizes)
@@ -767,38 +804,50 @@ def plan_swaps(
         if cand is not None:
             ok &= cand
         ia, ib = ok.nonzero(as_tuple=True)  # candidate pairs, (a, b) in increasing order
-        if ia.numel():
+        h = horizon_steps or 1
+
+        def smooth_of(sel: torch.Tensor) -> torch.Tensor:
+            """Smooth-max objective (without migration) of the candidates ``sel``, in float64."""
             if gamma is None:
-                smooth_ab = best_plain[ia, ib]
-            else:  # smooth-max only for the candidates, in float64
-                xs = {name: xp[ia, ib].to(torch.float64) for name, xp in x.items()}  # [P, G]
-                smooth = _hd_times(xs, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
-                smooth_ab = torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia, ib][None])[0]
-            pair_mig = mig[level_table[rank[ia], rank[ib]]] if mig is not None else torch.zeros_like(smooth_ab)
-            objective = smooth_ab + pair_mig / (horizon_steps or 1)
-            h = horizon_steps or 1
-            pays = (current_ms - best_plain[ia, ib]) * h - pair_mig > _SAVING_EPS_MS  # faster, by enough
-            smoother = objective < current_obj - _OBJECTIVE_RTOL * abs(current_obj)  # or a plateau move
-            import os
-            variant = os.environ.get("PV", "B")
-            if variant == "A":
-                better = pays
+                return best_plain[ia[sel], ib[sel]]
+            xs = {name: xp[ia[sel], ib[sel]].to(torch.float64) for name, xp in x.items()}  # [P, G]
+            smooth = _hd_times(xs, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
+            return torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia[sel], ib[sel]][None])[0]
+
+        best = None
+        if ia.numel():
+            pair_mig = mig[level_table[rank[ia], rank[ib]]] if mig is not None else torch.zeros(ia.numel(), dtype=torch.float64)
+            plain_ab = best_plain[ia, ib]
+            plain_cost = plain_ab + pair_mig / h
+            pays = (current_ms - plain_ab) * h - pair_mig > _SAVING_EPS_MS  # faster, by more than migration
+            if ranking == "plain_first" and bool(pays.any()):
+                # the lowest plain cost wins; the smooth-max objective only breaks its ties
+                tied = (pays & (plain_cost == plain_cost[pays].min())).nonzero().flatten()
+                smooth_t = smooth_of(tied)
+                j = int(torch.argmin(smooth_t + pair_mig[tied] / h))  # first minimum: lowest (a, b)
+                best, best_smooth = int(tied[j]), float(smooth_t[j])
             else:
-                better = pays | smoother
-            if variant == "C":
-                objective = best_plain[ia, ib] + pair_mig / h + 1e-6 * objective
-            ia, ib, objective, smooth_ab, pair_mig = ia[better], ib[better], objective[better], smooth_ab[better], \
-                pair_mig[better]
+                every = torch.arange(ia.numel())
+                smooth_ab = smooth_of(every)
+                smooth_cost = smooth_ab + pair_mig / h
+                smoother = smooth_cost < current_obj - _OBJECTIVE_RTOL * abs(current_obj)  # a plateau move
+                better = (pays | smoother).nonzero().flatten()
+                if better.numel():
+                    if ranking == "smooth":  # the paper: the lowest smooth-max objective
+                        j = int(torch.argmin(smooth_cost[better]))
+                    else:  # plateau moves only: the lowest plain cost, then the lowest smooth-max objective
+                        tied = (plain_cost[better] == plain_cost[better].min()).nonzero().flatten()
+                        j = int(tied[torch.argmin(smooth_cost[better][tied])])
+                    best, best_smooth = int(better[j]), float(smooth_ab[better[j]])
         del x
-        if ia.numel() == 0:
+        if best is None:
             round_seconds.append(time.perf_counter() - r0)
             break
-        best = int(torch.argmin(objective))  # first minimum: lowest (a, b) on ties
         a, b = int(ia[best]), int(ib[best])
         round_seconds.append(time.perf_counter() - r0)
         stats.swap(counts, a, b)  # also applies the swap to counts
         swaps.append((a, b))
-        current_ms, current_obj = float(best_plain[a, b]), float(smooth_ab[best])
+        current_ms, current_obj = float(best_plain[a, b]), best_smooth
         ms_path.append(current_ms)
         mig_path.append(mig_path[-1] + float(pair_mig[best]))
 

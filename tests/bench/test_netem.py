@@ -33,6 +33,11 @@ def _netns() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+def _mine() -> set[str]:
+    """Namespaces of EmulatedNetworks made by this process (other sessions may run emulations concurrently)."""
+    return {n for n in _netns() if n.startswith(f"hmoe-{os.getpid()}-")}
+
+
 def _ip(ns: str, *argv: str) -> str:
     return subprocess.run(["ip", "-n", ns, *argv], capture_output=True, text=True, timeout=10, check=True).stdout
 
@@ -44,13 +49,13 @@ def _tc(ns: str, dev: str) -> str:
 
 @pytest.fixture
 def no_leftovers():
-    before = _netns()
+    before = _mine()
     yield
-    assert _netns() - before == set(), "namespaces left behind"
+    assert _mine() - before == set(), "namespaces left behind"
 
 
 def test_namespaces_links_and_shaping_then_fully_removed(no_leftovers):
-    before = _netns()
+    before = _mine()
     net = EmulatedNetwork(3, 200)
     with net as same:
         assert same is net and net.active
@@ -72,20 +77,20 @@ def test_namespaces_links_and_shaping_then_fully_removed(no_leftovers):
         # nothing of ours in the caller's namespace
         assert net.interface(0) not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
     assert not net.active
-    assert _netns() == before
+    assert _mine() == before
     net.cleanup()  # idempotent
     with pytest.raises(IndexError):
         net.node_address(3)
 
 
 def test_removed_after_exception_and_after_partial_setup(monkeypatch, no_leftovers):
-    before = _netns()
+    before = _mine()
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(ZeroDivisionError):
         with EmulatedNetwork(2, 100) as net:
             assert net.hub in _netns()
             1 / 0
-    assert _netns() == before
+    assert _mine() == before
 
     calls = []
 
@@ -98,7 +103,7 @@ def test_removed_after_exception_and_after_partial_setup(monkeypatch, no_leftove
     with pytest.raises(EmulationUnavailable, match="simulated tc failure"):
         with EmulatedNetwork(2, 100):
             pytest.fail("body ran after a failed setup")
-    assert len(calls) == 3 and _netns() == before
+    assert len(calls) == 3 and _mine() == before
     # handlers are put back
     assert signal.getsignal(signal.SIGINT) is handler
 
@@ -215,7 +220,8 @@ def test_rate_limit_between_nodes_not_within(no_leftovers):
     inter, intra, intra2 = out[0]["inter"], out[0]["intra"], out[2]["intra2"]
     assert inter >= 0.25, f"2 MiB crossed a 50 Mbit/s link in {inter:.3f} s: rate limit not effective"
     assert inter < 2.0, f"2 MiB at 50 Mbit/s took {inter:.3f} s"
-    assert intra < 0.1 and intra2 < 0.1 and inter > 4 * max(intra, intra2), (inter, intra, intra2)
+    # within a node: loopback, a few ms (generous bound: CI machines are shared)
+    assert intra < 0.12 and intra2 < 0.12 and inter > 3 * max(intra, intra2), (inter, intra, intra2)
 
 
 def test_latency_needs_netem_or_works(no_leftovers):
@@ -228,11 +234,11 @@ def test_latency_needs_netem_or_works(no_leftovers):
 
 def test_not_root_raises_and_cli_exits_3(monkeypatch, capsys, no_leftovers):
     monkeypatch.setattr(netem, "_is_root", lambda: False)
-    before = _netns()
+    before = _mine()
     with pytest.raises(EmulationUnavailable, match="needs root"):
         with EmulatedNetwork(2, 100):
             pytest.fail("ran without root")
-    assert isinstance(EmulationUnavailable("x"), RuntimeError) and _netns() == before
+    assert isinstance(EmulationUnavailable("x"), RuntimeError) and _mine() == before
     monkeypatch.setattr(comm, "run_ranks", lambda *a, **k: pytest.fail("spawned ranks without emulation"))
     assert cli.main(["bench", "comm", *SMALL, "--emulate-inter-mbit", "100", "--json"]) == 3
     captured = capsys.readouterr()
@@ -264,7 +270,7 @@ def test_bench_comm_emulated_json(capsys, no_leftovers):
             [*SMALL, "--emulate-latency-ms", "5"]))
 
 
-def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers):
+def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers, tmp_path):
     """A rank blocked inside a gloo collective must not outlive its parent's SIGTERM (nor keep a namespace)."""
     script = textwrap.dedent("""
         import os, time
@@ -282,8 +288,10 @@ def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers):
         with EmulatedNetwork(2, 100, prefix="hmoet") as net:
             run_ranks(fn, 4, netns=net, ranks_per_node=2, timeout=60, pg_timeout=60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            stderr=subprocess.DEVNULL)
+    err_path = tmp_path / "stderr.txt"
+    err_file = open(err_path, "w")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, stderr=err_file)
+    err_file.close()
 
     def running(pid):
         try:
@@ -296,7 +304,7 @@ def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers):
     try:
         while len(pids) < 4:
             line = proc.stdout.readline()
-            assert line, "the script ended early"
+            assert line, f"the script ended early: {err_path.read_text()[-3000:]}"
             if line.startswith("pid "):
                 pids.append(int(line.split()[1]))
         mine = {n for n in _netns() if n.startswith(f"hmoet-{proc.pid}-")}

@@ -62,3 +62,19 @@ def _fixed(rank, world):
 
 def test_concrete_dispatch_never_consults_the_model():
     assert all(r == ("hd2", {}) for r in run_ranks(_fixed, 4))
+
+
+def _calibrated(rank, world):
+    ep = ExpertParallel("2x2", dispatch="auto", link_costs="calibrate")
+    layer = MoELayer(8, 8, 8, 2)
+    ep.shard_(layer)
+    layer(torch.randn(16, 8))
+    return {k: (v.alpha, v.beta) for k, v in ep.link_costs.phases.items()}, layer.dispatch
+
+
+def test_link_costs_calibrate_fits_on_the_live_groups_identically_everywhere():
+    res = run_ranks(_calibrated, 4, timeout=90)
+    assert all(r == res[0] for r in res)
+    costs, chosen = res[0]
+    assert {"a2a", "inter1", "intra1"} <= set(costs) and all(b >= 0 for _, b in costs.values())
+    assert chosen in ("hd1", "hd2")

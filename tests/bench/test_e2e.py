@@ -1,0 +1,113 @@
+"""``hiermoe bench e2e``: Lightning training of MoEGPT on forked ranks (plain and on the emulated network).
+
+The emulated-network test creates real network namespaces: it needs root (CI runs the tests as root) and is not
+skipped without it: it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from hiermoe_lightning.bench import e2e, netem
+from hiermoe_lightning.cli.main import CLIError
+
+TINY = ["--topology", "2x2", "--hidden-size", "32", "--num-heads", "2", "--num-experts", "8", "--top-k", "2",
+        "--num-layers", "2", "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--warmup-steps", "1",
+        "--timeout", "120"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return e2e.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def check_result(r: dict, num_levels: int = 2) -> None:
+    assert set(e2e.RESULT_KEYS) <= set(r)
+    assert r["tokens_per_s"] > 0 and r["step_ms_median"] > 0 and r["elapsed_s"] > 0
+    assert r["step_ms_p90"] >= r["step_ms_median"] - 1e-9
+    assert len(r["step_ms"]) == 2  # the timed steps only
+    assert set(r["bytes_by_level"]) == set(r["flat_bytes_by_level"]) == {f"level{i}" for i in range(1, num_levels + 1)}
+    assert r["bytes_by_level"]["level1"] > 0 and r["flat_bytes_by_level"]["level1"] > 0
+    assert r["swaps"] >= 0 and r["loss_last"] > 0
+
+
+@pytest.fixture(scope="module")
+def plain_report():
+    return e2e.run(parse([*TINY, "--dispatch", "flat,auto"]))
+
+
+def test_flat_and_auto_on_four_ranks(plain_report):
+    r = plain_report
+    assert r["world_size"] == 4 and r["topology"] == "2x2" and r["variants"] == ["flat", "auto"]
+    assert r["tokens_per_step"] == 4 * 2 * 16
+    assert "emulation" not in r
+    for name in ("flat", "auto"):
+        check_result(r["results"][name])
+    flat, auto = r["results"]["flat"], r["results"]["auto"]
+    assert flat["speedup_vs_flat"] == pytest.approx(1.0)
+    assert auto["speedup_vs_flat"] == pytest.approx(auto["tokens_per_s"] / flat["tokens_per_s"])
+    assert flat["dispatch_resolved"] == ["flat", "flat"]
+    assert set(auto["dispatch_resolved"]) <= {"hd1", "hd2"}
+    assert flat["dedup_saving"] == pytest.approx(0.0)
+    assert flat["bytes_by_level"] == flat["flat_bytes_by_level"]
+    # same seed and same batches: the dispatch changes where rows go, not what is computed
+    assert auto["loss_first"] == pytest.approx(flat["loss_first"], rel=1e-5)
+    assert auto["flat_bytes_by_level"] == flat["flat_bytes_by_level"]
+    json.dumps(r)
+    text = e2e.format_report(r)
+    assert "tokens/s" in text and "1.00x" in text
+
+
+def test_emulated_network_runs_as_root(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    status = e2e.main(parse([*TINY, "--dispatch", "hd2", "--swaps", "--plan-every-n-steps", "1",
+                             "--emulate-inter-mbit", "1000", "--output", str(out)]))
+    assert status == 0
+    r = json.loads(out.read_text())
+    assert r["emulation"]["inter_mbit"] == 1000 and r["emulation"]["ranks_per_node"] == 2
+    assert r["variants"] == ["hd2", e2e.SWAPS_VARIANT]
+    for res in r["results"].values():
+        check_result(res)
+    assert r["results"]["hd2"]["speedup_vs_flat"] is None  # no flat variant to compare with
+    assert r["results"][e2e.SWAPS_VARIANT]["plans"]["count"] >= 1  # the planner ran inside the timed steps
+    assert "emulated network" in capsys.readouterr().out
+
+
+def test_emulation_unavailable_exits_3(monkeypatch, capsys):
+    monkeypatch.setattr(netem, "_is_root", lambda: False)
+    args = parse([*TINY, "--dispatch", "flat", "--emulate-inter-mbit", "200"])
+    with pytest.raises(CLIError) as info:
+        e2e.run(args)
+    assert info.value.status == e2e.EMULATION_EXIT_STATUS == 3
+    assert e2e.main(args) == 3
+    err = capsys.readouterr().err
+    assert "--emulate-inter-mbit" in err and "root" in err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dispatch", "flat,hd3"], "--dispatch"),
+    (["--num-experts", "6"], "divisible"),
+    (["--top-k", "9"], "--top-k"),
+    (["--steps", "0"], "--steps"),
+    (["--emulate-latency-ms", "5"], "needs --emulate-inter-mbit"),
+    (["--link-costs", "nope"], "--link-costs"),
+    (["--hidden-size", "30"], "model"),
+    (["--topology", "1"], "at least 2"),
+])
+def test_bad_input_fails_before_spawning(argv, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        e2e.run(parse([*TINY, *argv]))
+
+
+def test_external_rank_environment():
+    env = e2e.ExternalRankEnvironment(2, 4)
+    assert env.creates_processes_externally and not env.detect()
+    assert (env.global_rank(), env.local_rank(), env.node_rank(), env.world_size()) == (2, 2, 0, 4)
+    env.set_global_rank(2)
+    env.set_world_size(4)
+    with pytest.raises(ValueError):
+        env.set_world_size(8)
+    with pytest.raises(ValueError):
+        e2e.ExternalRankEnvironment(4, 4)
