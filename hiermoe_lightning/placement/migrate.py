@@ -148,17 +148,16 @@ def migrate_(layers, new_placements, optimizer=None) -> MigrationStats:
     for layer, new in zip(layers, new_placements):
         plan = _moves(layer.placement, new, ep.rank)
         moved += plan["moved"]
+        shifted = plan["stay_from"] != plan["stay_to"]  # experts that stay on this rank but change slot
+        targets = torch.cat([plan["recv_slots"], plan["stay_to"][shifted]])
         for tensor in _slot_tensors(layer, optimizer):
             outgoing = tensor[plan["send_slots"]]
             incoming = all_to_all_rows(outgoing, plan["send_splits"], plan["recv_splits"], peers)
-            result = torch.empty_like(tensor)
-            result[plan["stay_to"]] = tensor[plan["stay_from"]]
-            result[plan["recv_slots"]] = incoming
-            staged.append((tensor, result))
+            staged.append((tensor, targets, torch.cat([incoming, tensor[plan["stay_from"][shifted]]])))
             sent += outgoing.numel() * outgoing.element_size()
-    # commit: nothing above modified the model
-    for tensor, result in staged:
-        tensor.copy_(result)
+    # commit: nothing above modified the model; only the slots whose expert changes are written
+    for tensor, targets, values in staged:
+        tensor[targets] = values
     for layer, new in zip(layers, new_placements):
         layer.set_placement(new)
     return MigrationStats(moved, sent, time.perf_counter() - start)
