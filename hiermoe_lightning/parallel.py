@@ -85,7 +85,10 @@ class ExpertParallel:
                     else:
                         made[key] = dist.new_group([self.global_ranks[m] for m in members])
                 if self.rank in members:
-                    out[phase] = PeerGroup(made[key], len(members), members.index(self.rank), key)
+                    pg = made[key]
+                    receive_first = pg is not None and dist.get_backend(pg) == "gloo"
+                    out[phase] = PeerGroup(pg, len(members), members.index(self.rank), key,
+                                           tuple(self.global_ranks[m] for m in members), receive_first)
         return out
 
     def peer_group(self, phase: str) -> PeerGroup:

@@ -111,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "N Mbit/s each way (needs root; exit status 3 otherwise)")
     p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="with --emulate-inter-mbit: add L ms of delay on every shaped hop (default 0)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="train every variant this many times, round robin (variant order within a round as given), "
+                        "and report the median tokens/s: evens out a shared machine's load (default 1)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before one variant's ranks are killed (default 900)")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON report to FILE")
@@ -167,7 +170,7 @@ def _resolve(args: argparse.Namespace) -> dict:
                              (args.warmup_steps, "--warmup-steps", 0), (args.seed, "--seed", 0),
                              (args.plan_every_n_steps, "--plan-every-n-steps", 1),
                              (args.max_swaps_per_plan, "--max-swaps-per-plan", 0),
-                             (args.auto_interval, "--auto-interval", 1)):
+                             (args.auto_interval, "--auto-interval", 1), (args.repeats, "--repeats", 1)):
         _int(value, flag, low)
     if args.ffn_hidden_size is not None:
         _int(args.ffn_hidden_size, "--ffn-hidden-size", 1)
@@ -399,16 +402,21 @@ def _p90(values: list[float]) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _summarise(raw: dict, tokens_per_step: int, steps: int, num_levels: int) -> dict:
+def _summarise(runs: list[dict], tokens_per_step: int, steps: int, num_levels: int) -> dict:
+    """One variant's repeats -> its result: median tokens/s over repeats, step times pooled over repeats, traffic and
+    swaps of the median repeat (the traffic of every repeat is the same unless swaps or auto choose differently)."""
     levels = [f"level{i}" for i in range(1, num_levels + 1)]
+    rates = [tokens_per_step * steps / r["elapsed_s"] for r in runs]
+    raw = runs[sorted(range(len(runs)), key=lambda i: rates[i])[(len(runs) - 1) // 2]]  # the (lower) median repeat
     sent = raw["sent"] or [0.0] * num_levels
     flat = raw["flat"] or [0.0] * num_levels
-    step_ms = [s * 1e3 for s in raw["step_seconds"]]
+    step_ms = [s * 1e3 for r in runs for s in r["step_seconds"]]
     return {
-        "tokens_per_s": tokens_per_step * steps / raw["elapsed_s"],
+        "tokens_per_s": statistics.median(rates),
         "step_ms_median": statistics.median(step_ms),
         "step_ms_p90": _p90(step_ms),
         "elapsed_s": raw["elapsed_s"],
+        "tokens_per_s_repeats": rates,
         "speedup_vs_flat": None,
         "dispatch_resolved": raw["dispatch_resolved"],
         "bytes_by_level": {k: int(round(v)) for k, v in zip(levels, sent)},
@@ -431,15 +439,16 @@ def run(args: argparse.Namespace) -> dict:
     launch = dict(timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
     root = tempfile.mkdtemp(prefix="hiermoe-e2e-")
     cfg["root_dir"] = root
-    raw: dict[str, dict] = {}
+    raw: dict[str, list[dict]] = {name: [] for name in names}
 
     def train_all(net=None):
         extra = {} if net is None else {"netns": net, "ranks_per_node": world // topology.sizes[0]}
         if cfg["link_costs"] is None:
             phases = run_ranks(_calibrate_fn, world, topology, **launch, **extra)[0]
             cfg["link_costs"] = LinkCosts(phases, name="calibrated (bench e2e)")
-        for name in names:
-            raw[name] = run_ranks(_rank_fn, world, cfg, name, **launch, **extra)[0]
+        for _ in range(args.repeats):
+            for name in names:
+                raw[name].append(run_ranks(_rank_fn, world, cfg, name, **launch, **extra)[0])
 
     try:
         if args.emulate_inter_mbit is None:
@@ -474,6 +483,7 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_step": tokens_per_step,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
+        "repeats": args.repeats,
         "variants": names,
         "results": results,
         "link_costs": cfg["link_costs"].name,
@@ -486,7 +496,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     if args.swaps:
         report["swaps"] = {"plan_every_n_steps": args.plan_every_n_steps,
-                           "max_swaps_per_plan": args.max_swaps_per_plan}
+                           "max_swaps_per_plan": args.max_swaps_per_plan,
+                           "charge_migration": cfg["charge_migration"]}
     if args.emulate_inter_mbit is not None:
         report["emulation"] = {"inter_mbit": args.emulate_inter_mbit, "latency_ms": float(args.emulate_latency_ms),
                                "num_nodes": topology.sizes[0], "ranks_per_node": world // topology.sizes[0],
@@ -501,7 +512,8 @@ def format_report(report: dict) -> str:
     head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), MoEGPT hidden "
             f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts top-{model['top_k']}, "
             f"seq {report['seq_len']} x batch {report['batch_size_per_rank']}/rank = {report['tokens_per_step']} "
-            f"tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup")
+            f"tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup"
+            + (f", median of {report['repeats']} repeats (round robin)" if report.get("repeats", 1) > 1 else ""))
     if "emulation" in report:
         em = report["emulation"]
         head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "

@@ -55,6 +55,7 @@ _CMD_TIMEOUT_S = 20.0  # per ip/tc call: bounded run time even if the kernel or 
 _counter = itertools.count()
 _libc = None
 _live: "weakref.WeakSet[EmulatedNetwork]" = weakref.WeakSet()  # instances whose signal handlers are installed
+_claimed: set[str] = set()  # namespace names of this process's instances between setup and cleanup
 
 
 def _after_fork_in_child() -> None:
@@ -116,12 +117,16 @@ def _list_netns() -> list[str]:
 
 def remove_stale(prefix: str = "hmoe") -> list[str]:
     """Delete namespaces named like ours (``<prefix>-<pid>-<k>-...``) whose creating process no longer exists
-    (left behind by a ``SIGKILL``); return their names. Never touches other names or live owners' namespaces."""
+    (left behind by a ``SIGKILL``; with this process's pid: a reused pid, unless one of our instances holds the name);
+    return their names. Never touches other names or live owners' namespaces."""
     pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-\d+-(hub|n\d+)$")
     removed = []
     for name in _list_netns():
         m = pattern.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if not m or name in _claimed:
+            continue
+        owner = int(m.group(1))
+        if owner == os.getpid() or not _pid_alive(owner):
             if _run(["ip", "netns", "delete", name], check=False).returncode == 0:
                 removed.append(name)
     return removed
@@ -254,6 +259,7 @@ class EmulatedNetwork:
                 raise RuntimeError("EmulatedNetwork.setup must run in the process that created the object")
             self._preflight()
             self._install_handlers()
+            _claimed.update([self.hub, *self._namespaces])
             try:
                 remove_stale(self.prefix)
                 self._build()
@@ -266,8 +272,8 @@ class EmulatedNetwork:
             return self
 
     def _add_netns(self, name: str) -> None:
+        self._created.append(name)  # first: a half-made namespace is removed too (deleting a missing one is harmless)
         _run(["ip", "netns", "add", name])
-        self._created.append(name)
 
     def _build(self) -> None:
         hub = self.hub
@@ -318,6 +324,7 @@ class EmulatedNetwork:
             while self._created:
                 name = self._created.pop()
                 _run(["ip", "netns", "delete", name], check=False)
+            _claimed.difference_update([self.hub, *self._namespaces])
             self._restore_handlers()
 
     # ------------------------------------------------------------------ signals / exit

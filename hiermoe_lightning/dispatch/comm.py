@@ -27,6 +27,8 @@ class PeerGroup:
     size: int
     index: int
     ranks: tuple[int, ...]  # positions in the expert-parallel world, ordered by peer index
+    global_ranks: tuple[int, ...] = ()  # the same peers as ranks of the default group (for point-to-point)
+    receive_first: bool = False  # payloads as point-to-point with every receive posted before any send (gloo)
 
     @property
     def is_local(self) -> bool:
@@ -56,8 +58,36 @@ def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[i
         return x
     x = x.contiguous()
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=peers.group)
+    if peers.receive_first:
+        _receive_first_all_to_all(out, x, send_splits, recv_splits, peers)
+    else:
+        dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=peers.group)
     return out
+
+
+def _receive_first_all_to_all(out, x, send_splits, recv_splits, peers: PeerGroup) -> None:
+    """all_to_all as point-to-point messages with every receive posted before any send.
+
+    gloo's ``all_to_all_single`` posts each send before the matching receive; on a slow link a peer's "ready to
+    receive" message then queues behind bulk payload and the two directions serialise. Posting all receives first
+    lets both directions stream at once (measured on the emulated 2-node network: 1.3x faster flat dispatch).
+    Zero-row messages are skipped on both sides (their sizes are agreed beforehand).
+    """
+    recv_offsets = [0]
+    for r in recv_splits:
+        recv_offsets.append(recv_offsets[-1] + r)
+    send_offsets = [0]
+    for s in send_splits:
+        send_offsets.append(send_offsets[-1] + s)
+    me = peers.index
+    out[recv_offsets[me]:recv_offsets[me + 1]] = x[send_offsets[me]:send_offsets[me + 1]]
+    ops = [dist.P2POp(dist.irecv, out[recv_offsets[p]:recv_offsets[p + 1]], peers.global_ranks[p], peers.group)
+           for p in range(peers.size) if p != me and recv_splits[p] > 0]
+    ops += [dist.P2POp(dist.isend, x[send_offsets[p]:send_offsets[p + 1]], peers.global_ranks[p], peers.group)
+            for p in range(peers.size) if p != me and send_splits[p] > 0]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
 
 
 def check_splits(send_splits: list[int], recv_splits: list[int], peers: PeerGroup) -> None:

@@ -25,7 +25,8 @@ def _check_load(expert_load: object) -> torch.Tensor:
     if not isinstance(expert_load, torch.Tensor):
         raise TypeError(f"expert_load must be a tensor [num_experts], got {type(expert_load).__name__}")
     if expert_load.dim() != 1 or expert_load.numel() == 0:
-        raise ValueError(f"expert_load must be a non-empty 1-D tensor [num_experts], got shape {list(expert_load.shape)}")
+        raise ValueError(f"expert_load must be a non-empty 1-D tensor [num_experts], got shape "
+                         f"{list(expert_load.shape)}")
     load = expert_load.detach().to(torch.float64)
     if not bool(torch.isfinite(load).all()) or float(load.min()) < 0:
         raise ValueError("expert_load must be finite and >= 0")

@@ -155,6 +155,7 @@ class _Phase:
     send: torch.Tensor
     recv: torch.Tensor
     single: bool
+    recv_at_group: bool = False  # level D and rows land on the group's (= the expert's) rank only
 
 
 @lru_cache(maxsize=32)
@@ -182,7 +183,8 @@ def _phase_tables(sizes: tuple[int, ...]) -> tuple[dict[str, _Phase], dict[int, 
             send = eye[cur] * moving[..., None]  # [G, U, G]
             recv = eye[nxt] * moving[..., None]
             single = len(phase_groups(topology, name)[0]) == 1
-            phases[name] = _Phase(name, L, send.contiguous(), recv.contiguous(), single)
+            at_group = L == D and bool((nxt == torch.arange(G)[None, :]).all())
+            phases[name] = _Phase(name, L, send.contiguous(), recv.contiguous(), single, at_group)
     return phases, by_d
 
 
@@ -235,7 +237,8 @@ class GroupCounts:
         return self.topology.world_size // self.topology.num_groups(level)
 
     def expert_group(self, level: int) -> torch.Tensor:
-        """``[E + 1]`` int64: level-``level`` group of each expert's rank; the last entry (id ``-1``) is ``U[level]``."""
+        """``[E + 1]`` int64: level-``level`` group of each expert's rank; the last entry (id ``-1``) is
+        ``U[level]``."""
         U = self.topology.num_groups(level)
         return torch.cat([self.placement.expert_to_rank // self.group_size(level), torch.tensor([U])])
 
@@ -562,6 +565,7 @@ def _pair_phase_x(counts: GroupCounts, stats: _PairStats, tables: dict[str, _Pha
     dt = stats.dtype
     for L in sorted({p.level for p in tables.values()}):
         g = counts.expert_group(L)[:-1]  # [E]
+        E = g.numel()
         S = stats.gain[L].permute(2, 0, 1)[g]  # [E_a, E_b, G_s]: gain[b, s, g(a)]
         S += stats.both[L - 1]
         S -= stats.lose[L - 1][:, None, :]
@@ -569,12 +573,24 @@ def _pair_phase_x(counts: GroupCounts, stats: _PairStats, tables: dict[str, _Pha
         for name, p in tables.items():
             if p.level != L:
                 continue
-            x = None
-            for table, cur in ((p.send, base[name][0]), (p.recv, base[name][1])):
-                tab_a = table.to(dt)[:, g, :].permute(1, 0, 2)  # [E, G_s, G_r]: the table at a's group
-                half = torch.baddbmm((cur.to(dt) * 0.5).expand(1, 1, -1), S, tab_a)  # cur / 2 + change at g(a)
-                total = half + half.transpose(0, 1)
-                x = total if x is None else torch.maximum(x, total, out=x)
+            send_cur, recv_cur = base[name][0].to(dt), base[name][1].to(dt)
+            tab_a = p.send.to(dt)[:, g, :].permute(1, 0, 2)  # [E, G_s, G_r]: the send table at a's group
+            half = torch.baddbmm((send_cur * 0.5).expand(1, 1, -1), S, tab_a)  # cur / 2 + change at g(a)
+            x = half + half.transpose(0, 1)
+            if p.recv_at_group:
+                # rows are received by the expert's own rank only: the received counts change at a's and b's ranks
+                r_idx = g[:, None].expand(E, E)[..., None]  # [a, b, 1]: a's rank
+                got = torch.bmm(S, p.recv.to(dt)[:, g, g].T[:, :, None])  # [a, b, 1]: change received at a's rank
+                recv_a = recv_cur[r_idx] + got
+                recv_b = (recv_cur[r_idx] + got).transpose(0, 1)  # at b's rank (index r_idx^T)
+                sent_a, sent_b = x.gather(2, r_idx), x.gather(2, r_idx.transpose(0, 1))
+                torch.maximum(x, recv_cur, out=x)
+                x.scatter_(2, r_idx, torch.maximum(sent_a, recv_a))
+                x.scatter_(2, r_idx.transpose(0, 1), torch.maximum(sent_b, recv_b))
+            else:
+                tab_a = p.recv.to(dt)[:, g, :].permute(1, 0, 2)
+                half = torch.baddbmm((recv_cur * 0.5).expand(1, 1, -1), S, tab_a)
+                torch.maximum(x, half + half.transpose(0, 1), out=x)
             out[name] = x
     return out
 
@@ -816,7 +832,8 @@ def plan_swaps(
 
         best = None
         if ia.numel():
-            pair_mig = mig[level_table[rank[ia], rank[ib]]] if mig is not None else torch.zeros(ia.numel(), dtype=torch.float64)
+            pair_mig = (mig[level_table[rank[ia], rank[ib]]] if mig is not None
+                        else torch.zeros(ia.numel(), dtype=torch.float64))
             plain_ab = best_plain[ia, ib]
             plain_cost = plain_ab + pair_mig / h
             pays = (current_ms - plain_ab) * h - pair_mig > _SAVING_EPS_MS  # faster, by more than migration

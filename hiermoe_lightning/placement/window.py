@@ -24,7 +24,8 @@ __all__ = ["RoutingWindow"]
 
 
 class RoutingWindow:
-    """EMA window of routing traces: ``ingest([G, T, K])`` each step, ``trace()`` -> ``(ids [G, N, K], weights [G, N])``."""
+    """EMA window of routing traces: ``ingest([G, T, K])`` each step; ``trace()`` gives
+    ``(ids [G, N, K], weights [G, N])``."""
 
     def __init__(self, capacity_tokens_per_rank: int = 4096, decay: float = 0.9, num_experts: int | None = None):
         if isinstance(capacity_tokens_per_rank, bool) or not isinstance(capacity_tokens_per_rank, int):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -73,6 +75,8 @@ def test_emulated_network_runs_as_root(tmp_path, capsys):
     assert r["results"]["hd2"]["speedup_vs_flat"] is None  # no flat variant to compare with
     assert r["results"][e2e.SWAPS_VARIANT]["plans"]["count"] >= 1  # the planner ran inside the timed steps
     assert "emulated network" in capsys.readouterr().out
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    assert not [ln for ln in listed.splitlines() if ln.startswith(f"hmoe-{os.getpid()}-")], "namespaces left behind"
 
 
 def test_emulation_unavailable_exits_3(monkeypatch, capsys):
@@ -111,3 +115,16 @@ def test_external_rank_environment():
         env.set_world_size(8)
     with pytest.raises(ValueError):
         e2e.ExternalRankEnvironment(4, 4)
+
+
+def test_repeats_report_the_median_repeat():
+    def raw(elapsed, swaps):
+        return {"elapsed_s": elapsed, "step_seconds": [elapsed / 2] * 2, "sent": [10.0, 5.0], "flat": [20.0, 5.0],
+                "swaps": swaps, "plan_seconds": 0.0, "migration_seconds": 0.0, "plans": {"count": 0},
+                "dispatch_resolved": ["hd2"], "losses": [3.0, 2.0]}
+
+    r = e2e._summarise([raw(2.0, 1), raw(1.0, 2), raw(4.0, 3)], tokens_per_step=100, steps=2, num_levels=2)
+    assert r["tokens_per_s_repeats"] == [100.0, 200.0, 50.0]
+    assert r["tokens_per_s"] == 100.0 and r["swaps"] == 1 and r["elapsed_s"] == 2.0  # the median repeat
+    assert len(r["step_ms"]) == 6 and r["step_ms_median"] == pytest.approx(1000.0)
+    assert r["dedup_saving"] == pytest.approx(1 - 15 / 25)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from hiermoe_lightning.bench import comm, netem
 from hiermoe_lightning.bench.netem import EmulatedNetwork, EmulationUnavailable
 from hiermoe_lightning.cli import main as cli
+from hiermoe_lightning.testing import launch
 from hiermoe_lightning.testing.launch import run_ranks
 
 SMALL = ["--topology", "2x2", "--num-experts", "8", "--top-k", "2", "--hidden-size", "32",
@@ -130,14 +131,17 @@ def test_remove_stale_only_dead_owners(no_leftovers):
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = f"hmoe-{dead.pid}-0-n0"
+    reused = f"hmoe-{os.getpid()}-999999-hub"  # our pid, but no instance of ours holds it: a reused pid's leftover
     other = f"hmoet-{dead.pid}-0-n0"  # not our naming: never touched
-    for name in (stale, other):
+    for name in (stale, reused, other):
         subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
         with EmulatedNetwork(1, 100) as net:  # setup sweeps stale namespaces of dead owners
-            assert stale not in _netns() and other in _netns() and net.hub in _netns()
+            assert stale not in _netns() and reused not in _netns() and other in _netns() and net.hub in _netns()
+            with EmulatedNetwork(1, 100) as inner:  # a live instance of this process is never swept
+                assert net.hub in _netns() and inner.hub in _netns()
     finally:
-        for name in (stale, other):
+        for name in (stale, reused, other):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
 
 
@@ -272,14 +276,22 @@ def test_bench_comm_emulated_json(capsys, no_leftovers):
 
 def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers, tmp_path):
     """A rank blocked inside a gloo collective must not outlive its parent's SIGTERM (nor keep a namespace)."""
-    script = textwrap.dedent("""
-        import os, time
+    # netem.py and launch.py loaded alone: importing the package (lightning) would take several seconds
+    script = textwrap.dedent(f"""
+        import importlib.util, os, time
         import torch.distributed as dist
-        from hiermoe_lightning.bench.netem import EmulatedNetwork
-        from hiermoe_lightning.testing.launch import run_ranks
+
+        def load(name, path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+
+        EmulatedNetwork = load("netem_alone", {netem.__file__!r}).EmulatedNetwork
+        run_ranks = load("launch_alone", {launch.__file__!r}).run_ranks
 
         def fn(rank, world):
-            print("pid", os.getpid(), flush=True)
+            os.write(1, f"pid {{os.getpid()}}\\n".encode())  # one write: lines of the 4 ranks never interleave
             if rank == 0:
                 dist.barrier()  # blocks in C++ until the others come: they never do
             else:
