@@ -238,7 +238,7 @@ def format_report(report: dict) -> str:
     if "swaps" in report:
         swaps = report["swaps"]
         after = report["predicted_ms_after"]
-        gain = f", {chosen_ms / after:.2f}x over no swap" if after > 0 else ""
+        gain = f", {100 * (chosen_ms - after) / chosen_ms:.2f}% below no swap" if chosen_ms > 0 else ""
         listed = ", ".join(f"{a}<->{b}" for a, b in swaps[:16]) + (", ..." if len(swaps) > 16 else "")
         out += ["", f"swaps: {len(swaps)} applied, {report['moved_experts']} experts moved"
                     + (f": {listed}" if swaps else ""),
