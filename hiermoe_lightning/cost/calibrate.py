@@ -23,8 +23,8 @@ __all__ = ["fit_alpha_beta", "calibrate", "DEFAULT_SIZES", "ROW_ELEMENTS", "ROW_
 ROW_ELEMENTS = 256
 ROW_BYTES = ROW_ELEMENTS * 4
 
-# cost-model bytes per rank: a geometric range 4 KiB .. 4 MiB, 8 points (ratio 1024 ** (1/7) ~ 2.69)
-DEFAULT_SIZES: tuple[int, ...] = tuple(int(round(4096 * 1024 ** (k / 7))) for k in range(8))
+# 64 KiB .. 32 MiB per rank (8 geometric points): the range real dispatches move, so the fit interpolates
+DEFAULT_SIZES: tuple[int, ...] = tuple(int(round(65536 * 512 ** (k / 7))) for k in range(8))
 
 
 def _as_float_array(values, what: str) -> np.ndarray:
@@ -95,7 +95,7 @@ def calibrate(expert_parallel, sizes: "Sequence[float] | None" = DEFAULT_SIZES, 
     same ``LinkCosts`` (the fit runs on medians all-reduced over the expert-parallel world).
 
     For each phase (``a2a``, ``inter<i>``, ``intra<i>``; or ``phases``) and each size ``n`` in ``sizes`` (cost-model
-    bytes per rank, default ``DEFAULT_SIZES`` = 4 KiB .. 4 MiB), every rank of each phase group sends
+    bytes per rank, default ``DEFAULT_SIZES`` = 64 KiB .. 32 MiB), every rank of each phase group sends
     ``rows = round(n / ((P - 1) * 1 KiB))`` float32 rows of 256 elements to each of the ``P`` ranks of its group with
     ``dist.all_to_all_single``; the fitted byte count is the exact ``(P - 1) * rows * 1 KiB``. Each of
     ``warmup + repeats`` exchanges starts after a barrier (on the whole expert-parallel world, so the groups of one
