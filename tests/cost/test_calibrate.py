@@ -74,9 +74,9 @@ def test_fit_constant_times_and_bad_input():
         fit_alpha_beta([1, "x"], [1, 2])
 
 
-def test_default_sizes_are_geometric_4kib_to_4mib():
+def test_default_sizes_are_geometric_64kib_to_32mib():
     assert len(DEFAULT_SIZES) == 8
-    assert DEFAULT_SIZES[0] == 4096 and DEFAULT_SIZES[-1] == 4 << 20
+    assert DEFAULT_SIZES[0] == 64 << 10 and DEFAULT_SIZES[-1] == 32 << 20
     ratios = np.array(DEFAULT_SIZES[1:]) / np.array(DEFAULT_SIZES[:-1])
     assert np.allclose(ratios, ratios[0], rtol=1e-3)
 
