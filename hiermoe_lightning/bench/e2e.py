@@ -24,6 +24,12 @@ Traffic: every variant runs a :class:`~hiermoe_lightning.metrics.DedupMonitor` (
 rows again, not counted) against ``flat_bytes_by_level`` (what a flat dispatch would have moved for the same
 routing), ``dedup_saving`` and, with swaps, ``swaps`` / ``plan_seconds`` / ``migration_seconds``.
 
+``--repeats R`` trains every variant R times, round robin (round ``i`` starts with the ``i``-th variant), and
+reports the median repeat's tokens/s (``tokens_per_s_repeats`` holds them all): on a shared machine the load of
+other processes easily moves one run by 10-20 %. ``--link-costs calibrate`` first measures the link costs of these
+ranks (on the emulated network, if any) with :meth:`~hiermoe_lightning.cost.link_costs.LinkCosts.calibrate` and gives
+them to ``auto`` and the swap planner of every variant.
+
 ``--emulate-inter-mbit N`` (root only; see :mod:`hiermoe_lightning.bench.netem`): the ranks of each top-level group
 (``world / sizes[0]`` consecutive ranks: one "node") run in a network namespace of their own, node links limited to
 N Mbit/s each way (``--emulate-latency-ms`` adds delay on each shaped hop). The namespaces are set up once for the
@@ -112,8 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="with --emulate-inter-mbit: add L ms of delay on every shaped hop (default 0)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="train every variant this many times, round robin (variant order within a round as given), "
-                        "and report the median tokens/s: evens out a shared machine's load (default 1)")
+                   help="train every variant this many times, round robin (round i starts with the i-th variant), and "
+                        "report the median tokens/s: evens out a shared machine's load (default 1)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before one variant's ranks are killed (default 900)")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON report to FILE")
@@ -446,8 +452,8 @@ def run(args: argparse.Namespace) -> dict:
         if cfg["link_costs"] is None:
             phases = run_ranks(_calibrate_fn, world, topology, **launch, **extra)[0]
             cfg["link_costs"] = LinkCosts(phases, name="calibrated (bench e2e)")
-        for _ in range(args.repeats):
-            for name in names:
+        for i in range(args.repeats):
+            for name in names[i % len(names):] + names[:i % len(names)]:  # each round starts one variant later
                 raw[name].append(run_ranks(_rank_fn, world, cfg, name, **launch, **extra)[0])
 
     try:
