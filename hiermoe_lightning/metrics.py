@@ -2,7 +2,7 @@
 
 Metrics (contract names): ``hiermoe/dispatch_bytes_level{L}`` (payload bytes of dispatch + combine over level-L
 links, summed over layers and ranks), ``hiermoe/dedup_saving`` (1 - bytes sent / bytes a flat dispatch would send),
-``hiermoe/load_imbalance`` (max over ranks / mean of the (token, expert) pairs the experts processed),
+``hiermoe/dedup_saving_level{L}`` (the same per link level), ``hiermoe/load_imbalance`` (max over ranks / mean of the (token, expert) pairs the experts processed),
 ``hiermoe/predicted_a2a_ms`` (the cost model's one-way time of the dispatch in use, summed over layers; logged only
 with ``dispatch="auto"``, which computes it) and ``hiermoe/chosen_dims/layer{i}`` (the depth ``d`` in use).
 At the end of ``fit`` rank 0 prints a summary: loss, tokens/s, bytes by level against flat.
@@ -96,6 +96,8 @@ class DedupMonitor(pl.Callback):
         self.total_flat = flat if self.total_flat is None else self.total_flat + flat
         metrics = {f"hiermoe/dispatch_bytes_level{i + 1}": float(sent[i]) for i in range(D)}
         metrics["hiermoe/dedup_saving"] = 1.0 - float(sent.sum()) / max(float(flat.sum()), 1.0)
+        for i in range(D):  # per level: the slow outer links are where the saving matters most
+            metrics[f"hiermoe/dedup_saving_level{i + 1}"] = 1.0 - float(sent[i]) / max(float(flat[i]), 1.0)
         metrics["hiermoe/load_imbalance"] = float(pairs.max() / pairs.mean().clamp_min(1e-9))
         if any(layer.auto_predictions for layer in layers):
             metrics["hiermoe/predicted_a2a_ms"] = predicted

@@ -38,7 +38,7 @@ def test_swaps_mid_training_keep_losses_equal_to_one_process(tmp_path, reference
     rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))[0])))
     columns = set(rows[0])
     for name in ("hiermoe/dispatch_bytes_level1", "hiermoe/dispatch_bytes_level2", "hiermoe/dedup_saving",
-                 "hiermoe/load_imbalance", "hiermoe/swaps", "hiermoe/chosen_dims/layer0"):
+                 "hiermoe/load_imbalance", "hiermoe/swaps", "hiermoe/chosen_dims/layer0", "hiermoe/dedup_saving_level1"):
         assert name in columns, name
     assert json.load(open(tmp_path / "swap.replicas.json"))["dense_identical"]
 
