@@ -324,8 +324,8 @@ def plot_e2e(results: str, path: str) -> bool:
         bars = ax.bar(xs, vals, width, label=f"{mbit} Mbit/s", color=f"C{j}", alpha=0.8)
         for b, n in zip(bars, names):
             r = d["results"][n]
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 40, f"{r['speedup_vs_flat']:.2f}x",
-                    ha="center", fontsize=7)
+            ax.text(b.get_x() + b.get_width() / 2, 60, f"{r['speedup_vs_flat']:.2f}x", ha="center", fontsize=7,
+                    color="white", fontweight="bold")
             reps = r.get("tokens_per_s_repeats") or []
             if len(reps) > 1:
                 ax.scatter([b.get_x() + b.get_width() / 2] * len(reps), reps, s=9, color="black", zorder=3)
@@ -334,7 +334,7 @@ def plot_e2e(results: str, path: str) -> bool:
     ax.set_xticklabels(names)
     ax.set_ylabel("training tokens/s (4 ranks)")
     ax.set_title("bench e2e: MoEGPT (hidden 256, 2 layers, 16 experts, top-4) on 2 emulated nodes x 2 ranks\n"
-                 "label: speedup over flat at that bandwidth; dots: repeats", fontsize=9)
+                 "white label: speedup over flat at that bandwidth; dots: the repeats", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

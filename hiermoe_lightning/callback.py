@@ -129,7 +129,9 @@ class HierMoECallback(DedupMonitor):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
         for name, layer in layers.items():
-            trace = layer.expert_parallel.gather_routing(self._sample(layer.last_expert_ids))
+            sample = self._sample(layer.last_expert_ids)
+            self._tokens_scale = layer.last_expert_ids.shape[0] / max(sample.shape[0], 1)
+            trace = layer.expert_parallel.gather_routing(sample)
             window = self.windows.get(name)
             if window is not None and not window.empty and window.trace(normalize=False)[0].shape[0] != trace.shape[0]:
                 window = None  # resumed on another world size: per-rank statistics start afresh
@@ -158,7 +160,7 @@ class HierMoECallback(DedupMonitor):
                 ids, layer.placement, ep.topology, ep.link_costs, layer.hidden_size, element,
                 max_swaps=self.max_swaps_per_plan, token_weights=weights, gamma=self.gamma,
                 expert_bytes=expert_state_bytes(layer, optimizer) if self.charge_migration else None,
-                horizon_steps=self.plan_every_n_steps if self.charge_migration else None,
+                horizon_steps=self._horizon() if self.charge_migration else None,
                 compute_balance_tolerance=self.compute_balance_tolerance,
             )
             targets.append(plan.placement_after)
@@ -183,6 +185,11 @@ class HierMoECallback(DedupMonitor):
             metrics[f"hiermoe/plan/layer{r['layer']}/predicted_ms_after"] = r["predicted_ms_after"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _horizon(self) -> int:
+        """All-to-alls until the next plan, in units of the window's one-way step: every training step runs four
+        (dispatch and combine, forward and backward) on all tokens, while the window holds a per-rank sample."""
+        return max(1, round(self.plan_every_n_steps * 4 * getattr(self, "_tokens_scale", 1.0)))
 
     @staticmethod
     def _rank_load(ids: torch.Tensor, weights: torch.Tensor, placement) -> torch.Tensor:

@@ -285,7 +285,8 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
     def _collect_rank_zero_results(self, trainer, results: Any) -> Optional[_WorkerOutput]:
         checkpoint_callback = trainer.checkpoint_callback
         best_model_path = getattr(checkpoint_callback, "best_model_path", None) if checkpoint_callback else None
-        state_dict = self._strategy.lightning_module_state_dict()  # collective: every rank takes part
+        # always the full unsharded state (whatever the checkpoint format): collective, every rank takes part
+        state_dict = ckpt.full_state_dict(self._strategy.lightning_module)
         if self._strategy.local_rank != 0:
             return None
         weights_path = None

@@ -67,9 +67,11 @@ def test_gradient_accumulation(tmp_path, reference_runs):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_runs["accum"]), **TOL)
 
 
-def test_parent_gets_the_unsharded_trained_model(tmp_path):
+@pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
+def test_parent_gets_the_unsharded_trained_model(tmp_path, checkpoint_format):
     _, single = fit(str(tmp_path), 1, max_epochs=1, tag="single")
-    _, parent = fit(str(tmp_path), 4, topology="2x2", dispatch="hd2", max_epochs=1, tag="four")
+    _, parent = fit(str(tmp_path), 4, topology="2x2", dispatch="hd2", max_epochs=1, tag="four",
+                    checkpoint_format=checkpoint_format)
     ref = single.state_dict()
     for name, t in parent.state_dict().items():
         torch.testing.assert_close(t, ref[name], **TOL, msg=lambda m: f"{name}: {m}")

@@ -70,7 +70,7 @@ def _receive_first_all_to_all(out, x, send_splits, recv_splits, peers: PeerGroup
 
     gloo's ``all_to_all_single`` posts each send before the matching receive; on a slow link a peer's "ready to
     receive" message then queues behind bulk payload and the two directions serialise. Posting all receives first
-    lets both directions stream at once (measured on the emulated 2-node network: 1.3x faster flat dispatch).
+    lets both directions stream at once (measured on the emulated 2-node network: flat 1.15x, 2dh 1.35x faster).
     Zero-row messages are skipped on both sides (their sizes are agreed beforehand).
     """
     recv_offsets = [0]
