@@ -64,7 +64,7 @@ class ExpertParallel:
         self.rank = ranks.index(dist.get_rank())
         self.world_size = len(ranks)
         self._peer_groups = self._build_groups(group is not None and len(ranks) != dist.get_world_size())
-        self._routes: dict[tuple, Route] = {}
+        self._routes: dict[tuple, tuple[Placement, Route]] = {}  # (dispatch, id(placement)) -> (placement, route)
         if calibrate:
             self.link_costs = LinkCosts.calibrate(self)
 

@@ -33,6 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..cli.flags import int_flag
 from ..cli.main import CLIError
 from ..cost.model import predict
 from ..cost.traffic import check_expert_ids, dispatch_rows, lower_bound_level1_bytes
@@ -96,12 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- validation (parent, before spawning)
-def _int(value: object, flag: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{flag} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{flag} must be >= {low}, got {value}")
-    return value
+_int = int_flag  # shared validator (cli/flags.py)
 
 
 def parse_dispatch_list(text: object, num_levels: int) -> list[str]:

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
 
+from ..cli.flags import int_flag
 from ..cli.main import CLIError
 from ..cost.link_costs import LinkCosts
 from ..testing.launch import run_ranks
@@ -127,12 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _int(value: object, flag: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{flag} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{flag} must be >= {low}, got {value}")
-    return value
+_int = int_flag  # shared validator (cli/flags.py)
 
 
 def _number(value: object, flag: str, low: float, high: float | None = None, strict: bool = False) -> float:

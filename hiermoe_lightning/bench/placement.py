@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from ..cli.flags import int_flag
 from ..cli.plan import DTYPE_BYTES
 from ..cost.link_costs import LinkCosts
 from ..cost.model import predict
@@ -306,12 +307,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _int_flag(value: object, flag: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{flag} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{flag} must be >= {low}, got {value}")
-    return value
+_int_flag = int_flag  # shared validator (cli/flags.py)
 
 
 def build_report(args: argparse.Namespace) -> dict:

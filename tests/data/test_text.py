@@ -8,13 +8,7 @@ import torch
 from hiermoe_lightning.data import ByteTextDataModule, ByteWindowDataset, default_corpus_bytes
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: extra intra-op threads only spin (10-30x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread per test: tests/conftest.py
 
 
 def _corpus() -> bytes:

@@ -15,13 +15,7 @@ from hiermoe_lightning.experts import derive_seed
 from hiermoe_lightning.layer import MoELayer
 from hiermoe_lightning.models import PRESETS, MoEGPT
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: extra intra-op threads only spin (10-30x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread per test: tests/conftest.py
 
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
