@@ -343,7 +343,8 @@ class EmulatedNetwork:
                 pass
         _live.add(self)
 
-    def _drop_handlers_in_child(self) -> None:
+    def _put_back_handlers(self) -> None:
+        """Reinstate the signal handlers this network replaced (where ours is still the one installed)."""
         for sig, old in list(self._old_handlers.items()):
             try:
                 if signal.getsignal(sig) == self._on_signal:
@@ -351,6 +352,9 @@ class EmulatedNetwork:
             except (ValueError, OSError, TypeError):  # pragma: no cover
                 pass
         self._old_handlers = {}
+
+    def _drop_handlers_in_child(self) -> None:
+        self._put_back_handlers()
         self._created = []
         _live.discard(self)
 
@@ -361,13 +365,7 @@ class EmulatedNetwork:
             self._atexit = None
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig, old in list(self._old_handlers.items()):
-            try:
-                if signal.getsignal(sig) == self._on_signal:
-                    signal.signal(sig, old)
-            except (ValueError, OSError, TypeError):  # pragma: no cover
-                pass
-            del self._old_handlers[sig]
+        self._put_back_handlers()
 
     def _on_signal(self, signum, frame) -> None:
         old = self._old_handlers.get(signum, signal.SIG_DFL)
