@@ -54,6 +54,8 @@ class HierMoEStrategy(DDPStrategy):
             fit them on the live process groups at setup.
         verify_splits: check split agreement before every all-to-all payload (debugging aid).
         auto_interval: with ``dispatch="auto"``, re-choose each layer's depth every this many training forwards.
+        pipeline_chunks: run each dispatch as a pipeline of this many token chunks, overlapping one chunk's
+            intra-node hop with the next chunk's inter-node transfer (1 = off; results are identical).
         checkpoint_format: ``"full"`` (one portable file: the unsharded model and optimizer state, loadable into a
             plain single-process model) or ``"sharded"`` (a directory written with torch.distributed.checkpoint:
             every rank writes only its experts; for large models). Both resume on any world size.
@@ -69,6 +71,7 @@ class HierMoEStrategy(DDPStrategy):
         link_costs: str = "paper-a6000",
         verify_splits: bool = False,
         auto_interval: int = 50,
+        pipeline_chunks: int = 1,
         checkpoint_format: str = "full",
         accelerator: Optional[Any] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -99,6 +102,9 @@ class HierMoEStrategy(DDPStrategy):
         if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
             raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
         self._auto_interval = auto_interval
+        if isinstance(pipeline_chunks, bool) or not isinstance(pipeline_chunks, int) or not 1 <= pipeline_chunks <= 64:
+            raise ValueError(f"pipeline_chunks must be an int in 1..64, got {pipeline_chunks!r}")
+        self._pipeline_chunks = pipeline_chunks
         if checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")
         self.checkpoint_format = checkpoint_format
@@ -148,7 +154,8 @@ class HierMoEStrategy(DDPStrategy):
         layers = [m for m in module.modules() if isinstance(m, MoELayer)]
         if self.expert_parallel is None:
             self.expert_parallel = ExpertParallel(self.topology, dispatch=self._dispatch, link_costs=self._link_costs,
-                                                  verify_splits=self._verify_splits, auto_interval=self._auto_interval)
+                                                  verify_splits=self._verify_splits, auto_interval=self._auto_interval,
+                                                  pipeline_chunks=self._pipeline_chunks)
         if not layers or all(layer.is_sharded for layer in layers):
             return
         self.expert_parallel.shard_(module)

@@ -25,6 +25,7 @@ class Case:
     force_expert: int | None = None  # route every token to this expert first (selection bias)
     # capacity is per local batch, so the reference runs the unsharded layer on each rank's tokens separately
     per_rank_reference: bool = False
+    parallel_kwargs: dict = field(default_factory=dict)  # extra ExpertParallel arguments (e.g. pipeline_chunks)
 
     def build(self) -> MoELayer:
         kwargs = dict(self.layer_kwargs)
@@ -62,7 +63,7 @@ def _rank_fn(rank, world, cases):
     results = []
     for case in cases:
         layer = case.build()
-        ExpertParallel(case.topology, dispatch=case.dispatch).shard_(layer)
+        ExpertParallel(case.topology, dispatch=case.dispatch, **case.parallel_kwargs).shard_(layer)
         x_all, probe_all = case.inputs()
         start = sum(case.tokens[:rank])
         sl = slice(start, start + case.tokens[rank])
@@ -72,7 +73,7 @@ def _rank_fn(rank, world, cases):
         results.append({
             "out": out.detach(), "x_grad": x.grad.detach(), "grads": _grads(layer),
             "experts": layer.local_expert_ids(), "bytes": layer.last_handle.bytes_by_level(),
-            "phases": layer.last_handle.phase_bytes(),
+            "phases": layer.last_handle.phase_bytes(), "num_chunks": len(layer.last_handle.chunks),
         })
     return results
 

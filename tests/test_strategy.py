@@ -38,10 +38,10 @@ def reference_runs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("dispatch", ["flat", "hd2", "auto"])
-def test_four_ranks_equal_one_process_adamw(tmp_path, reference_runs, dispatch):
+@pytest.mark.parametrize("dispatch, chunks", [("flat", 1), ("hd2", 1), ("auto", 1), ("hd2", 3)])
+def test_four_ranks_equal_one_process_adamw(tmp_path, reference_runs, dispatch, chunks):
     losses, parent_model = fit(str(tmp_path), 4, topology="2x2", dispatch=dispatch, max_epochs=2, tag=dispatch,
-                               check_replicas=True)
+                               check_replicas=True, pipeline_chunks=chunks)
     assert len(losses) == 10
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_runs["adamw"]), **TOL)
     replicas = json.load(open(tmp_path / f"{dispatch}.replicas.json"))
@@ -125,6 +125,8 @@ def test_bad_strategy_arguments_raise_at_construction():
         HierMoEStrategy(link_costs="nope")
     with pytest.raises(ValueError, match="'2x'"):
         HierMoEStrategy(topology="2x")
+    with pytest.raises(ValueError, match="pipeline_chunks"):
+        HierMoEStrategy(topology="2x2", pipeline_chunks=0)
 
 
 @pytest.mark.parametrize("resume_world", [4, 2])

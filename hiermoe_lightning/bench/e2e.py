@@ -113,6 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default paper-a6000)")
     p.add_argument("--auto-interval", type=int, default=50,
                    help="dispatch auto re-chooses each layer's depth every this many steps (default 50)")
+    p.add_argument("--pipeline-chunks", type=int, default=1,
+                   help="token chunks each dispatch runs as a pipeline (HierMoEStrategy pipeline_chunks; default 1)")
     p.add_argument("--emulate-inter-mbit", type=int, default=None, metavar="N",
                    help="run each top-level group of ranks in its own network namespace, node links limited to "
                         "N Mbit/s each way (needs root; exit status 3 otherwise)")
@@ -172,7 +174,8 @@ def _resolve(args: argparse.Namespace) -> dict:
                              (args.warmup_steps, "--warmup-steps", 0), (args.seed, "--seed", 0),
                              (args.plan_every_n_steps, "--plan-every-n-steps", 1),
                              (args.max_swaps_per_plan, "--max-swaps-per-plan", 0),
-                             (args.auto_interval, "--auto-interval", 1), (args.repeats, "--repeats", 1)):
+                             (args.auto_interval, "--auto-interval", 1), (args.repeats, "--repeats", 1),
+                             (args.pipeline_chunks, "--pipeline-chunks", 1)):
         _int(value, flag, low)
     if args.ffn_hidden_size is not None:
         _int(args.ffn_hidden_size, "--ffn-hidden-size", 1)
@@ -208,7 +211,7 @@ def _resolve(args: argparse.Namespace) -> dict:
                          f"than one global batch ({world} ranks x --batch-size {args.batch_size})")
     return {"topology": topology, "world": world, "names": names, "link_costs": link_costs, "model": model_kwargs,
             "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-            "warmup": args.warmup_steps, "auto_interval": args.auto_interval,
+            "warmup": args.warmup_steps, "auto_interval": args.auto_interval, "pipeline_chunks": args.pipeline_chunks,
             "plan_every_n_steps": args.plan_every_n_steps, "max_swaps_per_plan": args.max_swaps_per_plan,
             "charge_migration": bool(getattr(args, "charge_migration", True))}
 
@@ -373,7 +376,7 @@ def _rank_fn(rank: int, world: int, cfg: dict, variant: str) -> dict:
         monitor = DedupMonitor(print_summary=False)
     timer = _make_timer(cfg["warmup"], monitor)
     strategy = HierMoEStrategy(topology=str(cfg["topology"]), dispatch=dispatch, link_costs=cfg["link_costs"],
-                               auto_interval=cfg["auto_interval"])
+                               auto_interval=cfg["auto_interval"], pipeline_chunks=cfg["pipeline_chunks"])
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, plugins=[ExternalRankEnvironment(rank, world)],
         max_steps=cfg["warmup"] + cfg["steps"], max_epochs=-1, callbacks=[monitor, timer], logger=False,
@@ -491,7 +494,7 @@ def run(args: argparse.Namespace) -> dict:
         "link_costs": cfg["link_costs"].name,
         "link_cost_phases": {k: {"alpha": pc.alpha, "beta": pc.beta, "r2": pc.r2}
                              for k, pc in cfg["link_costs"].phases.items()},
-        "auto_interval": args.auto_interval,
+        "auto_interval": args.auto_interval, "pipeline_chunks": args.pipeline_chunks,
         "data": args.data or "default corpus (pydoc topics)",
         "bytes_note": BYTES_NOTE,
         "cpu_count": os.cpu_count(),

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["PeerGroup", "exchange_counts", "all_to_all_rows", "check_splits", "SplitMismatchError"]
+__all__ = ["PeerGroup", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows", "check_splits",
+           "SplitMismatchError"]
 
 
 class SplitMismatchError(ValueError):
@@ -35,16 +36,52 @@ class PeerGroup:
         return self.size == 1
 
 
+class PendingExchange:
+    """Payload exchanges in flight on one peer group; ``wait()`` returns the received tensors, in payload order."""
+
+    def __init__(self, outputs: list[torch.Tensor], works: list):
+        self._outputs, self._works = outputs, works
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self._works:
+            work.wait()
+        self._works = []
+        return self._outputs
+
+
+def start_exchange(payloads, peers: PeerGroup) -> PendingExchange:
+    """Post several all-to-alls on one group at once, without waiting: each payload ``(x, send_splits,
+    recv_splits)`` sends rows ``x`` ``[sum(send_splits), ...]`` grouped by peer and receives ``[sum(recv_splits),
+    ...]`` grouped by source peer.
+
+    The splits must come from a count exchange (or its mirror): gloo cannot tell if they disagree. Payloads posted
+    together travel concurrently (one latency for all); exchanges on different groups may be in flight together.
+    """
+    checked = []
+    for x, send_splits, recv_splits in payloads:
+        if x.shape[0] != sum(send_splits):
+            raise ValueError(f"exchange got {x.shape[0]} rows but send splits sum to {sum(send_splits)}")
+        checked.append((x.contiguous(), list(send_splits), list(recv_splits)))
+    if peers.is_local:
+        return PendingExchange([x for x, _, _ in checked], [])
+    outputs, works = [], []
+    for tag, (x, send_splits, recv_splits) in enumerate(checked):
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        outputs.append(out)
+        if peers.receive_first:
+            works += _post_receive_first(out, x, send_splits, recv_splits, peers, tag)
+        else:
+            works.append(dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                                                group=peers.group, async_op=True))
+    return PendingExchange(outputs, works)
+
+
 def exchange_counts(send_counts: torch.Tensor, peers: PeerGroup) -> torch.Tensor:
     """``send_counts`` ``[size, C]`` int64 (row ``p`` = what I send to peer ``p``) -> ``[size, C]`` what each peer sends me."""
     if send_counts.shape[0] != peers.size:
         raise ValueError(f"send_counts has {send_counts.shape[0]} rows, the group has {peers.size} peers")
-    if peers.is_local:
-        return send_counts.clone()
-    send_counts = send_counts.contiguous()
-    recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts, group=peers.group)
-    return recv
+    ones = [1] * peers.size
+    return start_exchange([(send_counts, ones, ones)], peers).wait()[0].clone()
 
 
 def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], peers: PeerGroup) -> torch.Tensor:
@@ -52,26 +89,17 @@ def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[i
 
     The splits must come from ``exchange_counts`` (or its mirror): gloo cannot tell if they disagree.
     """
-    if x.shape[0] != sum(send_splits):
-        raise ValueError(f"all_to_all_rows got {x.shape[0]} rows but send splits sum to {sum(send_splits)}")
-    if peers.is_local:
-        return x
-    x = x.contiguous()
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    if peers.receive_first:
-        _receive_first_all_to_all(out, x, send_splits, recv_splits, peers)
-    else:
-        dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=peers.group)
-    return out
+    return start_exchange([(x, send_splits, recv_splits)], peers).wait()[0]
 
 
-def _receive_first_all_to_all(out, x, send_splits, recv_splits, peers: PeerGroup) -> None:
-    """all_to_all as point-to-point messages with every receive posted before any send.
+def _post_receive_first(out, x, send_splits, recv_splits, peers: PeerGroup, tag: int) -> list:
+    """all_to_all as point-to-point messages with every receive posted before any send; returns the requests.
 
     gloo's ``all_to_all_single`` posts each send before the matching receive; on a slow link a peer's "ready to
     receive" message then queues behind bulk payload and the two directions serialise. Posting all receives first
     lets both directions stream at once (measured on the emulated 2-node network: flat 1.15x, 2dh 1.35x faster).
-    Zero-row messages are skipped on both sides (their sizes are agreed beforehand).
+    Zero-row messages are skipped on both sides (their sizes are agreed beforehand); ``tag`` keeps payloads posted
+    together apart.
     """
     recv_offsets = [0]
     for r in recv_splits:
@@ -81,13 +109,11 @@ def _receive_first_all_to_all(out, x, send_splits, recv_splits, peers: PeerGroup
         send_offsets.append(send_offsets[-1] + s)
     me = peers.index
     out[recv_offsets[me]:recv_offsets[me + 1]] = x[send_offsets[me]:send_offsets[me + 1]]
-    ops = [dist.P2POp(dist.irecv, out[recv_offsets[p]:recv_offsets[p + 1]], peers.global_ranks[p], peers.group)
+    ops = [dist.P2POp(dist.irecv, out[recv_offsets[p]:recv_offsets[p + 1]], peers.global_ranks[p], peers.group, tag)
            for p in range(peers.size) if p != me and recv_splits[p] > 0]
-    ops += [dist.P2POp(dist.isend, x[send_offsets[p]:send_offsets[p + 1]], peers.global_ranks[p], peers.group)
+    ops += [dist.P2POp(dist.isend, x[send_offsets[p]:send_offsets[p + 1]], peers.global_ranks[p], peers.group, tag)
             for p in range(peers.size) if p != me and send_splits[p] > 0]
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+    return list(dist.batch_isend_irecv(ops)) if ops else []
 
 
 def check_splits(send_splits: list[int], recv_splits: list[int], peers: PeerGroup) -> None:

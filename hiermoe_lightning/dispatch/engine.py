@@ -7,6 +7,13 @@ pair's expert is local; the experts run and each rank sums, with the router weig
 it travels back. The combine walks the hops backwards and sums again at each relay, so the way back carries exactly
 as many rows as the way out. Backward of each is the mirror (one autograd Function for the whole dispatch and one
 for the whole combine, so every rank issues its collectives in the same order).
+
+Each hop costs two latencies: a count exchange, then the rows and the pair metadata posted together. With
+``Route.pipeline_chunks = C > 1`` the tokens are split into C contiguous chunks, each an independent dispatch (dedup
+only ever merges copies of one token, so nothing is lost), and the chunks run as a software pipeline: while chunk
+``c`` crosses the slow inter-node link, chunk ``c - 1`` takes the fast intra-node hop and its local copies. Every
+chunk's program is a generator that yields the exchange it needs next; ``_run_pipeline`` posts them (one in flight
+per process group, in an order fixed by the programs' structure, the same on every rank).
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .comm import PeerGroup, all_to_all_rows, check_splits, exchange_counts
+from .comm import PeerGroup, SplitMismatchError, start_exchange
 from .spec import DispatchSpec
 
-__all__ = ["PhaseRoute", "Route", "Hop", "DispatchHandle", "plan_hop", "dispatch", "combine", "apply_experts"]
+__all__ = ["PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle", "plan_hop", "dispatch", "combine", "apply_experts"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Route:
     phases: tuple[PhaseRoute, ...]
     num_levels: int
     verify_splits: bool = False  # check collectively that every payload's splits agree before it moves
+    pipeline_chunks: int = 1  # token chunks run as a software pipeline over the hops (1: one pass)
 
 
 @dataclass
@@ -97,23 +105,46 @@ class Hop:
 
 
 @dataclass
+class Chunk:
+    """One pipeline chunk of a dispatch: tokens ``[token_start, token_end)``, their pairs and the hops they took."""
+
+    token_start: int
+    token_end: int
+    pair_index: torch.Tensor | None  # [P_c] positions of its pairs in the caller's pairs (None: all of them)
+    hops: list[Hop] = field(default_factory=list)
+    num_rows: int = 0  # rows it delivered to this rank's experts
+    num_pairs: int = 0  # pairs it delivered
+
+
+@dataclass
 class DispatchHandle:
     """The record of one forward's dispatch; the combine takes it; byte statistics come from it."""
 
     dispatch: str
     num_levels: int
     row_bytes: int
-    hops: list[Hop] = field(default_factory=list)
-    comm_seconds: float = 0.0  # wall time spent in collectives (dispatch, combine and both backwards)
+    chunks: list[Chunk] = field(default_factory=list)
+    comm_seconds: float = 0.0  # wall time spent posting and waiting for exchanges (dispatch, combine, backwards)
     plan_seconds: float = 0.0  # wall time spent planning hops (pure bookkeeping)
 
+    @property
+    def hops(self) -> list[Hop]:
+        """Every executed hop, chunk by chunk."""
+        return [h for c in self.chunks for h in c.hops]
+
     def phase_bytes(self) -> list[dict]:
-        """Per phase: payload rows/bytes this rank sent and received off-rank (dispatch direction only)."""
-        out = []
-        for h in self.hops:
-            sent, recv = h.off_rank(h.send_splits), h.off_rank(h.recv_splits)
-            out.append({"name": h.phase, "rows_sent": sent, "rows_recv": recv,
-                        "bytes_sent": sent * self.row_bytes, "bytes_recv": recv * self.row_bytes})
+        """Per phase: payload rows/bytes this rank sent and received off-rank (dispatch direction only), summed over
+        the pipeline chunks."""
+        out: list[dict] = []
+        for chunk in self.chunks:
+            for i, h in enumerate(chunk.hops):
+                if i == len(out):
+                    out.append({"name": h.phase, "rows_sent": 0, "rows_recv": 0})
+                out[i]["rows_sent"] += h.off_rank(h.send_splits)
+                out[i]["rows_recv"] += h.off_rank(h.recv_splits)
+        for entry in out:
+            entry["bytes_sent"] = entry["rows_sent"] * self.row_bytes
+            entry["bytes_recv"] = entry["rows_recv"] * self.row_bytes
         return out
 
     def bytes_by_level(self) -> dict[str, int]:
@@ -130,47 +161,175 @@ class DispatchHandle:
         return out
 
 
-def _timed(handle: DispatchHandle, fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    handle.comm_seconds += time.perf_counter() - start
-    return out
+# ---------------------------------------------------------------------------- the pipeline runner
+@dataclass
+class _Exchange:
+    """What a chunk program asks for next: payloads ``(x, send_splits, recv_splits)`` exchanged on ``peers``."""
+
+    peers: PeerGroup
+    payloads: list
+
+
+def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
+    """Run chunk programs (generators yielding :class:`_Exchange`, receiving the received tensors) as a pipeline.
+
+    Each step posts the next exchange of every chunk whose group is free (one exchange in flight per group, chunks
+    in order), then waits for them in chunk order, advancing each chunk's local work as soon as its own exchange has
+    arrived (so it overlaps the others still in flight). The schedule depends only on the programs' structure, which
+    is the same on every rank, so every group sees its exchanges in the same order everywhere. With one chunk this is
+    the plain sequence of hops. Returns each program's return value.
+    """
+    results: list = [None] * len(programs)
+    requests: list = [None] * len(programs)
+
+    def advance(i: int, received) -> None:
+        try:
+            requests[i] = programs[i].send(received)
+        except StopIteration as stop:
+            requests[i] = None
+            results[i] = stop.value
+
+    for i in range(len(programs)):
+        advance(i, None)
+    while any(r is not None for r in requests):
+        busy, started = set(), []
+        start = time.perf_counter()
+        for i, request in enumerate(requests):
+            if request is None or id(request.peers.group) in busy:
+                continue
+            busy.add(id(request.peers.group))
+            started.append((i, start_exchange(request.payloads, request.peers)))
+        handle.comm_seconds += time.perf_counter() - start
+        for i, pending in started:
+            start = time.perf_counter()
+            received = pending.wait()
+            handle.comm_seconds += time.perf_counter() - start
+            advance(i, received)
+    return results
+
+
+def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]]):
+    """Sub-program: every rank re-announces its send splits; any disagreement with what a rank expects to receive
+    raises ``SplitMismatchError`` on every rank of the group (after a flag exchange, so none waits forever)."""
+    ones = [1] * peers.size
+    announced_send = torch.tensor(send, dtype=torch.long).t().contiguous()  # [peers, n]
+    (announced,) = yield _Exchange(peers, [(announced_send, ones, ones)])
+    expected = torch.tensor(recv, dtype=torch.long).t()
+    ok = torch.equal(announced, expected)
+    (flags,) = yield _Exchange(peers, [(torch.full((peers.size, 1), 0 if ok else 1, dtype=torch.long), ones, ones)])
+    bad = int(flags.sum())
+    if bad > 0:
+        mine = "" if ok else f"; here (peer {peers.index}) expected {expected.t().tolist()} but peers announce " \
+                             f"{announced.t().tolist()}"
+        raise SplitMismatchError(f"all-to-all split sizes disagree on {bad} rank(s) of the group{mine}")
+
+
+def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, weight, pair_row, pair_expert):
+    """One chunk's dispatch, hop by hop: plan, exchange counts, then rows and pair metadata together."""
+    rows = x
+    for pr in route.phases:
+        start = time.perf_counter()
+        plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
+        handle.plan_seconds += time.perf_counter() - start
+        ones = [1] * pr.peers.size
+        (counts,) = yield _Exchange(pr.peers, [(torch.stack([plan.send_splits, plan.pair_splits], dim=1), ones, ones)])
+        send_splits, pair_send = plan.send_splits.tolist(), plan.pair_splits.tolist()
+        recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
+        if route.verify_splits:
+            yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv])
+        # pair metadata rides with the rows: (row within the block sent to that peer, expert id, weight); float64
+        # holds the ints and an fp32 weight exactly
+        meta = torch.stack(
+            [plan.pair_local_row.double(), pair_expert[plan.pair_order].double(), weight[plan.pair_order].double()], 1
+        )
+        new_rows, meta = yield _Exchange(pr.peers, [(rows[plan.send_src_row], send_splits, recv_splits),
+                                                   (meta, pair_send, pair_recv)])
+        recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
+        src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=counts.device), counts[:, 1])
+        chunk.hops.append(Hop(pr.phase, pr.peers, pr.peer_level, plan.send_src_row, send_splits, recv_splits,
+                              plan.pair_order, pair_send, pair_recv, rows.shape[0], pair_row.numel()))
+        rows = new_rows
+        pair_row = meta[:, 0].long() + recv_offsets[src_peer]
+        pair_expert = meta[:, 1].long()
+        weight = meta[:, 2].to(weight.dtype)
+    chunk.num_rows, chunk.num_pairs = rows.shape[0], pair_row.numel()
+    return rows, weight, pair_row, pair_expert
+
+
+def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype):
+    """Mirror of the dispatch: row grads summed over a row's copies at every hop, weight grads back to their pairs."""
+    for h in reversed(chunk.hops):
+        payloads = [(grad_rows, h.recv_splits, h.send_splits)]
+        if grad_weight is not None:
+            payloads.append((grad_weight, h.pair_recv_splits, h.pair_send_splits))
+        received = yield _Exchange(h.peers, payloads)
+        grad_rows = received[0].new_zeros(h.num_prev_rows, received[0].shape[1], dtype=torch.float32).index_add_(
+            0, h.send_src_row, received[0].float()).to(x_dtype)
+        if grad_weight is not None:
+            grad_weight = received[1].new_empty(h.num_prev_pairs)
+            grad_weight[h.pair_order] = received[1]
+    return grad_rows, grad_weight
+
+
+def _combine_program(chunk: Chunk, y, out_dtype):
+    """Rows back along the hops; every relay sums the copies of a row (fp32) before passing it on."""
+    for h in reversed(chunk.hops):
+        (back,) = yield _Exchange(h.peers, [(y.to(out_dtype), h.recv_splits, h.send_splits)])
+        y = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(0, h.send_src_row, back.float())
+    return y
+
+
+def _combine_backward_program(chunk: Chunk, grad):
+    """Mirror of the combine: a token's gradient copied out to every copy of its row, hop by hop."""
+    for h in chunk.hops:
+        (grad,) = yield _Exchange(h.peers, [(grad[h.send_src_row], h.send_splits, h.recv_splits)])
+    return grad
+
+
+def _make_chunks(num_tokens: int, pair_row: torch.Tensor, num_chunks: int) -> list[Chunk]:
+    """Split tokens into ``num_chunks`` contiguous ranges (some empty when there are fewer tokens) and their pairs."""
+    if num_chunks == 1:
+        return [Chunk(0, num_tokens, None)]
+    bounds = [c * num_tokens // num_chunks for c in range(num_chunks + 1)]
+    chunk_of_pair = torch.bucketize(pair_row, torch.tensor(bounds[1:-1], device=pair_row.device), right=True)
+    order = torch.argsort(chunk_of_pair, stable=True)
+    sizes = torch.bincount(chunk_of_pair, minlength=num_chunks).tolist()
+    return [Chunk(bounds[c], bounds[c + 1], idx) for c, idx in enumerate(order.split(sizes))]
+
+
+def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pair_weight, pair_row, pair_expert, route: Route, handle: DispatchHandle):
-        rows, weight = x, pair_weight
-        for pr in route.phases:
-            start = time.perf_counter()
-            plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
-            handle.plan_seconds += time.perf_counter() - start
-            counts = _timed(handle, exchange_counts, torch.stack([plan.send_splits, plan.pair_splits], dim=1), pr.peers)
-            send_splits, pair_send = plan.send_splits.tolist(), plan.pair_splits.tolist()
-            recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
-            if route.verify_splits:
-                _timed(handle, check_splits, send_splits, recv_splits, pr.peers)
-                _timed(handle, check_splits, pair_send, pair_recv, pr.peers)
-            new_rows = _timed(handle, all_to_all_rows, rows[plan.send_src_row], send_splits, recv_splits, pr.peers)
-            # pair metadata in one message: (row within the block sent to that peer, expert id, weight); float64 holds
-            # the ints and an fp32 weight exactly
-            meta = torch.stack(
-                [plan.pair_local_row.double(), pair_expert[plan.pair_order].double(), weight[plan.pair_order].double()], 1
-            )
-            meta = _timed(handle, all_to_all_rows, meta, pair_send, pair_recv, pr.peers)
-            recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
-            src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=counts.device), counts[:, 1])
-            handle.hops.append(Hop(pr.phase, pr.peers, pr.peer_level, plan.send_src_row, send_splits, recv_splits,
-                                   plan.pair_order, pair_send, pair_recv, rows.shape[0], pair_row.numel()))
-            rows = new_rows
-            pair_row = meta[:, 0].long() + recv_offsets[src_peer]
-            pair_expert = meta[:, 1].long()
-            weight = meta[:, 2].to(pair_weight.dtype)
+        if not route.phases:  # nothing travels; outputs must not alias inputs in an autograd Function
+            handle.chunks = [Chunk(0, x.shape[0], None, [], x.shape[0], pair_row.numel())]
+            ctx.handle = handle
+            ctx.mark_non_differentiable(pair_row, pair_expert)
+            return x.view_as(x), pair_weight.view_as(pair_weight), pair_row.view_as(pair_row), pair_expert.view_as(pair_expert)
+        handle.chunks = _make_chunks(x.shape[0], pair_row, route.pipeline_chunks)
+        programs = [
+            _dispatch_program(route, handle, c, x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
+                              _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
+            for c in handle.chunks
+        ]
+        outs = _run_pipeline(programs, handle)
+        row_offset = 0
+        pair_rows = []
+        for c, out in zip(handle.chunks, outs):
+            pair_rows.append(out[2] + row_offset)
+            row_offset += c.num_rows
+        rows, weight = _cat([o[0] for o in outs]), _cat([o[1] for o in outs])
+        pair_row, pair_expert = _cat(pair_rows), _cat([o[3] for o in outs])
         ctx.handle = handle
-        ctx.x_dtype, ctx.w_dtype = x.dtype, pair_weight.dtype
+        ctx.x_dtype, ctx.num_pairs = x.dtype, pair_weight.shape[0]
         ctx.mark_non_differentiable(pair_row, pair_expert)
-        if not route.phases:  # outputs must not alias inputs in an autograd Function
-            rows, weight = rows.view_as(rows), weight.view_as(weight)
         return rows, weight, pair_row, pair_expert
 
     @staticmethod
@@ -178,32 +337,45 @@ class _Dispatch(torch.autograd.Function):
         handle: DispatchHandle = ctx.handle
         if grad_rows is None:
             raise RuntimeError("dispatch backward got no row gradient")  # unreachable: the experts always use rows
-        for h in reversed(handle.hops):
-            back = _timed(handle, all_to_all_rows, grad_rows, h.recv_splits, h.send_splits, h.peers)
-            grad_rows = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(
-                0, h.send_src_row, back.float()).to(ctx.x_dtype)
-            if grad_weight is not None:
-                back_w = _timed(handle, all_to_all_rows, grad_weight, h.pair_recv_splits, h.pair_send_splits, h.peers)
-                grad_weight = back_w.new_empty(h.num_prev_pairs)
-                grad_weight[h.pair_order] = back_w
-        return grad_rows, grad_weight, None, None, None, None
+        if not handle.hops:
+            return grad_rows, grad_weight, None, None, None, None
+        row_parts = grad_rows.split([c.num_rows for c in handle.chunks])
+        weight_parts = (grad_weight.split([c.num_pairs for c in handle.chunks]) if grad_weight is not None
+                        else [None] * len(handle.chunks))
+        programs = [_dispatch_backward_program(c, g, w, ctx.x_dtype)
+                    for c, g, w in zip(handle.chunks, row_parts, weight_parts)]
+        outs = _run_pipeline(programs, handle)
+        grad_x = _cat([o[0] for o in outs])
+        if grad_weight is None:
+            return grad_x, None, None, None, None, None
+        if len(handle.chunks) == 1:
+            grad_pair_weight = outs[0][1]
+        else:
+            grad_pair_weight = outs[0][1].new_empty(ctx.num_pairs)
+            for c, out in zip(handle.chunks, outs):
+                grad_pair_weight[c.pair_index] = out[1]
+        return grad_x, grad_pair_weight, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, handle: DispatchHandle, out_dtype: torch.dtype):
-        for h in reversed(handle.hops):
-            back = _timed(handle, all_to_all_rows, y.to(out_dtype), h.recv_splits, h.send_splits, h.peers)
-            y = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(0, h.send_src_row, back.float())
-        ctx.handle, ctx.out_dtype, ctx.y_dtype = handle, out_dtype, y.dtype
-        return y.to(out_dtype) if handle.hops or y.dtype != out_dtype else y.clone()
+        ctx.handle, ctx.out_dtype = handle, out_dtype
+        if not handle.hops:
+            return y.to(out_dtype) if y.dtype != out_dtype else y.clone()
+        parts = y.split([c.num_rows for c in handle.chunks])
+        outs = _run_pipeline([_combine_program(c, p, out_dtype) for c, p in zip(handle.chunks, parts)], handle)
+        return _cat(outs).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
+        handle: DispatchHandle = ctx.handle
         grad = grad.to(ctx.out_dtype)
-        for h in ctx.handle.hops:
-            grad = _timed(ctx.handle, all_to_all_rows, grad[h.send_src_row], h.send_splits, h.recv_splits, h.peers)
-        return grad.to(torch.float32), None, None
+        if not handle.hops:
+            return grad.to(torch.float32), None, None
+        parts = grad.split([c.token_end - c.token_start for c in handle.chunks])
+        outs = _run_pipeline([_combine_backward_program(c, p) for c, p in zip(handle.chunks, parts)], handle)
+        return _cat(outs).to(torch.float32), None, None
 
 
 def dispatch(x, pair_weight, pair_row, pair_expert, route: Route, handle: DispatchHandle):

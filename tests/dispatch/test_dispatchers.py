@@ -110,16 +110,26 @@ def test_bytes_by_level_equal_hand_count():
 def _mismatch(rank, world):
     import hiermoe_lightning.dispatch.engine as engine
 
-    real = engine.exchange_counts
+    real = engine.start_exchange
+    seen = []
 
-    def corrupted(send_counts, peers):
-        recv = real(send_counts, peers)
-        if rank == 1:
-            recv = recv.clone()
-            recv[0, 0] += 1  # rank 1 now expects one row too many from peer 0
-        return recv
+    def corrupted(payloads, peers):
+        pending = real(payloads, peers)
+        first_counts = payloads[0][0].dtype == torch.long and not seen
+        if rank != 1 or not first_counts:
+            return pending
+        seen.append(True)
+        wait = pending.wait
 
-    engine.exchange_counts = corrupted
+        def corrupted_wait():
+            out = wait()
+            out[0][0, 0] += 1  # rank 1 now expects one row too many from peer 0
+            return out
+
+        pending.wait = corrupted_wait
+        return pending
+
+    engine.start_exchange = corrupted
     from hiermoe_lightning import MoELayer
 
     layer = MoELayer(8, 8, 8, 2)
@@ -129,7 +139,7 @@ def _mismatch(rank, world):
     except SplitMismatchError as e:
         return str(e)
     finally:
-        engine.exchange_counts = real
+        engine.start_exchange = real
     return None
 
 

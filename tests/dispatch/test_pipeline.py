@@ -1,0 +1,91 @@
+"""Pipelined dispatch (``pipeline_chunks > 1``): the same function and the same bytes as one pass, and a schedule
+that keeps one exchange in flight per process group."""
+
+import pytest
+import torch
+
+import hiermoe_lightning.dispatch.engine as engine
+from hiermoe_lightning import ExpertParallel
+from hiermoe_lightning.dispatch.comm import PeerGroup
+from tests.sharded import Case, assert_matches_reference, run_sharded
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_pipelined_dispatch_matches_reference_on_2x2(chunks):
+    cases = []
+    for i, name in enumerate(["flat", "2dh", "hd1", "hd2"]):
+        kw = {"pipeline_chunks": chunks}
+        cases += [
+            Case("2x2", name, 8, 2, [6, 2, 5, 1], seed=i, parallel_kwargs=kw),   # ranks with fewer tokens than chunks
+            Case("2x2", name, 16, 8, [7, 4, 0, 9], seed=i + 20, parallel_kwargs=kw),  # a rank without tokens
+            Case("2x2", name, 8, 5, [3, 3, 3, 3], seed=i + 30, force_expert=2, parallel_kwargs=kw),
+        ]
+    results = run_sharded(4, cases)
+    for i, case in enumerate(cases):
+        per_rank = [r[i] for r in results]
+        assert all(r["num_chunks"] == chunks for r in per_rank)
+        assert_matches_reference(case, per_rank)
+
+
+def test_pipelined_three_levels_and_bf16_match_reference():
+    cases = [Case("2x2x2", name, 16, 6, [5, 0, 2, 7, 1, 3, 6, 2], seed=i, parallel_kwargs={"pipeline_chunks": 4})
+             for i, name in enumerate(["2dh", "hd2", "hd3"])]
+    results = run_sharded(8, cases, timeout=120)
+    for i, case in enumerate(cases):
+        assert_matches_reference(case, [r[i] for r in results])
+    bf16 = [Case("2x2", "hd2", 8, 4, [5, 2, 4, 3], dtype=torch.bfloat16, seed=3, parallel_kwargs={"pipeline_chunks": 2})]
+    results = run_sharded(4, bf16)
+    assert_matches_reference(bf16[0], [r[0] for r in results], atol=3e-2, rtol=3e-2)
+
+
+def test_pipelining_moves_exactly_the_bytes_of_one_pass():
+    """Dedup only merges copies of one token, and a token lives in one chunk: chunking must not add bytes."""
+    base = [Case("2x2", name, 16, 6, [40, 33, 0, 27], seed=5) for name in ("flat", "2dh", "hd1", "hd2")]
+    piped = [Case(c.topology, c.dispatch, c.num_experts, c.top_k, c.tokens, seed=c.seed,
+                  parallel_kwargs={"pipeline_chunks": 3}) for c in base]
+    results = run_sharded(4, base + piped)
+    n = len(base)
+    for i in range(n):
+        for r in results:
+            assert r[i]["bytes"] == r[n + i]["bytes"], base[i].dispatch
+            assert [(p["name"], p["rows_sent"], p["rows_recv"]) for p in r[i]["phases"]] == \
+                   [(p["name"], p["rows_sent"], p["rows_recv"]) for p in r[n + i]["phases"]], base[i].dispatch
+
+
+def test_pipeline_chunks_is_validated():
+    with pytest.raises(ValueError, match="pipeline_chunks"):
+        ExpertParallel("2x2", pipeline_chunks=0)
+    with pytest.raises(ValueError, match="pipeline_chunks"):
+        ExpertParallel("2x2", pipeline_chunks=True)
+
+
+# ---------------------------------------------------------------------------- the schedule, without processes
+def _program(name, groups, log):
+    """A fake chunk program: one exchange per group in turn; returns what it received."""
+    got = []
+    for g in groups:
+        peers = PeerGroup(g, 1, 0, (0,))
+        (out,) = yield engine._Exchange(peers, [(torch.tensor([[len(got)]]), [1], [1])])
+        log.append((name, g))
+        got.append(int(out))
+    return name, got
+
+
+def test_runner_keeps_one_exchange_in_flight_per_group(monkeypatch):
+    posted = []
+    real = engine.start_exchange
+
+    def recording(payloads, peers):
+        posted.append(peers.group)
+        return real(payloads, peers)
+
+    monkeypatch.setattr(engine, "start_exchange", recording)
+    inter, intra = "inter", "intra"
+    log = []
+    handle = engine.DispatchHandle("hd2", 2, 4)
+    programs = [_program(c, [inter, intra], log) for c in range(3)]
+    results = engine._run_pipeline(programs, handle)
+    assert results == [(0, [0, 1]), (1, [0, 1]), (2, [0, 1])]
+    # step 1: chunk 0 inter; step 2: chunk 0 intra with chunk 1 inter; step 3: chunk 1 intra with chunk 2 inter; ...
+    assert posted == [inter, intra, inter, intra, inter, intra]
+    assert log == [(0, inter), (0, intra), (1, inter), (1, intra), (2, inter), (2, intra)]
