@@ -1,7 +1,7 @@
 """The only code that talks to ``torch.distributed`` during a forward/backward: counts, then payloads.
 
 gloo does not check that a sender and a receiver agree on split sizes (too few rows leaves garbage, too many aborts
-the receiver), so every payload exchange is preceded by a count exchange, and ``check_splits`` can verify agreement
+the receiver), so every payload exchange is preceded by a count exchange, and the engine can verify agreement (``verify_splits``)
 collectively (every rank raises the same error, so none waits forever).
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["PeerGroup", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows", "check_splits",
+__all__ = ["PeerGroup", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows",
            "SplitMismatchError"]
 
 
@@ -114,24 +114,3 @@ def _post_receive_first(out, x, send_splits, recv_splits, peers: PeerGroup, tag:
     ops += [dist.P2POp(dist.isend, x[send_offsets[p]:send_offsets[p + 1]], peers.global_ranks[p], peers.group, tag)
             for p in range(peers.size) if p != me and send_splits[p] > 0]
     return list(dist.batch_isend_irecv(ops)) if ops else []
-
-
-def check_splits(send_splits: list[int], recv_splits: list[int], peers: PeerGroup) -> None:
-    """Collectively verify that what every rank expects to receive is what its peers will send.
-
-    Costs one small all-to-all and one all-reduce; raises ``SplitMismatchError`` on every rank of the group if any
-    rank disagrees, naming that rank's expectation, before any payload moves.
-    """
-    if peers.is_local:
-        if list(send_splits) != list(recv_splits):
-            raise SplitMismatchError(f"local exchange: send splits {send_splits} != receive splits {recv_splits}")
-        return
-    announced = exchange_counts(torch.tensor(send_splits, dtype=torch.long).view(-1, 1), peers).view(-1)
-    expected = torch.tensor(recv_splits, dtype=torch.long)
-    bad = torch.tensor([0 if torch.equal(announced, expected) else 1], dtype=torch.long)
-    dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=peers.group)
-    if int(bad) > 0:
-        mine = "" if torch.equal(announced, expected) else (
-            f"; here (peer {peers.index}) expected {expected.tolist()} but peers announce {announced.tolist()}"
-        )
-        raise SplitMismatchError(f"all-to-all split sizes disagree on {int(bad)} rank(s) of the group{mine}")

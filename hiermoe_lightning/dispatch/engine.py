@@ -313,7 +313,9 @@ class _Dispatch(torch.autograd.Function):
             ctx.handle = handle
             ctx.mark_non_differentiable(pair_row, pair_expert)
             return x.view_as(x), pair_weight.view_as(pair_weight), pair_row.view_as(pair_row), pair_expert.view_as(pair_expert)
-        handle.chunks = _make_chunks(x.shape[0], pair_row, route.pipeline_chunks)
+        # one hop has nothing to overlap with (its chunks would queue on the same group): pipeline only multi-hop routes
+        num_chunks = route.pipeline_chunks if len(route.phases) > 1 else 1
+        handle.chunks = _make_chunks(x.shape[0], pair_row, num_chunks)
         programs = [
             _dispatch_program(route, handle, c, x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
                               _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
