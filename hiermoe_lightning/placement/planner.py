@@ -23,9 +23,10 @@ For a level ``L`` at which ``a`` and ``b`` sit in different groups ``g_a`` and `
   ``g_a`` when ``b`` moves there),
 
 and symmetrically at ``g_b``. Those statistics are sums over tokens (``O(T*K*(K + U))`` per level), are kept
-incrementally (after a swap only the tokens that chose ``a`` or ``b`` are re-counted) and are mapped through each
+incrementally (after a swap only the tokens that chose ``a`` or ``b`` are touched, and of their (token, expert) pairs
+only those whose count or "alone in its group" status changes; see :class:`_PairStats`) and are mapped through each
 phase's (current rank, next rank) table to per-rank send/receive changes, giving every pair's per-rank loads in every
-phase as ``[E, E, G]`` tensors.
+phase as ``[E, E, G]`` tensors (in scratch tensors reused across the rounds).
 
 Determinism: token weights are turned into fixed-point integers (unweighted tokens count exactly 1; weights get
 ``2**16`` units by default, fewer when the pair search runs in float32) and every count, hit and load is an integer
@@ -289,30 +290,45 @@ class GroupCounts:
         """Swap experts ``a`` and ``b`` in :attr:`placement` and update the counts incrementally.
 
         Only tokens that chose exactly one of them change: at each level where the two experts' groups differ, the
-        group losing its expert drops by one and the gaining group rises by one.
+        group losing its expert drops by one and the gaining group rises by one. ``has_a`` / ``has_b``: optional
+        ``[N]`` bool, the tokens that chose ``a`` / ``b`` (the caller may know them).
+        """
+        if has_a is None or has_b is None:
+            has_a, has_b = (self.ids == a).any(dim=1), (self.ids == b).any(dim=1)
+        rows = (has_a ^ has_b).nonzero().flatten()
+        self._move(a, b, rows, has_a[rows])
+
+    def _move(self, a: int, b: int, rows: torch.Tensor,
+              chose_a: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Swap ``a`` and ``b`` in :attr:`placement`, counts and hits; ``rows`` ``[n]``: the tokens that chose exactly
+        one of them (``chose_a`` ``[n]`` bool: that one is ``a``).
+
+        Returns, per level where the two experts' groups differ, ``(lose [n], gain [n], count_lose [n],
+        count_gain [n])``: the group each token's expert leaves / joins and the token's counts there before the swap.
         """
         a, b = int(a), int(b)
         new_placement = self.placement.swapped(a, b)  # validates ids
         ra, rb = int(self.placement.expert_to_rank[a]), int(self.placement.expert_to_rank[b])
-        if ra != rb:
-            if has_a is None or has_b is None:  # [N] bool: tokens that chose a / b (the caller may know them)
-                has_a, has_b = (self.ids == a).any(dim=1), (self.ids == b).any(dim=1)
-            only_a = (has_a & ~has_b).nonzero().flatten()
-            only_b = (has_b & ~has_a).nonzero().flatten()
-            for L in range(1, self.topology.num_levels + 1):
-                size = self.group_size(L)
-                ga, gb = ra // size, rb // size
-                if ga == gb:
-                    continue
-                c, h = self.counts[L - 1], self._hits[L - 1].view(-1)
-                U = c.shape[1]
-                for rows, lose_g, gain_g in ((only_a, ga, gb), (only_b, gb, ga)):
-                    w, src = self.weights[rows], self.source[rows] * U
-                    h.index_add_(0, src + lose_g, -w * (c[rows, lose_g] == 1))  # its last expert there leaves
-                    h.index_add_(0, src + gain_g, w * (c[rows, gain_g] == 0))  # its first expert there arrives
-                    c[rows, lose_g] -= 1
-                    c[rows, gain_g] += 1
+        moved = {}
+        w, src = self.weights.index_select(0, rows), self.source.index_select(0, rows)
+        for L in range(1, self.topology.num_levels + 1):
+            size = self.group_size(L)
+            ga, gb = ra // size, rb // size
+            if ga == gb:
+                continue
+            c, h = self.counts[L - 1].view(-1), self._hits[L - 1].view(-1)
+            U = self.counts[L - 1].shape[1]
+            lose = torch.where(chose_a, ga, gb)
+            gain = ga + gb - lose
+            at_lose, at_gain = rows * U + lose, rows * U + gain
+            count_lose, count_gain = c.index_select(0, at_lose), c.index_select(0, at_gain)
+            h.index_add_(0, src * U + lose, -w * (count_lose == 1))  # its last expert there leaves
+            h.index_add_(0, src * U + gain, w * (count_gain == 0))  # its first expert there arrives
+            c.index_copy_(0, at_lose, count_lose - 1)
+            c.index_copy_(0, at_gain, count_gain + 1)
+            moved[L] = (lose, gain, count_lose, count_gain)
         self.placement = new_placement
+        return moved
 
     def recomputed(self) -> "GroupCounts":
         """Fresh counts of the same routing on the current placement (the reference for the incremental update)."""
@@ -416,13 +432,16 @@ def _best(times: dict[int, float]) -> tuple[int, float]:
 class _PairStats:
     """Token sums behind every pair's effect, per level ``L`` (fixed point; integers held in ``dtype``):
 
-    * ``lose[L-1]`` ``[E, G]``: tokens of source ``s`` that chose ``e`` with no other expert in ``e``'s group,
-    * ``gain[L]`` ``[E, G, U]``: tokens of ``s`` that chose ``e`` and have no expert in group ``g``,
-    * ``both[L-1]`` ``[E, E, G]``: tokens of ``s`` that chose ``a`` and ``b`` with no other expert in ``a``'s group.
+    * ``both[L-1]`` ``[E, E, G]``: tokens of source ``s`` that chose ``a`` and ``b`` with no other expert in ``a``'s
+      level-``L`` group (``both`` is one ``[D, E, E, G]`` tensor),
+    * ``lose[L-1]`` ``[E, G]``: its diagonal ``a == b``: tokens of ``s`` that chose ``e`` with no other expert in
+      ``e``'s group (a view of ``both``),
+    * ``gain[L][u, e, s]`` ``[U, E, G]``: tokens of ``s`` that chose ``e`` and have no expert in group ``u``.
 
-    An expert alone in its level-``L`` group is alone in its finer groups too, so when counting from scratch each
-    (token, a, b) is added once, at the coarsest level where ``a`` is alone, and a cumulative sum over levels gives
-    ``both``. ``both`` is kept as one ``[D, E, E, G]`` tensor.
+    Kept across swaps, per (token, slot): ``alone`` ``[N, K]`` uint8, at how many levels the slot's expert is the only
+    one of the token's experts in its group (0 for dropped slots). An expert alone in its level-``L`` group is alone in
+    its finer groups too, so it is alone at the finest ``alone`` levels, and each (token, a, b) triple counts in
+    ``both`` at those levels: a swap only re-counts the slots whose ``alone`` changes.
     """
 
     def __init__(self, counts: GroupCounts, dtype: torch.dtype):
@@ -430,169 +449,252 @@ class _PairStats:
         E, G, D = counts.num_experts, topo.world_size, topo.num_levels
         self.dtype = dtype
         self.levels = list(range(1, D + 1))
-        self.lose = torch.zeros(D, E, G, dtype=dtype)
-        # gain rows are (expert, source) pairs plus one last row that collects dropped pairs
-        self._gain = {L: torch.zeros(E * G + 1, topo.num_groups(L), dtype=dtype) for L in self.levels}
-        self.gain = {L: g[:-1].view(E, G, -1) for L, g in self._gain.items()}
+        self._valid = counts.ids >= 0  # [N, K]
+        link = topo.link_level_table  # [G, G]: the first level at which two ranks' groups differ (0: same rank)
+        self._depth = torch.where(link == 0, D, link - 1).to(torch.uint8)  # [G, G]: levels at which they share groups
+        self._pair = counts.ids.clamp_min(0) * G + counts.source[:, None]  # [N, K]: (expert, source) index
+        self._weight = counts.weights.to(dtype)[:, None] * self._valid  # [N, K]: token weight, 0 for dropped slots
+        self.alone = torch.cat([_alone_levels(counts, rows, self.levels)
+                                for rows in torch.arange(counts.num_tokens).split(_TOKEN_CHUNK)])
         first = torch.zeros(D + 1, E, E, G, dtype=dtype)  # index D: never alone (discarded)
-        self._count(counts, torch.arange(counts.num_tokens), first)
+        self.gain = self._count(counts, first)
         self.both = first[:-1].cumsum(dim=0)
         del first
 
-    def _alone(self, counts: GroupCounts, rows: torch.Tensor, pair_rank: torch.Tensor,
-               valid: torch.Tensor) -> torch.Tensor:
-        """``[D, n, K]`` bool: the token's k-th expert is the only one of its experts in its level-``L`` group
-        (``pair_rank``: ``[n, K]`` rank of each chosen expert, any value where ``valid`` is False)."""
-        out = []
-        for L in self.levels:
-            c = counts.counts[L - 1]
-            U = c.shape[1]
-            grp = torch.div(pair_rank, counts.group_size(L), rounding_mode="floor").clamp_(0, U - 1)
-            out.append(valid & (c.view(-1)[(rows * U)[:, None] + grp] == 1))
-        return torch.stack(out)
+    @property
+    def lose(self) -> torch.Tensor:
+        """``[D, E, G]`` view: the diagonal ``a == b`` of ``both``."""
+        return self.both.diagonal(dim1=1, dim2=2).transpose(1, 2)
+
+    def _count(self, counts: GroupCounts, first: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Count ``first`` from scratch (``first[l]`` ``[E, E, G]`` holds the triples whose ``a`` is alone from level
+        ``l + 1`` on; its cumulative sum over levels is ``both``) and return ``gain``."""
+        E, G, K, D = counts.num_experts, counts.topology.world_size, counts.top_k, counts.topology.num_levels
+        first = first.view(-1)
+        # gain rows are (expert, source) pairs plus one last row that collects dropped pairs
+        gain = {L: torch.zeros(E * G + 1, counts.topology.num_groups(L), dtype=self.dtype) for L in self.levels}
+        for r in torch.arange(counts.num_tokens).split(_TOKEN_CHUNK):
+            n = r.numel()
+            valid, pair = self._valid[r], self._pair[r]
+            w = counts.weights[r].to(self.dtype)
+            gain_idx = torch.where(valid, pair, E * G)  # dropped pairs go to the last row
+            for L in self.levels:
+                z = (counts.counts[L - 1][r] == 0).to(self.dtype).mul_(w[:, None])  # [n, U]
+                for k in range(K):
+                    gain[L].index_add_(0, gain_idx[:, k], z)
+            # (a, b, s) triples (b == a included) land at the coarsest level where a is alone, the rest at level D
+            level = torch.where(valid[:, None, :], D - self.alone[r].long()[:, :, None], D)  # [n, K_a, K_b]
+            pair_idx = (level * E + counts.ids[r].clamp_min(0)[:, :, None]) * (E * G) + pair[:, None, :]
+            first.scatter_add_(0, pair_idx.reshape(-1), w[:, None, None].expand(n, K, K).reshape(-1))
+        return {L: g[:-1].T.contiguous().view(-1, E, G) for L, g in gain.items()}
 
     def swap(self, counts: GroupCounts, a: int, b: int) -> None:
-        """``counts.apply_swap(a, b)`` and update the statistics for the tokens it touches, term by term:
+        """``counts.apply_swap(a, b)`` and update the statistics for the tokens it touches.
 
-        ``lose`` and ``both`` change only for tokens that chose ``a`` or ``b`` (their experts' groups or counts
-        change), ``gain`` only for tokens that chose exactly one of them, and only in the two groups involved.
+        Tokens that chose exactly one of ``a``, ``b`` change counts at the levels where the two groups differ:
+        ``gain`` changes at the two groups involved and ``alone`` there (:meth:`_alone_after_move`). Tokens that
+        chose both keep their counts; ``a`` and ``b`` trade ``alone``. ``both`` (and ``lose``) change where ``alone``
+        does.
         """
-        E, G, K, D = counts.num_experts, counts.topology.world_size, counts.top_k, counts.topology.num_levels
-        has_a, has_b = (counts.ids == a).any(dim=1), (counts.ids == b).any(dim=1)
-        rows = (has_a | has_b).nonzero().flatten()
-        one = (has_a ^ has_b)[rows]  # counts change only for tokens with exactly one of a, b
-        ids = counts.ids[rows]
-        valid = ids >= 0
-        ids0 = ids.clamp_min(0)
-        src = counts.source[rows]
-        w = counts.weights[rows].to(self.dtype)
-        size = {L: counts.group_size(L) for L in self.levels}
         ra, rb = int(counts.placement.expert_to_rank[a]), int(counts.placement.expert_to_rank[b])
-        cols = {L: torch.tensor([ra // size[L], rb // size[L]]) for L in self.levels if ra // size[L] != rb // size[L]}
-        pair_rank = counts.placement.expert_to_rank[ids0]
-        old_alone = self._alone(counts, rows, pair_rank, valid)
-        old_zero = {L: counts.counts[L - 1][rows[:, None], c[None, :]] == 0 for L, c in cols.items()}  # [n, 2]
+        at_a, at_b = counts.ids == a, counts.ids == b  # [N, K]
+        has_a, has_b = at_a.any(dim=1), at_b.any(dim=1)
+        one = (has_a ^ has_b).nonzero().flatten()
+        two = (has_a & has_b).nonzero().flatten()
+        chose_a = has_a.index_select(0, one)
+        moved = counts._move(a, b, one, chose_a)
+        if not moved:  # same rank: nothing changes
+            return
+        self._update_gain(one, moved)
+        old_one = self.alone.index_select(0, one)
+        moving = at_a.index_select(0, one) | at_b.index_select(0, one)
+        new_one = self._alone_after_move(counts, one, old_one, chose_a, moving, moved, ra, rb)
+        old_two = self.alone.index_select(0, two)
+        two_a, two_b = at_a.index_select(0, two), at_b.index_select(0, two)
+        va = (old_two * two_a).sum(dim=1, keepdim=True, dtype=torch.uint8)  # [m, 1]: alone of a's slot
+        vb = (old_two * two_b).sum(dim=1, keepdim=True, dtype=torch.uint8)
+        new_two = torch.where(two_a, vb, torch.where(two_b, va, old_two))
+        rows = torch.cat([one, two])
+        self._update_both(counts, rows, torch.cat([old_one, old_two]), torch.cat([new_one, new_two]))
 
-        counts.apply_swap(a, b, has_a, has_b)
+    def _alone_after_move(self, counts: GroupCounts, rows: torch.Tensor, old: torch.Tensor, chose_a: torch.Tensor,
+                          moving: torch.Tensor, moved: dict[int, tuple[torch.Tensor, ...]], ra: int,
+                          rb: int) -> torch.Tensor:
+        """``[n, K]`` ``alone`` of tokens ``rows`` ``[n]`` that chose exactly one of the swapped experts (``chose_a``
+        ``[n]``: that one is ``a``, which moves from rank ``ra`` to ``rb``), after :meth:`GroupCounts._move`
+        (``moved``: its counts before the swap; ``old`` ``[n, K]``: ``alone`` before; ``moving`` ``[n, K]``: the
+        moving expert's slot).
 
-        pair_rank = torch.where(ids == a, rb, torch.where(ids == b, ra, pair_rank))
-        new_alone = self._alone(counts, rows, pair_rank, valid)
-        # lose: +w where newly alone, -w where no longer alone
-        lvl, t, k = (new_alone != old_alone).nonzero(as_tuple=True)
-        if t.numel():
-            sign = new_alone[lvl, t, k].to(self.dtype) * 2 - 1
-            self.lose.view(-1).scatter_add_(0, (lvl * E + ids0[t, k]) * G + src[t], sign * w[t])
-        # both: a triple (a, b, s) counts at every level from the coarsest one where a is alone (the alone levels
-        # are nested, so that level is D minus how many levels a is alone at)
-        def alone_levels(alone: torch.Tensor) -> torch.Tensor:
-            out = alone[0].to(torch.uint8)
-            for j in range(1, D):
-                out += alone[j]
-            return out
+        At each level where the two groups differ: the moving expert is alone when no other expert of the token is in
+        the group it joins; an expert of the group it leaves is alone when the two of them were the only ones there;
+        an expert of the group it joins is not alone; any other keeps its status.
+        """
+        D = counts.topology.num_levels
+        rank = counts.placement.expert_to_rank  # after the swap; only the moving experts' ranks changed
+        depth = torch.cat([self._depth[[ra, rb]][:, rank], torch.zeros(2, 1, dtype=torch.uint8)], dim=1)  # [2, E+1]
+        ids = counts.ids.index_select(0, rows)
+        d_ra, d_rb = depth[0][ids], depth[1][ids]  # [n, K]: levels at which each expert shares ra's / rb's group
+        from_a = chose_a[:, None]
+        d_lose, d_gain = torch.where(from_a, d_ra, d_rb), torch.where(from_a, d_rb, d_ra)
+        staying = ~moving & (ids >= 0)
+        new = old - old.clamp(max=len(moved))  # the coarser levels keep their status
+        for L, (_, _, count_lose, count_gain) in moved.items():
+            was = old >= D - L + 1  # alone at level L before (alone at the finest ``old`` levels)
+            in_lose, in_gain = d_lose >= L, d_gain >= L  # (exclusive: the groups differ at level L)
+            now = (in_lose & (count_lose == 2)[:, None]) | (was & ~in_lose & ~in_gain)
+            new += (now & staying) | (moving & (count_gain == 0)[:, None])
+        return new
 
-        old_lvl, new_lvl = D - alone_levels(old_alone), D - alone_levels(new_alone)  # uint8 [n, K]
-        t, k1 = (old_lvl != new_lvl).nonzero(as_tuple=True)
-        if t.numel():
-            lo, ln = old_lvl[t, k1].long(), new_lvl[t, k1].long()
-            low, high = torch.minimum(lo, ln), torch.maximum(lo, ln)
-            sign = torch.where(ln < lo, 1.0, -1.0).to(self.dtype)  # alone at more levels now: the triples count more
-            flat = self.both.view(D, -1)
-            for j in range(D):  # levels low .. high-1 change
-                sel = ((low <= j) & (j < high)).nonzero().flatten()
-                if sel.numel() == 0:
-                    continue
-                ts, ks = t[sel], k1[sel]
-                other = valid[ts] & (torch.arange(K)[None, :] != ks[:, None])  # [m, K] partners k2
-                base = (ids0[ts, ks][:, None] * E + ids0[ts]) * G + src[ts][:, None]  # [m, K] (a, b, s)
-                flat[j].scatter_add_(0, base.reshape(-1), ((w[ts] * sign[sel])[:, None] * other).reshape(-1))
-        # gain: the zero indicator of the two groups involved, for tokens whose counts changed
-        for L, c in cols.items():
-            new_zero = counts.counts[L - 1][rows[:, None], c[None, :]] == 0
-            changed = ((new_zero != old_zero[L]) & one[:, None]).any(dim=1).nonzero().flatten()
-            if changed.numel() == 0:
-                continue
-            dz = (new_zero[changed].to(self.dtype) - old_zero[L][changed].to(self.dtype)) * w[changed][:, None]
-            gidx = torch.where(valid[changed], ids0[changed] * G + src[changed][:, None], E * G)  # [m, K]
-            U = self._gain[L].shape[1]
-            m = changed.numel()
-            for j in range(2):
-                target = (gidx * U + int(c[j])).reshape(-1)
-                self._gain[L].view(-1).scatter_add_(0, target, dz[:, j:j + 1].expand(m, K).reshape(-1))
+    def _update_gain(self, rows: torch.Tensor,
+                     moved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """``gain`` after :meth:`GroupCounts._move` (``rows`` ``[n]`` and ``moved`` as there): a token whose expert
+        was the last in the losing group now misses it; one that had none in the gaining group now hits it."""
+        for L, (lose, gain, count_lose, count_gain) in moved.items():
+            flat = self.gain[L].view(-1)
+            block = self.gain[L][0].numel()  # one group's [E, G] block
+            for groups, sel, sign in ((lose, count_lose == 1, 1), (gain, count_gain == 0, -1)):
+                sel = sel.nonzero().flatten()
+                self._add_tokens(flat, groups.index_select(0, sel) * block, rows.index_select(0, sel), sign)
 
-    def _count(self, counts: GroupCounts, rows: torch.Tensor, first: torch.Tensor) -> None:
-        """Add the contributions of tokens ``rows``; pair triples go to ``first`` at their coarsest alone level."""
+    def _update_both(self, counts: GroupCounts, rows: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Move the triples of the slots whose ``alone`` changes from ``old`` to ``new`` (``[n, K]``; tokens ``rows``
+        ``[n]``) between levels, and store ``new``."""
         E, G, K, D = counts.num_experts, counts.topology.world_size, counts.top_k, counts.topology.num_levels
-        off_diag = ~torch.eye(K, dtype=torch.bool)
-        groups = {L: counts.expert_group(L) for L in self.levels}
-        lose, first = self.lose.view(-1), first.view(-1)
-        for start in range(0, rows.numel(), _TOKEN_CHUNK):
-            r = rows[start: start + _TOKEN_CHUNK]
-            n = r.numel()
-            ids = counts.ids[r]
-            valid = ids >= 0
-            ids0 = ids.clamp_min(0)
-            src = counts.source[r]
-            w = counts.weights[r].to(self.dtype)
-            idx = ids0 * G + src[:, None]  # [n, K] (expert, source)
-            gain_idx = torch.where(valid, idx, E * G)  # dropped pairs go to the last row
-            wk = w[:, None].expand(n, K)
-            first_level = torch.full((n, K), D, dtype=torch.long)  # coarsest level where the expert is alone
-            for L in reversed(self.levels):
-                c = counts.counts[L - 1][r]  # [n, U]
-                U = c.shape[1]
-                alone = valid & (c.gather(1, groups[L][ids].clamp_max(U - 1)) == 1)
-                first_level = torch.where(alone, L - 1, first_level)
-                lose.scatter_add_(0, (idx + (L - 1) * E * G).reshape(-1), (wk * alone).reshape(-1))
-                z = (c == 0).to(self.dtype).mul_(w[:, None])  # [n, U]
-                for k in range(K):
-                    self._gain[L].index_add_(0, gain_idx[:, k], z)
-            # (a, b, s) triples land at the coarsest level where a is alone; the rest at level D (discarded)
-            level = torch.where(valid[:, None, :] & off_diag, first_level[:, :, None], D)
-            pair_idx = ((level * E + ids0[:, :, None]) * E + ids0[:, None, :]) * G + src[:, None, None]
-            first.scatter_add_(0, pair_idx.reshape(-1), w[:, None, None].expand(n, K, K).reshape(-1))
+        self.alone.index_copy_(0, rows, new)
+        slot = (new != old).view(-1).nonzero().flatten()  # changed (token, slot) pairs, flat over [n, K]
+        if slot.numel() == 0:
+            return
+        o, n = old.view(-1).index_select(0, slot).long(), new.view(-1).index_select(0, slot).long()
+        low, high = D - torch.maximum(o, n), D - torch.minimum(o, n)  # the levels low .. high-1 change
+        t = rows.index_select(0, torch.div(slot, K, rounding_mode="floor"))
+        a_idx = counts.ids.view(-1).index_select(0, t * K + slot % K)
+        sign = torch.where(n > o, 1, -1).to(self.dtype)  # alone at more levels: the triples count at more
+        flat = self.both.view(-1)
+        for j in range(D):
+            sel = ((low <= j) & (j < high)).nonzero().flatten()
+            if sel.numel():
+                block = (j * E + a_idx.index_select(0, sel)) * (E * G)  # [m]: the (j, a) block of both
+                self._add_tokens(flat, block, t.index_select(0, sel), sign.index_select(0, sel))
+
+    def _add_tokens(self, flat: torch.Tensor, offset: torch.Tensor, tokens: torch.Tensor,
+                    sign: "torch.Tensor | int") -> None:
+        """``flat[offset[i] + pair[tokens[i], k]] += sign[i] * weight[tokens[i], k]`` for every slot ``k``
+        (``offset``, ``tokens``, ``sign``: ``[m]``; in blocks of tokens, which bounds the scratch memory)."""
+        for part in torch.arange(tokens.numel()).split(_TOKEN_CHUNK):
+            t = tokens.index_select(0, part)
+            idx = torch.add(offset.index_select(0, part)[:, None], self._pair.index_select(0, t))  # [m, K]
+            val = self._weight.index_select(0, t)
+            val.mul_(sign if isinstance(sign, int) else sign.index_select(0, part)[:, None])
+            flat.scatter_add_(0, idx.view(-1), val.view(-1))
+
+
+def _alone_levels(counts: GroupCounts, rows: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
+    """``[n, K]`` uint8: at how many of ``levels`` the k-th chosen expert of each token in ``rows`` ``[n]`` is the
+    only one of the token's experts in its group (0 for dropped slots)."""
+    ids = counts.ids[rows]
+    out = torch.zeros(ids.shape, dtype=torch.uint8)
+    for L in levels:
+        c = counts.counts[L - 1]
+        U = c.shape[1]
+        group = torch.cat([counts.placement.expert_to_rank // counts.group_size(L), torch.zeros(1, dtype=torch.long)])
+        out += c.view(-1)[(rows * U)[:, None] + group[ids]] == 1  # dropped slots read column 0; masked below
+    return out.mul_(ids >= 0)
+
+
+class _Scratch:
+    """Scratch tensors reused across the rounds of a pair search: fresh tensors of several MiB come back from the
+    allocator as new pages each round, and their page faults cost a large share of the search's time."""
+
+    def __init__(self):
+        self._tensors: dict[object, torch.Tensor] = {}
+
+    def __call__(self, key: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self._tensors.get(key)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            t = self._tensors[key] = torch.empty(shape, dtype=dtype)
+        return t
+
+
+def _pair_change(stats: _PairStats, level: int, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``S[a, b, s]`` ``[E, E, G]`` (written to ``out``): the change of source ``s``'s hits at ``a``'s
+    level-``level`` group when ``a`` and ``b`` swap, ``both[a, b, s] + gain[g(a), b, s] - lose[a, s]``, and 0 where
+    they share the group (``g``: ``[E]`` group of each expert)."""
+    S = torch.index_select(stats.gain[level], 0, g, out=out)  # gain[g(a), b, s]
+    S += stats.both[level - 1]
+    S -= stats.lose[level - 1][:, None, :]
+    same = (g[:, None] == g[None, :]).view(-1).nonzero().flatten()
+    S.view(-1, S.shape[2]).index_fill_(0, same, 0)
+    return S
+
+
+def _phase_table(table: torch.Tensor, current: torch.Tensor, g: torch.Tensor,
+                 dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A phase's send or receive table ``[G_s, U, G_r]`` at ``a``'s group and half its current loads ``[G_r]``:
+    ``([E, G_s, G_r], [1, 1, G_r])``."""
+    return table.to(dt).permute(1, 0, 2).index_select(0, g), (current.to(dt) * 0.5).view(1, 1, -1)
 
 
 def _pair_phase_x(counts: GroupCounts, stats: _PairStats, tables: dict[str, _Phase],
-                  base: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                  base: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  scratch: _Scratch | None = None) -> dict[str, torch.Tensor]:
     """``{phase: x[a, b, r]}``: max(sent, received) fixed-point rows of rank ``r`` in the phase after swapping
-    ``a`` and ``b`` (``[E, E, G]`` in ``stats.dtype``; meaningful for ``a``, ``b`` on different ranks).
+    ``a`` and ``b`` (``[E, E, G]`` in ``stats.dtype``; meaningful for ``a``, ``b`` on different ranks). With
+    ``scratch`` the tensors are reused by the next call.
 
-    Per level ``L`` the change of hits at ``a``'s group, as a function of the source rank, is
-    ``S[a, b, s] = both[a, b, s] + gain[b, s, g(a)] - lose[a, s]`` (zero when ``a`` and ``b`` share the group);
-    each phase maps it through its table at ``a``'s group (one ``bmm``) and adds the mirror term of ``b``.
+    Per level ``L``, :func:`_pair_change` gives the change of hits at ``a``'s group as a function of the source rank,
+    and :func:`_phase_x` maps it through each phase's tables.
     """
+    scratch = _Scratch() if scratch is None else scratch
     out = {}
     dt = stats.dtype
+    E, G = counts.num_experts, counts.topology.world_size
     for L in sorted({p.level for p in tables.values()}):
         g = counts.expert_group(L)[:-1]  # [E]
-        E = g.numel()
-        S = stats.gain[L].permute(2, 0, 1)[g]  # [E_a, E_b, G_s]: gain[b, s, g(a)]
-        S += stats.both[L - 1]
-        S -= stats.lose[L - 1][:, None, :]
-        S.masked_fill_((g[:, None] == g[None, :])[..., None], 0)
+        S = _pair_change(stats, L, g, scratch("S", (E, E, G), dt))
         for name, p in tables.items():
-            if p.level != L:
-                continue
-            send_cur, recv_cur = base[name][0].to(dt), base[name][1].to(dt)
-            tab_a = p.send.to(dt)[:, g, :].permute(1, 0, 2)  # [E, G_s, G_r]: the send table at a's group
-            half = torch.baddbmm((send_cur * 0.5).expand(1, 1, -1), S, tab_a)  # cur / 2 + change at g(a)
-            x = half + half.transpose(0, 1)
-            if p.recv_at_group:
-                # rows are received by the expert's own rank only: the received counts change at a's and b's ranks
-                r_idx = g[:, None].expand(E, E)[..., None]  # [a, b, 1]: a's rank
-                got = torch.bmm(S, p.recv.to(dt)[:, g, g].T[:, :, None])  # [a, b, 1]: change received at a's rank
-                recv_a = recv_cur[r_idx] + got
-                recv_b = (recv_cur[r_idx] + got).transpose(0, 1)  # at b's rank (index r_idx^T)
-                sent_a, sent_b = x.gather(2, r_idx), x.gather(2, r_idx.transpose(0, 1))
-                torch.maximum(x, recv_cur, out=x)
-                x.scatter_(2, r_idx, torch.maximum(sent_a, recv_a))
-                x.scatter_(2, r_idx.transpose(0, 1), torch.maximum(sent_b, recv_b))
-            else:
-                tab_a = p.recv.to(dt)[:, g, :].permute(1, 0, 2)
-                half = torch.baddbmm((recv_cur * 0.5).expand(1, 1, -1), S, tab_a)
-                torch.maximum(x, half + half.transpose(0, 1), out=x)
-            out[name] = x
+            if p.level == L:
+                out[name] = _phase_x(p, S, g, base[name], scratch(("x", name), (E, E, G), dt), scratch)
     return out
+
+
+def _phase_x(p: _Phase, S: torch.Tensor, g: torch.Tensor, current: tuple[torch.Tensor, torch.Tensor],
+             x: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+    """One phase's ``x[a, b, r]`` ``[E, E, G]`` (written to ``x``) from the change ``S`` of its level (``g``: ``[E]``
+    group of each expert; ``current``: the ``[G]`` rows each rank sends / receives now).
+
+    One ``baddbmm`` maps ``S`` through the table at ``a``'s group (half the current loads plus the change on ``a``'s
+    side); adding the transpose adds the mirror term of ``b``.
+    """
+    E, G, dt = S.shape[0], S.shape[2], S.dtype
+    send_cur, recv_cur = current
+    tab, cur = _phase_table(p.send, send_cur, g, dt)
+    if p.recv_at_group:  # one more column: the rows received at a's rank (= a's group)
+        tab = torch.cat([tab, p.recv.to(dt)[:, g, g].T[:, :, None]], dim=2)  # [E, G_s, G + 1]
+        cur = torch.cat([cur.expand(E, 1, G), recv_cur.to(dt)[g].view(E, 1, 1)], dim=2)
+    y = torch.baddbmm(cur, S, tab, out=scratch(("y", tab.shape[2]), (E, E, tab.shape[2]), dt))
+    torch.add(y[..., :G], y[..., :G].transpose(0, 1), out=x)
+    if p.recv_at_group:
+        _receive_at_group(x, y[..., G], recv_cur.to(dt), g)
+    else:
+        tab, cur = _phase_table(p.recv, recv_cur, g, dt)
+        y = torch.baddbmm(cur, S, tab, out=y)
+        torch.maximum(x, torch.add(y, y.transpose(0, 1), out=scratch("recv", (E, E, G), dt)), out=x)
+    return x
+
+
+def _receive_at_group(x: torch.Tensor, got: torch.Tensor, recv_cur: torch.Tensor, rank: torch.Tensor) -> None:
+    """Take the maximum of sent rows ``x`` ``[E, E, G]`` and received rows in place, for a phase whose rows land on
+    the expert's rank only: ``a``'s rank receives ``got[a, b]``, ``b``'s rank ``got[b, a]``, every other rank
+    ``recv_cur`` ``[G]`` (``rank``: ``[E]`` rank of each expert)."""
+    E, G = rank.numel(), x.shape[2]
+    pair = torch.arange(E * E) * G  # [E * E]: start of each pair's row in x
+    at_a = pair + rank.repeat_interleave(E)  # x[a, b, rank(a)], flat
+    at_b = pair + rank.repeat(E)  # x[a, b, rank(b)], flat
+    flat = x.view(-1)
+    sent_a, sent_b = flat.index_select(0, at_a), flat.index_select(0, at_b)
+    torch.maximum(x, recv_cur, out=x)
+    flat.index_copy_(0, at_a, torch.maximum(sent_a, got.reshape(-1)))
+    flat.index_copy_(0, at_b, torch.maximum(sent_b, got.T.reshape(-1)))
 
 
 # ---------------------------------------------------------------------------------------------------------- planner
@@ -803,12 +905,13 @@ def plan_swaps(
     ms_path = [ms_before]  # plain t_{d*} after each swap
     mig_path = [0.0]  # cumulative migration ms
     stats = _PairStats(counts, dtype) if max_swaps > 0 and G > 1 else None
+    scratch = _Scratch()
     if stats is not None:
         current_ms, current_obj = _current(counts, tables, by_d, link_costs, row_bytes, gamma)
     while stats is not None and len(swaps) < max_swaps:
         r0 = time.perf_counter()
         base = _phase_loads(counts, tables)
-        x = _pair_phase_x(counts, stats, tables, base)
+        x = _pair_phase_x(counts, stats, tables, base, scratch)
         plain = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, None)
         plain_t = torch.stack([plain[d] for d in sorted(plain)])  # [D, E, E]
         best_plain, d_idx = plain_t.min(dim=0)  # ties -> smaller d, like choose_hd

@@ -83,6 +83,7 @@ def test_pair_statistics_incremental_and_every_pair_exact():
             stats.swap(counts, a, b)
         fresh_counts = counts.recomputed()
         fresh = P._PairStats(fresh_counts, dtype)
+        assert torch.equal(stats.alone, fresh.alone)
         assert torch.equal(stats.lose, fresh.lose) and torch.equal(stats.both, fresh.both)
         assert all(torch.equal(stats.gain[L], fresh.gain[L]) for L in stats.levels)
         x = P._pair_phase_x(counts, stats, tables, P._phase_loads(counts, tables))
@@ -94,6 +95,27 @@ def test_pair_statistics_incremental_and_every_pair_exact():
                 after = GroupCounts(ids, counts.placement.swapped(a, b), topo, weights)
                 for name, (send, recv) in P._phase_loads(after, tables).items():
                     assert torch.equal(x[name][a, b].to(torch.float64), torch.maximum(send, recv)), (a, b, name)
+
+
+@pytest.mark.parametrize("topology", ["2x2x2", "2x1x2"])
+def test_pair_statistics_after_many_swaps_equal_a_recount(topology):
+    """Swaps at every level, of co-chosen experts and on one rank: the statistics kept across them equal statistics
+    counted from scratch after each swap."""
+    topo = Topology.parse(topology)
+    G = topo.world_size
+    E, T, K = 4 * G, 40, 4
+    ids = _routing(topology, E, T, K, seed=7, spec="zipf:1.2")
+    w = torch.rand(G, T, generator=torch.Generator().manual_seed(3))
+    counts = GroupCounts(ids, _random_placement(E, G, 4), topo, w)
+    stats = P._PairStats(counts, torch.float64)
+    rnd = random.Random(1)
+    for step in range(24):
+        a, b = (0, 1) if step % 6 == 0 else rnd.sample(range(E), 2)  # 0 and 1: the most co-chosen pair
+        stats.swap(counts, a, b)
+        fresh = P._PairStats(counts.recomputed(), torch.float64)
+        assert torch.equal(stats.alone, fresh.alone), step
+        assert torch.equal(stats.both, fresh.both), step
+        assert all(torch.equal(stats.gain[L], fresh.gain[L]) for L in stats.levels), step
 
 
 def test_bad_inputs():
