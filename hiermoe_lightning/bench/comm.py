@@ -4,13 +4,18 @@ Spawns ``world_size`` gloo ranks on this machine (one spawn for all dispatches).
 ``[T, K]`` of the routing, ``x = randn [T, hidden]``, random pair weights; for each dispatch a route from
 ``ExpertParallel(topology, dispatch="flat").build_route(name, Placement.contiguous(E, G))`` (``auto`` = the ``hd<d>``
 that :func:`~hiermoe_lightning.cost.model.predict` chooses for this routing and link costs), then ``warmup + iters``
-rounds of dispatch + identity experts + combine, each after a ``dist.barrier()``:
+rounds of dispatch + identity experts + combine:
 
-* time of an iteration = the slowest rank's ``perf_counter`` duration (all_reduce MAX);
-* ``median_ms`` / ``p90_ms`` over the timed iterations; ``plan_ms`` / ``comm_ms`` = medians of the slowest rank's
+* the dispatch and the combine are timed in two ``perf_counter`` windows, each after a ``dist.barrier()``; the stand-in
+  expert step between them (an ``index_add`` over the rows) is not communication and is outside both windows;
+* time of an iteration = the slowest rank's dispatch time + the slowest rank's combine time (each all_reduce MAX);
+  ``median_ms`` / ``p90_ms`` over the timed iterations (what the cost model predicts); ``dispatch_ms`` /
+  ``combine_ms`` their medians; ``iteration_ms`` = median of the slowest rank's whole iteration (dispatch + expert
+  step + combine, barrier to end); ``plan_ms`` / ``comm_ms`` = medians of the slowest rank's
   ``handle.plan_seconds`` / ``handle.comm_seconds`` per iteration (planning hops / inside collectives);
 * ``bytes_by_level`` = ``handle.bytes_by_level()`` summed over ranks (all_reduce SUM) of one iteration;
-* ``predicted_ms`` = 2 x the cost model's one-way time (we time dispatch AND combine; see ``predicted_note``).
+* ``predicted_ms`` = 2 x the cost model's one-way time (we time dispatch AND combine; see ``predicted_note``), with
+  ``--pipeline-chunks C`` passed to the model as ``pipeline_chunks`` and to ``ExpertParallel``.
 
 ``--emulate-inter-mbit N`` (root only; see :mod:`hiermoe_lightning.bench.netem`) runs the ranks of each top-level group
 (``world_size / sizes[0]`` consecutive ranks: one "node") in a network namespace of their own, every node linked to a
@@ -55,8 +60,10 @@ DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
 DEFAULT_TOP_K = 4
 DEFAULT_TOKENS_PER_RANK = 2048
 EMULATION_EXIT_STATUS = 3
-PREDICTED_NOTE = ("predicted_ms = 2 x the cost model's one-way all-to-all time (cost.model.predict with these link "
-                  "costs): median_ms times dispatch + combine, which move the same rows each way")
+PREDICTED_NOTE = ("predicted_ms = 2 x the cost model's one-way time (cost.model.predict with these link costs and "
+                  "pipeline_chunks): median_ms = the slowest rank's dispatch window + the slowest rank's combine "
+                  "window (each after a barrier; the stand-in expert step between them is not timed), which move "
+                  "the same rows each way; iteration_ms includes the expert step")
 LOWER_BOUND_NOTE = (
     "lower_bound_ms = the busiest node link's level-1 lower-bound bytes in one direction / the emulated rate "
     "(inter_mbit Mbit/s per node link and direction). A node's outbound link carries its tokens' dispatch rows to "
@@ -90,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--emulate-latency-ms", type=float, default=0.0, metavar="L",
                    help="with --emulate-inter-mbit: add L ms of delay on every shaped hop (needs sch_netem; "
                         "default 0)")
+    p.add_argument("--pipeline-chunks", type=int, default=1, metavar="C",
+                   help="split each dispatch's tokens into C chunks run as a software pipeline over the hops "
+                        "(ExpertParallel(pipeline_chunks=C)); the prediction models the same pipeline (default 1)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before the spawned ranks are killed (default 900)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -135,6 +145,10 @@ def _resolve(args: argparse.Namespace):
     topology, link_costs, _, ids = plan_cmd._resolve_inputs(args)
     _int(args.iters, "--iters", 1)
     _int(args.warmup, "--warmup", 0)
+    args.pipeline_chunks = getattr(args, "pipeline_chunks", 1)
+    _int(args.pipeline_chunks, "--pipeline-chunks", 1)
+    if args.pipeline_chunks > 64:
+        raise ValueError(f"--pipeline-chunks must be in 1 .. 64, got {args.pipeline_chunks}")
     if isinstance(args.timeout, bool) or not isinstance(args.timeout, (int, float)) or not args.timeout > 0:
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
     if args.emulate_inter_mbit is not None:
@@ -152,7 +166,8 @@ def _resolve(args: argparse.Namespace):
 def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
     topology, ids_all, M = cfg["topology"], cfg["ids"], cfg["hidden_size"]
     dtype, D = DTYPES[cfg["dtype"]], topology.num_levels
-    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"])
+    extra = {"pipeline_chunks": cfg["pipeline_chunks"]} if cfg["pipeline_chunks"] != 1 else {}
+    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"], **extra)
     placement = Placement.contiguous(cfg["num_experts"], world)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
 
@@ -172,22 +187,28 @@ def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
     for name in cfg["names"]:
         concrete = cfg["chosen"] if name == "auto" else name
         route = ep.build_route(concrete, placement)
-        times, comms, plans = [], [], []
+        disp, comb, iters, comms, plans = [], [], [], [], []
         handle = None
         back = None
         for _ in range(n):
             handle = DispatchHandle(concrete, D, row_bytes)
-            dist.barrier()
-            start = time.perf_counter()
             with torch.no_grad():
+                dist.barrier()
+                start = time.perf_counter()
                 rows, pw, prow, _pexp = dispatch(x, pair_weight, pair_row, pair_expert, route, handle)
+                t_disp = time.perf_counter() - start
                 y = torch.zeros(rows.shape[0], M, dtype=torch.float32).index_add_(
-                    0, prow, rows[prow].float() * pw[:, None])
+                    0, prow, rows[prow].float() * pw[:, None])  # stand-in experts: not timed
+                dist.barrier()
+                start_comb = time.perf_counter()
                 back = combine(y, handle, dtype)
-            times.append(time.perf_counter() - start)
+                end = time.perf_counter()
+            disp.append(t_disp)
+            comb.append(end - start_comb)
+            iters.append(end - start)
             comms.append(handle.comm_seconds)
             plans.append(handle.plan_seconds)
-        stats = torch.tensor([times, comms, plans], dtype=torch.float64)[:, cfg["warmup"]:].contiguous()
+        stats = torch.tensor([disp, comb, iters, comms, plans], dtype=torch.float64)[:, cfg["warmup"]:].contiguous()
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # per iteration: the slowest rank
         by_level = handle.bytes_by_level()
         level_names = [f"level{i}" for i in range(1, D + 1)]
@@ -196,7 +217,8 @@ def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
         err = torch.tensor([float((back.float() - expected).abs().max()) if T else 0.0], dtype=torch.float64)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         out[name] = {
-            "times": stats[0].tolist(), "comm": stats[1].tolist(), "plan": stats[2].tolist(),
+            "dispatch": stats[0].tolist(), "combine": stats[1].tolist(), "iteration": stats[2].tolist(),
+            "comm": stats[3].tolist(), "plan": stats[4].tolist(),
             "bytes_by_level": {k: int(v) for k, v in zip(level_names, nbytes.tolist())},
             "max_abs_err": float(err),
         }
@@ -258,7 +280,8 @@ def run(args: argparse.Namespace) -> dict:
     row_bytes = M * DTYPE_BYTES[args.dtype]
     placement = Placement.contiguous(E, G)
     concrete = [n for n in names if n != "auto"]
-    pred = predict(topology, placement, ids, M, DTYPE_BYTES[args.dtype], link_costs, dispatches=concrete or None)
+    pred = predict(topology, placement, ids, M, DTYPE_BYTES[args.dtype], link_costs, dispatches=concrete or None,
+                   pipeline_chunks=args.pipeline_chunks)
     chosen = pred.chosen
     one_way = {n: pred.dispatch[n].predicted_ms for n in concrete}
     if "auto" in names:
@@ -266,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
 
     cfg = {"topology": topology, "ids": ids, "hidden_size": M, "dtype": args.dtype, "num_experts": E,
            "seed": args.seed, "link_costs": link_costs, "names": names, "chosen": chosen,
-           "warmup": args.warmup, "iters": args.iters}
+           "warmup": args.warmup, "iters": args.iters, "pipeline_chunks": args.pipeline_chunks}
     launch = dict(timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
     if args.emulate_inter_mbit is None:
         per_rank = run_ranks(_rank_fn, G, cfg, **launch)
@@ -282,16 +305,22 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     for name in names:
         m = measured[name]
+        times = [d + c for d, c in zip(m["dispatch"], m["combine"])]
         entry = {
-            "median_ms": statistics.median(m["times"]) * 1e3,
-            "p90_ms": _p90(m["times"]) * 1e3,
+            "median_ms": statistics.median(times) * 1e3,
+            "p90_ms": _p90(times) * 1e3,
             "predicted_ms": 2.0 * one_way[name],
             "bytes_by_level": m["bytes_by_level"],
             "plan_ms": statistics.median(m["plan"]) * 1e3,
             "comm_ms": statistics.median(m["comm"]) * 1e3,
             "predicted_one_way_ms": one_way[name],
+            "dispatch_ms": statistics.median(m["dispatch"]) * 1e3,
+            "combine_ms": statistics.median(m["combine"]) * 1e3,
+            "iteration_ms": statistics.median(m["iteration"]) * 1e3,
             "max_abs_err": m["max_abs_err"],
         }
+        if entry["median_ms"] > 0:
+            entry["predicted_vs_measured"] = entry["predicted_ms"] / entry["median_ms"]
         if name == "auto":
             entry["resolved"] = chosen
         results[name] = entry
@@ -335,6 +364,7 @@ def run(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "iters": args.iters,
         "warmup": args.warmup,
+        "pipeline_chunks": args.pipeline_chunks,
         "link_costs": link_costs.name,
         "predicted_note": PREDICTED_NOTE,
     }
@@ -346,12 +376,14 @@ def format_report(report: dict) -> str:
     head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), "
             f"{report['num_experts']} experts, top-{report['top_k']}, hidden {report['hidden_size']} {report['dtype']}, "
             f"{report['tokens_per_rank']} tokens/rank, routing {report['routing']} (seed {report['seed']}), "
-            f"{report['iters']} iters after {report['warmup']} warmup; times are dispatch+combine of the slowest rank")
+            f"{report['iters']} iters after {report['warmup']} warmup"
+            + (f", {report['pipeline_chunks']} pipeline chunks" if report.get("pipeline_chunks", 1) != 1 else "")
+            + "; times are the slowest rank's dispatch + the slowest rank's combine (expert step not timed)")
     results = report["results"]
     levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=lambda s: int(s[5:]))
     flat_ms = results["flat"]["median_ms"] if "flat" in results else None
     emulated = "emulation" in report
-    cols = ["dispatch", "median ms", "p90 ms", "vs flat", "predicted ms", "plan ms", "plan %", "comm ms",
+    cols = ["dispatch", "median ms", "p90 ms", "vs flat", "predicted ms", "pred/meas", "plan ms", "plan %", "comm ms",
             *[f"L{lv[5:]} MiB" for lv in levels], *(["wire ms", "vs bound"] if emulated else [])]
     rows = [cols]
     for name, r in results.items():
@@ -360,7 +392,8 @@ def format_report(report: dict) -> str:
         rows.append([
             label, f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
             f"{flat_ms / r['median_ms']:.2f}x" if flat_ms and r["median_ms"] > 0 else "",
-            f"{r['predicted_ms']:.3f}", f"{r['plan_ms']:.2f}", f"{100 * share:.1f}%", f"{r['comm_ms']:.2f}",
+            f"{r['predicted_ms']:.3f}", f"{r['predicted_ms'] / r['median_ms']:.2f}" if r["median_ms"] > 0 else "",
+            f"{r['plan_ms']:.2f}", f"{100 * share:.1f}%", f"{r['comm_ms']:.2f}",
             *[f"{r['bytes_by_level'].get(lv, 0) / mib:.2f}" for lv in levels],
             *([f"{r['wire_ms']:.1f}", f"{r['vs_lower_bound']:.2f}x" if r["vs_lower_bound"] else ""]
               if emulated else []),
@@ -381,7 +414,7 @@ def format_report(report: dict) -> str:
         f"chosen by the cost model ({report['link_costs']}): {report['chosen']}",
         f"level-1 lower bound (dispatch+combine): {lb / mib:.2f} MiB",
         *extra,
-        "predicted ms = 2 x the model's one-way all-to-all time (dispatch + combine)",
+        "predicted ms = 2 x the model's one-way time (dispatch + combine); pred/meas = predicted ms / median ms",
     ])
 
 

@@ -2,6 +2,20 @@
 
 Phase kinds: ``a2a`` (one all-to-all over every rank), ``inter1 .. inter{D-1}`` and ``intra1 .. intra{D-1}``
 (the phases of the hierarchical dispatch, see ``docs/cost-model.md``).
+
+Besides the payload line, a hop of the real dispatch pays terms that a calibration measures and a preset leaves at 0
+(so the ``paper-a6000`` predictions are the paper's plain lines):
+
+* ``PhaseCost.sync_ms``: the latency of the count exchange that precedes every payload of that phase;
+* ``LinkCosts.copy_beta``: ms per byte of rows a rank copies locally in a hop (the gather of the rows it sends, the
+  zero-filled accumulator and ``index_add`` of the combine);
+* ``LinkCosts.fault_beta`` and ``fault_threshold``: ms per byte of a freshly mapped buffer (page faults on first
+  touch), charged for every buffer of a hop of at least ``fault_threshold`` bytes (glibc maps those fresh from the
+  kernel on every allocation and unmaps them on free);
+* ``LinkCosts.pair_bytes``: metadata bytes per (token, expert) pair that travel in the same exchange as the rows;
+* ``LinkCosts.duplex`` and ``LinkCosts.level1_link``: how the busiest load ``n`` is counted (``"full"``: a rank's
+  max(sent, received), ``"half"``: sent + received; ``level1_link="node"``: level-1 bytes are limited per node link,
+  shared by the node's ranks). See ``docs/cost-model.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +28,10 @@ from typing import Mapping
 
 import yaml
 
-__all__ = ["LinkCosts", "PhaseCost", "PRESETS"]
+__all__ = ["LinkCosts", "PhaseCost", "PRESETS", "DUPLEX_MODES", "LEVEL1_LINK_MODES"]
+
+DUPLEX_MODES = ("full", "half")
+LEVEL1_LINK_MODES = ("rank", "node")
 
 _PHASE_RE = re.compile(r"^(a2a|inter[1-9]\d*|intra[1-9]\d*)$")
 
@@ -34,13 +51,16 @@ PRESETS: dict[str, dict[str, tuple[float, float]]] = {
 
 @dataclass(frozen=True)
 class PhaseCost:
-    """One phase kind's fitted line; ``r2`` is the fit quality when calibrated (None for presets)."""
+    """One phase kind's fitted payload line ``alpha + beta * n``; ``r2`` is the fit quality when calibrated (None for
+    presets); ``sync_ms`` the measured latency of the count exchange that precedes each payload (0 for presets)."""
 
     alpha: float
     beta: float
     r2: float | None = None
+    sync_ms: float = 0.0
 
     def ms(self, num_bytes: float) -> float:
+        """The payload exchange alone: ``alpha + beta * num_bytes`` (no ``sync_ms``)."""
         return self.alpha + self.beta * float(num_bytes)
 
 
@@ -56,21 +76,24 @@ def _check_number(value: object, what: str) -> float:
 class LinkCosts:
     """Per phase kind ``(alpha, beta)``; ``phase_ms(name, bytes)`` gives the predicted time of one phase."""
 
-    def __init__(self, phases: Mapping[str, "PhaseCost | tuple[float, float] | Mapping"], name: str = "custom"):
+    def __init__(self, phases: Mapping[str, "PhaseCost | tuple[float, float] | Mapping"], name: str = "custom",
+                 copy_beta: float = 0.0, pair_bytes: float = 0.0, duplex: str = "full", level1_link: str = "rank",
+                 fault_beta: float = 0.0, fault_threshold: float = 0.0):
         if not isinstance(phases, Mapping) or not phases:
             raise TypeError("link cost phases must be a non-empty mapping of phase name -> (alpha, beta)")
         parsed: dict[str, PhaseCost] = {}
         for key, value in phases.items():
             if not isinstance(key, str) or not _PHASE_RE.match(key):
                 raise ValueError(f"link cost phase {key!r} is not valid: allowed 'a2a', 'inter<i>', 'intra<i>' (i >= 1)")
+            sync = 0.0
             if isinstance(value, PhaseCost):
-                parsed[key] = value
-                continue
-            if isinstance(value, Mapping):
-                unknown = set(value) - {"alpha", "beta", "r2"}
+                alpha, beta, r2, sync = value.alpha, value.beta, value.r2, value.sync_ms
+            elif isinstance(value, Mapping):
+                unknown = set(value) - {"alpha", "beta", "r2", "sync_ms"}
                 if unknown or not {"alpha", "beta"} <= set(value):
-                    raise ValueError(f"link cost phase {key!r} needs keys 'alpha' and 'beta' (optional 'r2'), got {sorted(value)}")
-                alpha, beta, r2 = value["alpha"], value["beta"], value.get("r2")
+                    raise ValueError(f"link cost phase {key!r} needs keys 'alpha' and 'beta' (optional 'r2', "
+                                     f"'sync_ms'), got {sorted(value)}")
+                alpha, beta, r2, sync = value["alpha"], value["beta"], value.get("r2"), value.get("sync_ms", 0.0)
             elif isinstance(value, (tuple, list)) and len(value) == 2:
                 (alpha, beta), r2 = value, None
             else:
@@ -81,9 +104,34 @@ class LinkCosts:
                 _check_number(alpha, f"alpha of phase {key!r}"),
                 _check_number(beta, f"beta of phase {key!r}"),
                 None if r2 is None else float(r2),
+                _check_number(sync, f"sync_ms of phase {key!r}"),
             )
         self.phases: dict[str, PhaseCost] = parsed
         self.name = name
+        self.copy_beta = _check_number(copy_beta, "copy_beta")
+        self.pair_bytes = _check_number(pair_bytes, "pair_bytes")
+        self.fault_beta = _check_number(fault_beta, "fault_beta")
+        self.fault_threshold = _check_number(fault_threshold, "fault_threshold")
+        if duplex not in DUPLEX_MODES:
+            raise ValueError(f"duplex must be one of {', '.join(map(repr, DUPLEX_MODES))}, got {duplex!r}")
+        if level1_link not in LEVEL1_LINK_MODES:
+            raise ValueError(f"level1_link must be one of {', '.join(map(repr, LEVEL1_LINK_MODES))}, "
+                             f"got {level1_link!r}")
+        self.duplex, self.level1_link = duplex, level1_link
+
+    @property
+    def extras(self) -> dict:
+        """The LinkCosts-wide terms (``copy_beta``, ``pair_bytes``, ``duplex``, ``level1_link``, ``fault_beta``,
+        ``fault_threshold``), as keywords of the constructor."""
+        return {"copy_beta": self.copy_beta, "pair_bytes": self.pair_bytes, "duplex": self.duplex,
+                "level1_link": self.level1_link, "fault_beta": self.fault_beta,
+                "fault_threshold": self.fault_threshold}
+
+    @property
+    def has_engine_terms(self) -> bool:
+        """Whether any term beyond the plain payload lines is set (sync, copies, metadata, byte-count mode)."""
+        return (self.copy_beta > 0 or self.pair_bytes > 0 or self.duplex != "full" or self.level1_link != "rank"
+                or self.fault_beta > 0 or any(pc.sync_ms > 0 for pc in self.phases.values()))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -126,19 +174,45 @@ class LinkCosts:
                 f"link_costs file {path!r} must hold a mapping with a 'phases' mapping, e.g. "
                 "'phases: {a2a: {alpha: 0.7, beta: 5.7e-7}}' (alpha in ms, beta in ms per byte)"
             )
+        extras = {}
+        for key, default in (("copy_beta", 0.0), ("pair_bytes", 0.0), ("duplex", "full"), ("level1_link", "rank"),
+                             ("fault_beta", 0.0), ("fault_threshold", 0.0)):
+            extras[key] = data.get(key, default)
         try:
-            return cls(data["phases"], name=str(data.get("name", os.path.basename(path))))
+            return cls(data["phases"], name=str(data.get("name", os.path.basename(path))), **extras)
         except (TypeError, ValueError) as e:
             raise type(e)(f"link_costs file {path!r}: {e}") from None
 
     def to_yaml(self, path: "str | os.PathLike") -> None:
+        """Write the costs; the terms beyond ``alpha``/``beta``/``r2`` only when set (old readers still load it)."""
         phases = {}
         for key, pc in sorted(self.phases.items(), key=lambda kv: _phase_sort_key(kv[0])):
             entry = {"alpha": pc.alpha, "beta": pc.beta}
             if pc.r2 is not None:
                 entry["r2"] = pc.r2
+            if pc.sync_ms:
+                entry["sync_ms"] = pc.sync_ms
             phases[key] = entry
-        doc = {"name": self.name, "units": {"alpha": "ms", "beta": "ms per byte"}, "phases": phases}
+        units = {"alpha": "ms", "beta": "ms per byte"}
+        doc: dict = {"name": self.name, "units": units}
+        if any(pc.sync_ms for pc in self.phases.values()):
+            units["sync_ms"] = "ms per count exchange"
+        if self.copy_beta:
+            units["copy_beta"] = "ms per byte copied locally"
+            doc["copy_beta"] = self.copy_beta
+        if self.pair_bytes:
+            units["pair_bytes"] = "bytes of metadata per (token, expert) pair"
+            doc["pair_bytes"] = self.pair_bytes
+        if self.fault_beta or self.fault_threshold:
+            units["fault_beta"] = "ms per byte of a freshly mapped buffer"
+            units["fault_threshold"] = "bytes"
+            doc["fault_beta"] = self.fault_beta
+            doc["fault_threshold"] = self.fault_threshold
+        if self.duplex != "full":
+            doc["duplex"] = self.duplex
+        if self.level1_link != "rank":
+            doc["level1_link"] = self.level1_link
+        doc["phases"] = phases
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(doc, f, sort_keys=False)
 
@@ -161,17 +235,19 @@ class LinkCosts:
             self[p]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LinkCosts) and other.phases == self.phases
+        return isinstance(other, LinkCosts) and other.phases == self.phases and other.extras == self.extras
 
     def __repr__(self) -> str:
         return f"LinkCosts(name={self.name!r}, phases={sorted(self.phases, key=_phase_sort_key)})"
 
     @classmethod
     def calibrate(cls, expert_parallel, sizes=None, repeats=5, **kwargs) -> "LinkCosts":
-        """Measure the phase kinds of ``expert_parallel`` on its live process groups and fit ``(alpha, beta)``.
+        """Measure the phase kinds of ``expert_parallel`` on its live process groups: ``(alpha, beta)`` of the payload,
+        ``sync_ms`` of the count exchange per phase, and ``copy_beta`` of the local copies.
 
         Collective over the expert-parallel ranks; see ``hiermoe_lightning.cost.calibrate.calibrate``
-        (``sizes=None``: 4 KiB .. 4 MiB; other keywords: ``warmup``, ``phases``, ``name``).
+        (``sizes=None``: its ``DEFAULT_SIZES``; other keywords: ``warmup``, ``phases``, ``name``, ``duplex``,
+        ``level1_link``, ``copy_sizes``).
         """
         from .calibrate import calibrate
 

@@ -54,7 +54,8 @@ def test_contract_keys(small_report):
         assert res["max_abs_err"] < 1e-4, name  # identity experts: combine returns x * sum of weights
     assert r["chosen"] in {"hd1", "hd2"} and r["results"]["auto"]["resolved"] == r["chosen"]
     assert set(r["lower_bound"]) == {"bytes_by_level"} and set(r["lower_bound"]["bytes_by_level"]) == {"level1"}
-    assert "predicted_note" in r
+    assert "predicted_note" in r and "combine window" in r["predicted_note"]
+    assert r["pipeline_chunks"] == 1
     json.dumps(r)  # serialisable
 
 
@@ -81,11 +82,35 @@ def test_predicted_is_twice_the_one_way_model(small_report):
         assert res["predicted_ms"] == pytest.approx(2 * pred.dispatch[concrete].predicted_ms)
 
 
+def test_engine_terms_and_pipeline_chunks(tmp_path):
+    """A calibrated-style YAML (sync, copies, faults, node links) and --pipeline-chunks reach the prediction, and the
+    pipelined engine still returns the right combine."""
+    from hiermoe_lightning.cost.link_costs import LinkCosts, PhaseCost
+    from hiermoe_lightning.cost.model import predict
+
+    costs = LinkCosts({"a2a": PhaseCost(1.0, 2e-6, None, 0.5), "inter1": PhaseCost(0.5, 3e-6, None, 0.25),
+                       "intra1": PhaseCost(0.2, 1e-6, None, 0.1)}, name="engine-terms", copy_beta=1e-6,
+                      pair_bytes=24, duplex="half", level1_link="node", fault_beta=2e-6, fault_threshold=4096)
+    path = tmp_path / "costs.yaml"
+    costs.to_yaml(path)
+    r = comm.run(parse([*SMALL, "--link-costs", str(path), "--pipeline-chunks", "2", "--dispatch", "flat,hd2,auto"]))
+    assert r["pipeline_chunks"] == 2 and r["link_costs"] == "engine-terms"
+    ids = generate_routing("uniform", 4, 64, 8, 2, seed=0)
+    pred = predict("2x2", Placement.contiguous(8, 4), ids, 32, 4, costs, pipeline_chunks=2)
+    assert r["chosen"] == pred.chosen
+    for name, res in r["results"].items():
+        concrete = pred.chosen if name == "auto" else name
+        assert res["predicted_ms"] == pytest.approx(2 * pred.dispatch[concrete].predicted_ms)
+        assert res["max_abs_err"] < 1e-4, name
+        assert res["bytes_by_level"] == independent_bytes(concrete, ids, 32, 4, 8), name
+    assert "2 pipeline chunks" in comm.format_report(r)
+
+
 def test_text_table(small_report):
     text = comm.format_report(small_report)
     for name in NAMES:
         assert name in text
-    assert "L1 MiB" in text and "vs flat" in text and "plan %" in text
+    assert "L1 MiB" in text and "vs flat" in text and "plan %" in text and "pred/meas" in text
 
 
 def test_bf16_zipf_trace_like_run():
@@ -131,7 +156,8 @@ def test_unknown_dispatch_exits_2_before_spawning(dispatch, capsys, monkeypatch)
 @pytest.mark.parametrize("argv, flag", [
     (["--dtype", "fp16"], "--dtype"), (["--iters", "0"], "--iters"), (["--num-experts", "6"], "--num-experts"),
     (["--topology", "2x"], "--topology"), (["--routing", "zipf"], "--routing"),
-    (["--emulate-inter-mbit", "0"], "--emulate-inter-mbit"),
+    (["--emulate-inter-mbit", "0"], "--emulate-inter-mbit"), (["--pipeline-chunks", "0"], "--pipeline-chunks"),
+    (["--pipeline-chunks", "65"], "--pipeline-chunks"),
 ])
 def test_bad_flags_name_the_flag(argv, flag, capsys, monkeypatch):
     monkeypatch.setattr(comm, "run_ranks", lambda *a, **k: pytest.fail("spawned ranks for a bad flag"))

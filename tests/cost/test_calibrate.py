@@ -8,9 +8,21 @@ import numpy as np
 import pytest
 
 from hiermoe_lightning import ExpertParallel, LinkCosts
-from hiermoe_lightning.cost.calibrate import DEFAULT_SIZES, ROW_BYTES, calibrate, fit_alpha_beta
+from hiermoe_lightning.cost.calibrate import (
+    DEFAULT_SIZES,
+    ENGINE_PAIR_BYTES,
+    GLIBC_MMAP_THRESHOLD_MAX,
+    ROW_BYTES,
+    calibrate,
+    calibration_bytes,
+    fit_alpha_beta,
+    measure_copy_beta,
+    measure_fault_beta,
+    mmap_threshold,
+)
 from hiermoe_lightning.cost.link_costs import PhaseCost
 from hiermoe_lightning.testing import run_ranks
+from hiermoe_lightning.topology import Topology
 
 SIZES = np.geomspace(4096, 4 << 20, 8)
 
@@ -103,10 +115,16 @@ def _assert_calibrated(results, phases):
 
 
 def test_calibrate_2x2_identical_on_every_rank_and_yaml_round_trip(tmp_path):
-    results = run_ranks(_calibrate_rank, 4, "2x2", "classmethod", {"name": "cal-2x2"}, timeout=60)
+    results = run_ranks(_calibrate_rank, 4, "2x2", "classmethod", {"name": "cal-2x2"}, timeout=120)
     _assert_calibrated(results, ["a2a", "inter1", "intra1"])
     costs = results[0]
     assert costs.name == "cal-2x2"
+    # the engine's terms, measured from primitives: count exchange, local copies, fresh-buffer faults
+    assert all(costs[p].sync_ms > 0 for p in ("a2a", "inter1", "intra1"))
+    assert costs.copy_beta > 0 and costs.pair_bytes == ENGINE_PAIR_BYTES
+    assert (costs.duplex, costs.level1_link) == ("full", "rank")
+    if mmap_threshold() > 0:
+        assert costs.fault_threshold == mmap_threshold() and costs.fault_beta >= 0
     path = tmp_path / "cal.yaml"
     costs.to_yaml(path)
     back = LinkCosts.from_yaml(path)
@@ -122,6 +140,73 @@ def test_calibrate_flat_world_of_4():
     results = run_ranks(_calibrate_rank, 4, "4", "function", {"repeats": 3}, timeout=60)
     _assert_calibrated(results, ["a2a"])
     assert results[0].name == "calibrated"
+
+
+def test_calibrate_payload_only_and_byte_modes():
+    """Without the engine terms the result is the plain lines of before; the byte modes are stored."""
+    kwargs = {"repeats": 2, "sync": False, "copy_sizes": None, "faults": False, "duplex": "half",
+              "level1_link": "node", "sizes": [1 << 16, 1 << 19, 1 << 21]}
+    results = run_ranks(_calibrate_rank, 4, "2x2", "function", kwargs, timeout=60)
+    _assert_calibrated(results, ["a2a", "inter1", "intra1"])
+    costs = results[0]
+    assert (costs.duplex, costs.level1_link) == ("half", "node")
+    assert costs.copy_beta == costs.fault_beta == costs.pair_bytes == 0.0
+    assert all(costs[p].sync_ms == 0.0 for p in costs.phases)
+
+
+def test_calibration_bytes_by_hand():
+    topo = Topology.parse("2x2")
+    # a2a, 2 rows of 1 KiB to each of the 4 ranks: full duplex 3 peers x 2 KiB = 6144; half duplex 12288
+    assert calibration_bytes(topo, "a2a", 2) == 6144
+    assert calibration_bytes(topo, "a2a", 2, duplex="half") == 12288
+    # node links: node 0 sends 2 ranks x 2 peers x 2 KiB = 8192 over 2 ranks = 4096; inside r0 <-> r1 2 KiB each way
+    assert calibration_bytes(topo, "a2a", 2, level1_link="node") == 4096
+    assert calibration_bytes(topo, "a2a", 2, duplex="half", level1_link="node") == 4096  # inside 2048 + 2048
+    # inter1 (peer on the other node): node link 2 x 2 KiB over 2 ranks = 2048 = one rank's bytes
+    assert calibration_bytes(topo, "inter1", 2) == calibration_bytes(topo, "inter1", 2, level1_link="node") == 2048
+    # intra1 stays inside a node
+    assert calibration_bytes(topo, "intra1", 2, duplex="half", level1_link="node") == 4096
+
+
+def test_mmap_threshold_and_local_primitives(monkeypatch):
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+        assert mmap_threshold() == GLIBC_MMAP_THRESHOLD_MAX == 32 << 20
+        monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+        assert mmap_threshold() == 1 << 20
+    # outside torch.distributed the primitives run on this process alone
+    beta, r2, medians = measure_copy_beta([64, 256], repeats=2, warmup=0)
+    assert beta >= 0 and len(medians) == 2 and all(m >= 0 for m in medians)
+    beta, r2, medians = measure_fault_beta(1 << 20, repeats=2, warmup=0)
+    assert beta >= 0 and len(medians) == 3
+    with pytest.raises(ValueError, match="two distinct"):
+        measure_copy_beta([8, 8])
+    with pytest.raises(ValueError, match="threshold"):
+        measure_fault_beta(1 << 20, factors=(0.5, 2.0))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
+                    reason="network emulation needs root")
+def test_example_calibrates_under_emulation(tmp_path, capsys):
+    """examples/calibrate_links.py on the emulated 2-node network: the node link's beta is its tbf rate."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_links", Path(__file__).resolve().parents[2] / "examples" / "calibrate_links.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "emu.yaml"
+    costs = example.main(["--topology", "2x2", "--emulate-inter-mbit", "1000", "--repeats", "2",
+                          "--sizes", f"{1 << 20},{4 << 20}", "--copy-rows", "64,256", "--out", str(out)])
+    assert LinkCosts.from_yaml(out) == costs and costs.name == "calibrated-2x2-1000mbit"
+    assert (costs.duplex, costs.level1_link) == ("half", "node")
+    # inter1 n = a node link's bytes per direction / 2 ranks: beta = 2 / (1000 Mbit/s), less TCP/IP headers
+    wire = 2 * 8 / 1000e6 * 1e3
+    assert 0.8 * wire < costs["inter1"].beta < 3 * wire, costs["inter1"]
+    assert "emulated 2 nodes" in capsys.readouterr().out
 
 
 def _single_rank_phases_and_errors(rank, world):

@@ -281,3 +281,65 @@ def test_equality_and_repr():
     assert a != {"a2a": (1, 2)}
     assert "a2a" in repr(a)
     assert math.isclose(a.phase_ms("a2a", 2), 5.0)
+
+
+# ---------------------------------------------------------------------------------------------- engine terms
+def test_engine_terms_default_to_zero_and_presets_have_none():
+    lc = LinkCosts.preset("paper-a6000")
+    assert lc.copy_beta == lc.pair_bytes == lc.fault_beta == lc.fault_threshold == 0.0
+    assert (lc.duplex, lc.level1_link) == ("full", "rank")
+    assert all(pc.sync_ms == 0.0 for pc in lc.phases.values())
+    assert not lc.has_engine_terms
+    assert PhaseCost(1.0, 2.0) == PhaseCost(1.0, 2.0, None, 0.0)
+    assert PhaseCost(1.0, 2.0, sync_ms=3.0).ms(10) == pytest.approx(21.0)  # ms() is the payload line alone
+
+
+def test_engine_terms_yaml_round_trip(tmp_path):
+    lc = LinkCosts({"a2a": PhaseCost(0.5, 1e-6, 0.99, 2.5), "inter1": {"alpha": 1, "beta": 2e-6, "sync_ms": 1.25},
+                    "intra1": (0.1, 3e-7)},
+                   name="cal", copy_beta=1.5e-6, pair_bytes=24, duplex="half", level1_link="node",
+                   fault_beta=2e-6, fault_threshold=32 << 20)
+    assert lc.has_engine_terms
+    path = tmp_path / "cal.yaml"
+    lc.to_yaml(path)
+    text = path.read_text()
+    for key in ("copy_beta", "pair_bytes", "fault_beta", "fault_threshold", "duplex: half", "level1_link: node",
+                "sync_ms"):
+        assert key in text, key
+    back = LinkCosts.from_yaml(path)
+    assert back == lc and back.extras == lc.extras
+    assert back["a2a"] == PhaseCost(0.5, 1e-6, 0.99, 2.5) and back["intra1"].sync_ms == 0.0
+    assert back != LinkCosts(lc.phases, copy_beta=lc.copy_beta)  # the extras are part of equality
+
+
+def test_old_yaml_without_engine_terms_still_loads_and_writes_the_same(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("name: calibrated-2x2\nunits: {alpha: ms, beta: ms per byte}\n"
+                    "phases:\n  a2a: {alpha: 3.48, beta: 4.907e-06, r2: 0.9675}\n  inter1: {alpha: 1.95, beta: 3.169e-06}\n")
+    lc = LinkCosts.from_yaml(path)
+    assert lc.extras == {"copy_beta": 0.0, "pair_bytes": 0.0, "duplex": "full", "level1_link": "rank",
+                         "fault_beta": 0.0, "fault_threshold": 0.0}
+    out = tmp_path / "again.yaml"
+    lc.to_yaml(out)
+    assert "copy_beta" not in out.read_text() and "sync_ms" not in out.read_text()  # old readers keep working
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    ({"duplex": "simplex"}, ValueError, "duplex"), ({"level1_link": "socket"}, ValueError, "level1_link"),
+    ({"copy_beta": -1.0}, ValueError, "copy_beta"), ({"copy_beta": "x"}, TypeError, "copy_beta"),
+    ({"fault_beta": float("nan")}, ValueError, "fault_beta"), ({"pair_bytes": -24}, ValueError, "pair_bytes"),
+])
+def test_bad_engine_terms(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        LinkCosts({"a2a": (1, 1)}, **kwargs)
+
+
+def test_bad_sync_ms_in_file_names_phase(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("phases:\n  a2a: {alpha: 1, beta: 1, sync_ms: -2}\n")
+    with pytest.raises(ValueError) as ei:
+        LinkCosts.from_yaml(path)
+    assert "sync_ms" in str(ei.value) and "a2a" in str(ei.value) and str(path) in str(ei.value)
+    path.write_text("phases:\n  a2a: {alpha: 1, beta: 1}\nduplex: both\n")
+    with pytest.raises(ValueError, match="duplex"):
+        LinkCosts.from_yaml(path)
