@@ -11,8 +11,7 @@ same file names to compare versions. Figures:
 * ``bench_comm_bytes.png``: payload bytes by link level of every dispatch (dispatch + combine, all ranks), with the
   level-1 lower bound, for the loopback runs (uniform and zipf:1.2) and the emulated K=8 run.
 * ``bench_comm_bandwidth.png``: median dispatch + combine time (p90 as the upper whisker) against the emulated
-  inter-node bandwidth, K=8, one line per dispatch, with the level-1 lower bound; the run after the switch to
-  receive-first point-to-point payloads is drawn as open markers at 500 Mbit/s.
+  inter-node bandwidth, K=8, one line per dispatch, with the level-1 lower bound.
 * ``bench_e2e.png``: training tokens/s of every variant at both emulated bandwidths (repeats as dots).
 * ``bench_placement.png``: the cost model's predicted all-to-all time and the experts moved, per placement method,
   for the zipf:1.2 and clusters:8 routings.
@@ -34,11 +33,18 @@ LOOPBACK = {"uniform": "bench_comm_2x2_uniform.json", "zipf:1.2": "bench_comm_2x
 LOOPBACK_CALIBRATED = "bench_comm_2x2_calibrated.json"  # the same problem, auto with link costs measured here
 EMULATED_K8 = {200: "bench_comm_emulated_2x2_k8_200mbit.json", 500: "bench_comm_emulated_2x2_k8_500mbit.json",
                1000: "bench_comm_emulated_2x2_k8_1000mbit.json"}
-EMULATED_K8_RECEIVE_FIRST = {500: "bench_comm_emulated_2x2_k8_500mbit_receive_first.json"}
-EMULATED_K4 = [("500 Mbit/s", "bench_comm_emulated_2x2_k4_500mbit.json"),
-               ("1000 Mbit/s", "bench_comm_emulated_2x2_k4_1000mbit.json"),
-               ("1000 Mbit/s, run 2", "bench_comm_emulated_2x2_k4_1000mbit_run2.json")]
-E2E = {200: "bench_e2e_200.json", 1000: "bench_e2e_1000.json"}
+EMULATED_K4 = [("200 Mbit/s", "bench_comm_emulated_2x2_k4_200mbit.json"),
+               ("500 Mbit/s", "bench_comm_emulated_2x2_k4_500mbit.json"),
+               ("1000 Mbit/s", "bench_comm_emulated_2x2_k4_1000mbit.json")]
+PIPELINE = {c: f"bench_comm_emulated_2x2_k8_200mbit_hd2_chunks{c}.json" for c in (1, 2, 4)}
+CALIBRATED = [("loopback", "bench_comm_2x2_calibrated{}.json"),
+              ("200 Mbit/s", "bench_comm_emulated_2x2_k8_200mbit_calibrated{}.json"),
+              ("1000 Mbit/s", "bench_comm_emulated_2x2_k8_1000mbit_calibrated{}.json")]
+E2E = {"200 Mbit/s, paper-a6000 costs": "bench_e2e_200.json",
+       "1000 Mbit/s, paper-a6000 costs": "bench_e2e_1000.json",
+       "200 Mbit/s, calibrated costs": "bench_e2e_200_calibrated.json",
+       "1000 Mbit/s, calibrated costs": "bench_e2e_1000_calibrated.json",
+       "loopback (no link limit), paper-a6000 costs": "bench_e2e_loopback.json"}
 PLACEMENT = {"zipf:1.2": "placement_zipf1.2.json", "clusters:8": "placement_clusters8.json"}
 SIMULATE = "simulate_paper.json"
 
@@ -121,10 +127,6 @@ def _k8_runs(results: str) -> list[tuple[str, dict]]:
         d = load(results, name)
         if d is not None:
             runs.append((f"{mbit} Mbit/s", d))
-    for mbit, name in EMULATED_K8_RECEIVE_FIRST.items():
-        d = load(results, name)
-        if d is not None:
-            runs.append((f"{mbit} Mbit/s, receive-first", d))
     return runs
 
 
@@ -150,14 +152,48 @@ def table_emulated(results: str) -> str:
     return "\n".join(out)
 
 
+def table_pipeline(results: str) -> str:
+    """hd2 with 1, 2 and 4 pipeline chunks at 200 Mbit/s, K=8 (three separate runs)."""
+    runs = [(c, d) for c, name in PIPELINE.items() if (d := load(results, name)) is not None]
+    if not runs:
+        return ""
+    out = ["| pipeline chunks | hd2 median ms (p90) | dispatch ms | combine ms | vs 1 chunk | / lower bound "
+           "| predicted ms (paper-a6000) |", "|---|---|---|---|---|---|---|"]
+    base = runs[0][1]["results"]["hd2"]["median_ms"]
+    for c, d in runs:
+        r = d["results"]["hd2"]
+        out.append(f"| {c} | {r['median_ms']:.0f} ({r['p90_ms']:.0f}) | {r.get('dispatch_ms', float('nan')):.0f} | "
+                   f"{r.get('combine_ms', float('nan')):.0f} | {base / r['median_ms']:.2f}x | "
+                   f"{r['median_ms'] / d['lower_bound_ms']:.2f}x | {r['predicted_ms']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def table_calibrated(results: str) -> str:
+    """Predicted / measured of every dispatch with link costs calibrated on the same network, three runs each."""
+    out = ["| network | " + " | ".join(DISPATCH_ORDER) + " |", "|---|" + "---|" * len(DISPATCH_ORDER)]
+    found = False
+    for label, pattern in CALIBRATED:
+        runs = [d for suffix in ("", "_run2", "_run3") if (d := load(results, pattern.format(suffix))) is not None]
+        if not runs:
+            continue
+        found = True
+        cells = []
+        for n in DISPATCH_ORDER:
+            ratios = [d["results"][n]["predicted_ms"] / d["results"][n]["median_ms"] for d in runs if n in d["results"]]
+            cells.append(" / ".join(f"{x:.2f}" for x in ratios) + (" **out**" if any(abs(x - 1) > 0.25 for x in ratios)
+                                                                    else ""))
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n" if found else ""
+
+
 def table_e2e(results: str) -> str:
     out = []
-    for mbit, name in E2E.items():
+    for label, name in E2E.items():
         d = load(results, name)
         if d is None:
             continue
         reps = d.get("repeats", 1)
-        out += [f"{mbit} Mbit/s (`{name}`, {d['steps']} timed steps after {d['warmup_steps']} warmup, "
+        out += [f"{label} (`{name}`, {d['steps']} timed steps after {d['warmup_steps']} warmup, "
                 f"{'median of ' + str(reps) + ' repeats' if reps > 1 else 'one run per variant'}):", "",
                 "| variant | tokens/s | vs flat | step ms median | step ms p90 | level-1 MiB | dedup saving | swaps "
                 "| plans | planning s |",
@@ -177,7 +213,7 @@ def table_e2e(results: str) -> str:
         sw = d["results"].get("auto+swaps")
         if sw is not None:
             x = sw["speedup_vs_flat"]
-            out += ["", f"Target auto+swaps ≥ {TARGET_E2E}x flat at {mbit} Mbit/s: {x:.2f}x, {_met(x >= TARGET_E2E)}."]
+            out += ["", f"Target auto+swaps ≥ {TARGET_E2E}x flat ({label}): {x:.2f}x, {_met(x >= TARGET_E2E)}."]
         out.append("")
     return "\n".join(out)
 
@@ -277,15 +313,6 @@ def plot_bandwidth(results: str, path: str) -> bool:
         ax.errorbar(mbits, med, yerr=[[0] * len(med), [p - q for p, q in zip(p90, med)]], marker="o", capsize=3,
                     color=COLORS[n], label=n + (f" ({runs[mbits[0]]['results'][n]['resolved']})" if n == "auto" else ""))
     ax.plot(mbits, [runs[m]["lower_bound_ms"] for m in mbits], "k--", label="level-1 lower bound (wire time)")
-    for mbit, name in EMULATED_K8_RECEIVE_FIRST.items():
-        d = load(results, name)
-        if d is None:
-            continue
-        for n in DISPATCH_ORDER:
-            ax.plot([mbit * 1.04], [d["results"][n]["median_ms"]], marker="o", markerfacecolor="none",
-                    color=COLORS[n], linestyle="none")
-        ax.plot([], [], marker="o", markerfacecolor="none", color="gray", linestyle="none",
-                label=f"after receive-first p2p ({mbit} Mbit/s)")
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     ax.set_xscale("log")
@@ -310,33 +337,33 @@ def plot_bandwidth(results: str, path: str) -> bool:
 
 
 def plot_e2e(results: str, path: str) -> bool:
-    runs = {mbit: load(results, n) for mbit, n in E2E.items()}
+    runs = {label: load(results, n) for label, n in E2E.items()}
     runs = {k: v for k, v in runs.items() if v is not None}
     if not runs:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.4))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     width = 0.8 / len(runs)
-    for j, (mbit, d) in enumerate(sorted(runs.items())):
-        names = [n for n in E2E_ORDER if n in d["results"]]
-        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(names))]
+    all_names = [n for n in E2E_ORDER if any(n in d["results"] for d in runs.values())]
+    for j, (label, d) in enumerate(runs.items()):
+        names = [n for n in all_names if n in d["results"]]
+        xs = [all_names.index(n) + (j - (len(runs) - 1) / 2) * width for n in names]
         vals = [d["results"][n]["tokens_per_s"] for n in names]
-        bars = ax.bar(xs, vals, width, label=f"{mbit} Mbit/s", color=f"C{j}", alpha=0.8)
+        bars = ax.bar(xs, vals, width, label=label, color=f"C{j}", alpha=0.8)
         for b, n in zip(bars, names):
             r = d["results"][n]
-            ax.text(b.get_x() + b.get_width() / 2, 60, f"{r['speedup_vs_flat']:.2f}x", ha="center", fontsize=7,
-                    color="white", fontweight="bold")
+            ax.text(b.get_x() + b.get_width() / 2, 60, f"{r['speedup_vs_flat']:.2f}x", ha="center", fontsize=6,
+                    color="white", fontweight="bold", rotation=90, va="bottom")
             reps = r.get("tokens_per_s_repeats") or []
             if len(reps) > 1:
                 ax.scatter([b.get_x() + b.get_width() / 2] * len(reps), reps, s=9, color="black", zorder=3)
-    names = [n for n in E2E_ORDER if any(n in d["results"] for d in runs.values())]
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names)
+    ax.set_xticks(range(len(all_names)))
+    ax.set_xticklabels(all_names)
     ax.set_ylabel("training tokens/s (4 ranks)")
-    ax.set_title("bench e2e: MoEGPT (hidden 256, 2 layers, 16 experts, top-4) on 2 emulated nodes x 2 ranks\n"
+    ax.set_title("bench e2e: MoEGPT (hidden 256, 2 layers, 16 experts, top-4) on 2 nodes x 2 ranks (emulated links)\n"
                  "white label: speedup over flat at that bandwidth; dots: the repeats", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -387,6 +414,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
     sections = [("comm on loopback", table_loopback), ("comm on the emulated network", table_emulated),
+                ("pipeline chunks", table_pipeline), ("calibrated predicted / measured", table_calibrated),
                 ("end to end", table_e2e), ("paper-scale simulation", table_simulate),
                 ("placement", table_placement)]
     for title, fn in sections:

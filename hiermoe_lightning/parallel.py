@@ -147,7 +147,8 @@ class ExpertParallel:
         routing = self.gather_routing(expert_ids)
         names = [f"hd{d}" for d in range(1, self.topology.num_levels + 1)]
         element = torch.empty((), dtype=layer.experts.w_gate.dtype).element_size()
-        pred = predict(self.topology, layer.placement, routing, layer.hidden_size, element, self.link_costs, names)
+        pred = predict(self.topology, layer.placement, routing, layer.hidden_size, element, self.link_costs, names,
+                       pipeline_chunks=self.pipeline_chunks)
         layer.auto_predictions = {name: pred.dispatch[name].predicted_ms for name in names}
         return pred.chosen
 

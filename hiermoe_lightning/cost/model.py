@@ -101,10 +101,10 @@ class DispatchPrediction:
 
     @property
     def predicted_ms(self) -> float:
-        if self.pipeline_chunks == 1:
+        active = [p for p in self.phases if not p.skipped]
+        if self.pipeline_chunks == 1 or len(active) < 2:  # the engine pipelines multi-hop routes only
             return sum(p.ms for p in self.phases)
-        return pipeline_ms([p.ms if p.chunk_ms is None else p.chunk_ms for p in self.phases if not p.skipped],
-                           self.pipeline_chunks)
+        return pipeline_ms([p.ms if p.chunk_ms is None else p.chunk_ms for p in active], self.pipeline_chunks)
 
     def to_json_dict(self, padded: bool = False) -> dict:
         out = {"predicted_ms": self.predicted_ms, "phases": [p.to_json_dict(padded) for p in self.phases]}

@@ -37,12 +37,13 @@ def check_result(r: dict, num_levels: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def plain_report():
-    return e2e.run(parse([*TINY, "--dispatch", "flat,auto"]))
+    return e2e.run(parse([*TINY, "--dispatch", "flat,auto", "--pipeline-chunks", "2"]))
 
 
 def test_flat_and_auto_on_four_ranks(plain_report):
     r = plain_report
     assert r["world_size"] == 4 and r["topology"] == "2x2" and r["variants"] == ["flat", "auto"]
+    assert r["pipeline_chunks"] == 2
     assert r["tokens_per_step"] == 4 * 2 * 16
     assert "emulation" not in r
     for name in ("flat", "auto"):
@@ -99,6 +100,7 @@ def test_emulation_unavailable_exits_3(monkeypatch, capsys):
     (["--link-costs", "nope"], "--link-costs"),
     (["--hidden-size", "30"], "model"),
     (["--topology", "1"], "at least 2"),
+    (["--pipeline-chunks", "0"], "--pipeline-chunks"),
 ])
 def test_bad_input_fails_before_spawning(argv, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -167,9 +167,10 @@ def test_predict_pipeline_two_hops_by_hand():
     assert d.pipeline_chunks == 2 and d.to_json_dict()["pipeline_chunks"] == 2
     # the phases' unpipelined ms are unchanged
     assert inter.ms == pytest.approx(46.068)
-    # one-hop dispatches: C chunks in sequence, each paying sync and alpha
+    # one-hop dispatches are not chunked by the engine, so they are priced unchunked
     flat = predict(TOPO, PLACE, IDS, 1024, 4, _engine_costs(), dispatches=["flat"], pipeline_chunks=3).dispatch["flat"]
-    assert flat.predicted_ms == pytest.approx(3 * flat.phases[0].chunk_ms)
+    assert flat.predicted_ms == pytest.approx(flat.phases[0].ms)
+    assert flat.predicted_ms != pytest.approx(3 * flat.phases[0].chunk_ms)
 
 
 def test_paper_preset_unchanged_and_pipeline_with_plain_lines():
@@ -186,10 +187,10 @@ def test_paper_preset_unchanged_and_pipeline_with_plain_lines():
 
 
 def test_single_rank_phases_are_skipped_in_the_pipeline():
-    # "4x1": intra1's groups hold one rank each, so hd2 is inter1 alone; with 2 chunks: 2 x inter1's chunk
+    # "4x1": intra1's groups hold one rank each, so hd2 is inter1 alone: one hop, which the engine does not chunk
     topo = Topology([4, 1])
     lc = LinkCosts({"a2a": (1.0, 0.0), "inter1": (1.0, 0.001), "intra1": (5.0, 0.0)})
     pred = predict(topo, Placement.contiguous(8, 4), IDS, 1024, 4, lc, dispatches=["hd2"], pipeline_chunks=2)
     inter, intra = pred.dispatch["hd2"].phases
     assert intra.skipped and intra.ms == 0.0 and not inter.skipped
-    assert pred.dispatch["hd2"].predicted_ms == pytest.approx(2 * inter.chunk_ms)
+    assert pred.dispatch["hd2"].predicted_ms == pytest.approx(inter.ms)
