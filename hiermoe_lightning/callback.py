@@ -124,14 +124,25 @@ class HierMoECallback(DedupMonitor):
         idx = torch.linspace(0, T - 1, self.sample_tokens_per_rank).round().long()
         return ids[idx]
 
+    def _gather_samples(self, layers: dict) -> dict[str, torch.Tensor]:
+        """Each layer's sampled routing gathered from every rank, ``name -> [G, T, K]``: one gather for all the layers
+        of an ExpertParallel (two collectives per step, not two per layer)."""
+        groups: dict[int, tuple] = {}
+        for name, layer in layers.items():
+            groups.setdefault(id(layer.expert_parallel), (layer.expert_parallel, []))[1].append(name)
+        traces = {}
+        for ep, names in groups.values():
+            samples = [self._sample(layers[n].last_expert_ids) for n in names]
+            for n, sample in zip(names, samples):
+                self._tokens_scale = layers[n].last_expert_ids.shape[0] / max(sample.shape[0], 1)
+            traces.update(zip(names, ep.gather_routings(samples)))
+        return {name: traces[name] for name in layers}
+
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
-        for name, layer in layers.items():
-            sample = self._sample(layer.last_expert_ids)
-            self._tokens_scale = layer.last_expert_ids.shape[0] / max(sample.shape[0], 1)
-            trace = layer.expert_parallel.gather_routing(sample)
+        for name, trace in self._gather_samples(layers).items():
             window = self.windows.get(name)
             if window is not None and not window.empty and window.trace(normalize=False)[0].shape[0] != trace.shape[0]:
                 window = None  # resumed on another world size: per-rank statistics start afresh

@@ -128,17 +128,32 @@ class ExpertParallel:
     # ------------------------------------------------------------------ dispatch="auto"
     def gather_routing(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Every rank's ``[T_r, K]`` expert ids -> ``[G, max T, K]`` (``-1`` padding), identical on every rank."""
+        return self.gather_routings([expert_ids])[0]
+
+    def gather_routings(self, expert_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several routings at once (e.g. one per MoE layer): ``[T_r_i, K_i]`` each -> ``[G, max_r T_r_i, K_i]`` each,
+        exactly what :meth:`gather_routing` returns for it, with two ``all_gather``s in all instead of two per
+        routing (the routings travel side by side as the columns of one ``-1``-padded tensor)."""
         peers = self._peer_groups["a2a"]
-        ids = expert_ids.detach().to("cpu", torch.long)
-        count = torch.tensor([ids.shape[0]], dtype=torch.long)
+        ids = [e.detach().to("cpu", torch.long) for e in expert_ids]
+        count = torch.tensor([i.shape[0] for i in ids], dtype=torch.long)
         counts = [torch.zeros_like(count) for _ in range(self.world_size)]
         dist.all_gather(counts, count, group=peers.group)
-        longest = max(int(c) for c in counts)
-        padded = torch.full((longest, ids.shape[1]), -1, dtype=torch.long)
-        padded[: ids.shape[0]] = ids
+        longest = torch.stack(counts).max(dim=0).values.tolist()  # per routing
+        widths = [i.shape[1] for i in ids]
+        padded = torch.full((max(longest, default=0), sum(widths)), -1, dtype=torch.long)
+        col = 0
+        for i, w in zip(ids, widths):
+            padded[: i.shape[0], col: col + w] = i
+            col += w
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded, group=peers.group)
-        return torch.stack(parts)
+        gathered = torch.stack(parts)  # [G, max T, sum K]
+        out, col = [], 0
+        for n, w in zip(longest, widths):
+            out.append(gathered[:, :n, col: col + w].contiguous())
+            col += w
+        return out
 
     def choose_dispatch(self, layer: MoELayer, expert_ids: torch.Tensor) -> str:
         """Collective: predict every ``hd<d>`` on the live routing of all ranks and pick the fastest (same on all)."""

@@ -104,3 +104,29 @@ def test_bad_input_fails_on_every_rank_before_any_collective():
 def test_expert_parallel_needs_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         ExpertParallel("2", dispatch="flat")
+
+
+def _routing_of(rank: int, index: int) -> torch.Tensor:
+    """Rank ``rank``'s routing number ``index``: its own token count (zero on one rank) and top-k per routing."""
+    tokens = [(3, 0, 5, 2), (4, 4, 1, 0), (0, 0, 0, 0)][index][rank]
+    top_k = (2, 3, 1)[index]
+    return torch.arange(tokens * top_k).view(tokens, top_k) + 100 * rank + 1000 * index
+
+
+def _gathered(rank, world):
+    ep = ExpertParallel("4", dispatch="flat")
+    together = ep.gather_routings([_routing_of(rank, i) for i in range(3)])
+    one_by_one = [ep.gather_routing(_routing_of(rank, i)) for i in range(3)]
+    return together, one_by_one
+
+
+def test_gather_routings_equals_one_gather_per_routing_and_a_hand_build():
+    together, one_by_one = run_ranks(_gathered, 4)[0]
+    for i in range(3):
+        parts = [_routing_of(r, i) for r in range(4)]
+        longest = max(p.shape[0] for p in parts)
+        expected = torch.full((4, longest, parts[0].shape[1]), -1, dtype=torch.long)
+        for r, p in enumerate(parts):
+            expected[r, : p.shape[0]] = p
+        assert torch.equal(together[i], expected), i
+        assert torch.equal(one_by_one[i], expected), i
