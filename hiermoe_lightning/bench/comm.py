@@ -166,8 +166,7 @@ def _resolve(args: argparse.Namespace):
 def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
     topology, ids_all, M = cfg["topology"], cfg["ids"], cfg["hidden_size"]
     dtype, D = DTYPES[cfg["dtype"]], topology.num_levels
-    extra = {"pipeline_chunks": cfg["pipeline_chunks"]}
-    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"], **extra)
+    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"], pipeline_chunks=cfg["pipeline_chunks"])
     placement = Placement.contiguous(cfg["num_experts"], world)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
 
