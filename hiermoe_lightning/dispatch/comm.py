@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["PeerGroup", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows",
+__all__ = ["PeerGroup", "Gathered", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows",
            "SplitMismatchError"]
 
 
@@ -49,30 +49,49 @@ class PendingExchange:
         return self._outputs
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """Rows ``source[index]`` not copied yet (``source`` ``[N, ...]``, ``index`` ``[R]``): the exchange gathers them
+    itself, the rank's own block straight into the receive buffer, one copy less than gathering first."""
+
+    source: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.index.shape[0]
+
+    def materialize(self) -> torch.Tensor:
+        return self.source.index_select(0, self.index)
+
+
 def start_exchange(payloads, peers: PeerGroup) -> PendingExchange:
     """Post several all-to-alls on one group at once, without waiting: each payload ``(x, send_splits,
-    recv_splits)`` sends rows ``x`` ``[sum(send_splits), ...]`` grouped by peer and receives ``[sum(recv_splits),
-    ...]`` grouped by source peer.
+    recv_splits)`` sends rows ``x`` ``[sum(send_splits), ...]`` (a tensor or :class:`Gathered`) grouped by peer and
+    receives ``[sum(recv_splits), ...]`` grouped by source peer.
 
     The splits must come from a count exchange (or its mirror): gloo cannot tell if they disagree. Payloads posted
     together travel concurrently (one latency for all); exchanges on different groups may be in flight together.
     """
     checked = []
     for x, send_splits, recv_splits in payloads:
-        if x.shape[0] != sum(send_splits):
-            raise ValueError(f"exchange got {x.shape[0]} rows but send splits sum to {sum(send_splits)}")
-        checked.append((x.contiguous(), list(send_splits), list(recv_splits)))
+        rows = x.num_rows if isinstance(x, Gathered) else x.shape[0]
+        if rows != sum(send_splits):
+            raise ValueError(f"exchange got {rows} rows but send splits sum to {sum(send_splits)}")
+        checked.append((x if isinstance(x, Gathered) else x.contiguous(), list(send_splits), list(recv_splits)))
     if peers.is_local:
-        return PendingExchange([x for x, _, _ in checked], [])
+        return PendingExchange([x.materialize() if isinstance(x, Gathered) else x for x, _, _ in checked], [])
     outputs, works = [], []
     for tag, (x, send_splits, recv_splits) in enumerate(checked):
-        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        like = x.source if isinstance(x, Gathered) else x
+        out = like.new_empty((sum(recv_splits), *like.shape[1:]))
         outputs.append(out)
         if peers.receive_first:
             works += _post_receive_first(out, x, send_splits, recv_splits, peers, tag)
         else:
-            works.append(dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits,
-                                                group=peers.group, async_op=True))
+            rows = x.materialize() if isinstance(x, Gathered) else x
+            works.append(dist.all_to_all_single(out, rows, output_split_sizes=recv_splits,
+                                                input_split_sizes=send_splits, group=peers.group, async_op=True))
     return PendingExchange(outputs, works)
 
 
@@ -108,7 +127,14 @@ def _post_receive_first(out, x, send_splits, recv_splits, peers: PeerGroup, tag:
     for s in send_splits:
         send_offsets.append(send_offsets[-1] + s)
     me = peers.index
-    out[recv_offsets[me]:recv_offsets[me + 1]] = x[send_offsets[me]:send_offsets[me + 1]]
+    own_recv = out[recv_offsets[me]:recv_offsets[me + 1]]
+    if isinstance(x, Gathered):  # own block gathered straight into the receive buffer, the rest into a send buffer
+        torch.index_select(x.source, 0, x.index[send_offsets[me]:send_offsets[me + 1]], out=own_recv)
+        own = send_offsets[me + 1] - send_offsets[me]
+        x = x.source.index_select(0, torch.cat([x.index[:send_offsets[me]], x.index[send_offsets[me + 1]:]]))
+        send_offsets = [o if i <= me else o - own for i, o in enumerate(send_offsets)]
+    else:
+        own_recv.copy_(x[send_offsets[me]:send_offsets[me + 1]])
     ops = [dist.P2POp(dist.irecv, out[recv_offsets[p]:recv_offsets[p + 1]], peers.global_ranks[p], peers.group, tag)
            for p in range(peers.size) if p != me and recv_splits[p] > 0]
     ops += [dist.P2POp(dist.isend, x[send_offsets[p]:send_offsets[p + 1]], peers.global_ranks[p], peers.group, tag)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .comm import PeerGroup, SplitMismatchError, start_exchange
+from .comm import Gathered, PeerGroup, SplitMismatchError, start_exchange
 from .spec import DispatchSpec
 
 __all__ = ["PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle", "plan_hop", "dispatch", "combine", "apply_experts"]
@@ -242,7 +242,7 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
         meta = torch.stack(
             [plan.pair_local_row.double(), pair_expert[plan.pair_order].double(), weight[plan.pair_order].double()], 1
         )
-        new_rows, meta = yield _Exchange(pr.peers, [(rows[plan.send_src_row], send_splits, recv_splits),
+        new_rows, meta = yield _Exchange(pr.peers, [(Gathered(rows, plan.send_src_row), send_splits, recv_splits),
                                                    (meta, pair_send, pair_recv)])
         recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
         src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=counts.device), counts[:, 1])
@@ -282,7 +282,7 @@ def _combine_program(chunk: Chunk, y, out_dtype):
 def _combine_backward_program(chunk: Chunk, grad):
     """Mirror of the combine: a token's gradient copied out to every copy of its row, hop by hop."""
     for h in chunk.hops:
-        (grad,) = yield _Exchange(h.peers, [(grad[h.send_src_row], h.send_splits, h.recv_splits)])
+        (grad,) = yield _Exchange(h.peers, [(Gathered(grad, h.send_src_row), h.send_splits, h.recv_splits)])
     return grad
 
 
