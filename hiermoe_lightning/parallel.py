@@ -8,7 +8,7 @@ from torch import nn
 
 from .cost.link_costs import LinkCosts
 from .dispatch.comm import PeerGroup
-from .dispatch.engine import PhaseRoute, Route
+from .dispatch.engine import PhaseRoute, Route, validate_pipeline_chunks
 from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
 from .layer import MoELayer
 from .placement import Placement
@@ -43,9 +43,7 @@ class ExpertParallel:
                  verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1):
         if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
             raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
-        if isinstance(pipeline_chunks, bool) or not isinstance(pipeline_chunks, int) or not 1 <= pipeline_chunks <= 64:
-            raise ValueError(f"pipeline_chunks must be an int in 1..64, got {pipeline_chunks!r}")
-        self.pipeline_chunks = pipeline_chunks
+        self.pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
         self.auto_interval = auto_interval
         topo = Topology.parse(topology) if topology is not None else None
         validate_dispatch(dispatch, topo.num_levels if topo is not None else 1)

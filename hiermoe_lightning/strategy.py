@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .cost.link_costs import LinkCosts
+from .dispatch.engine import validate_pipeline_chunks
 from .dispatch.spec import validate_dispatch
 from .layer import MoELayer
 from .parallel import ExpertParallel
@@ -102,9 +103,7 @@ class HierMoEStrategy(DDPStrategy):
         if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
             raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
         self._auto_interval = auto_interval
-        if isinstance(pipeline_chunks, bool) or not isinstance(pipeline_chunks, int) or not 1 <= pipeline_chunks <= 64:
-            raise ValueError(f"pipeline_chunks must be an int in 1..64, got {pipeline_chunks!r}")
-        self._pipeline_chunks = pipeline_chunks
+        self._pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
         if checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")
         self.checkpoint_format = checkpoint_format

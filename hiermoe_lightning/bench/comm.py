@@ -42,7 +42,7 @@ from ..cli.flags import int_flag
 from ..cli.main import CLIError
 from ..cost.model import predict
 from ..cost.traffic import check_expert_ids, dispatch_rows, lower_bound_level1_bytes
-from ..dispatch.engine import DispatchHandle, combine, dispatch
+from ..dispatch.engine import DispatchHandle, combine, dispatch, validate_pipeline_chunks
 from ..dispatch.spec import parse_dispatch, validate_dispatch
 from ..parallel import ExpertParallel
 from ..placement.placement import Placement
@@ -146,9 +146,7 @@ def _resolve(args: argparse.Namespace):
     _int(args.iters, "--iters", 1)
     _int(args.warmup, "--warmup", 0)
     args.pipeline_chunks = getattr(args, "pipeline_chunks", 1)
-    _int(args.pipeline_chunks, "--pipeline-chunks", 1)
-    if args.pipeline_chunks > 64:
-        raise ValueError(f"--pipeline-chunks must be in 1 .. 64, got {args.pipeline_chunks}")
+    validate_pipeline_chunks(args.pipeline_chunks, "--pipeline-chunks")
     if isinstance(args.timeout, bool) or not isinstance(args.timeout, (int, float)) or not args.timeout > 0:
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
     if args.emulate_inter_mbit is not None:

@@ -53,9 +53,10 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
 
-from ..cli.flags import int_flag
+from ..cli.flags import int_flag, topology_flag
 from ..cli.main import CLIError
 from ..cost.link_costs import LinkCosts
+from ..dispatch.engine import validate_pipeline_chunks
 from ..testing.launch import run_ranks
 from ..topology import Topology
 from .comm import EMULATION_EXIT_STATUS, parse_dispatch_list
@@ -159,10 +160,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     from ..data.text import ByteTextDataModule
     from ..models.moe_gpt import MoEGPT
 
-    try:
-        topology = Topology.parse(args.topology)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"--topology: {e}") from None
+    topology = topology_flag(args.topology)
     world = topology.world_size
     if world < 2:
         raise ValueError(f"--topology {args.topology!r} has {world} rank; expert parallelism needs at least 2")
@@ -174,9 +172,9 @@ def _resolve(args: argparse.Namespace) -> dict:
                              (args.warmup_steps, "--warmup-steps", 0), (args.seed, "--seed", 0),
                              (args.plan_every_n_steps, "--plan-every-n-steps", 1),
                              (args.max_swaps_per_plan, "--max-swaps-per-plan", 0),
-                             (args.auto_interval, "--auto-interval", 1), (args.repeats, "--repeats", 1),
-                             (args.pipeline_chunks, "--pipeline-chunks", 1)):
+                             (args.auto_interval, "--auto-interval", 1), (args.repeats, "--repeats", 1)):
         _int(value, flag, low)
+    validate_pipeline_chunks(args.pipeline_chunks, "--pipeline-chunks")
     if args.ffn_hidden_size is not None:
         _int(args.ffn_hidden_size, "--ffn-hidden-size", 1)
     if args.top_k > args.num_experts:

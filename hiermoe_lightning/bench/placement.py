@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from ..cli.flags import int_flag
+from ..cli.flags import int_flag, topology_flag
 from ..cli.plan import DTYPE_BYTES
 from ..cost.link_costs import LinkCosts
 from ..cost.model import predict
@@ -312,10 +312,7 @@ _int_flag = int_flag  # shared validator (cli/flags.py)
 
 def build_report(args: argparse.Namespace) -> dict:
     """Validate ``args``, build the routing, compare the methods; the report as a JSON-ready dict."""
-    try:
-        topology = Topology.parse(args.topology)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"--topology: {e}") from None
+    topology = topology_flag(args.topology)
     G = topology.world_size
     E = _int_flag(args.num_experts, "--num-experts", 1)
     hidden = _int_flag(args.hidden_size, "--hidden-size", 1)

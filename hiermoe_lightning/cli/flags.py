@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["int_flag"]
+from ..topology import Topology
+from ..validation import check_int
+
+__all__ = ["int_flag", "topology_flag"]
+
+int_flag = check_int  # ``int_flag(value, "--flag", low)``: the flag's value as an int >= low, errors name the flag
 
 
-def int_flag(value: object, flag: str, low: int) -> int:
-    """``value`` as an int >= ``low``; else a TypeError/ValueError naming ``flag``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{flag} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{flag} must be >= {low}, got {value}")
-    return value
+def topology_flag(text: object) -> Topology:
+    """``--topology`` parsed; a bad value raises the parser's TypeError/ValueError prefixed with the flag."""
+    try:
+        return Topology.parse(text)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"--topology: {e}") from None

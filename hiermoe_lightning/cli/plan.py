@@ -21,6 +21,7 @@ from ..dispatch.spec import dispatch_names, parse_dispatch
 from ..placement.placement import Placement
 from ..topology import Topology
 from ..traces import ALLOWED_ROUTINGS, generate_routing, load_trace, parse_routing
+from .flags import topology_flag
 
 __all__ = ["add_arguments", "run", "build_report", "format_report", "DTYPE_BYTES"]
 
@@ -74,10 +75,7 @@ def _positive(value: object, flag: str) -> int:
 
 def _resolve_inputs(args: argparse.Namespace):
     """Validate the flags; return (topology, link_costs, bytes_per_elem, expert_ids [G, T, K])."""
-    try:
-        topology = Topology.parse(args.topology)
-    except (TypeError, ValueError) as e:
-        raise _flag_error("--topology", e) from None
+    topology = topology_flag(args.topology)
     G = topology.world_size
     E = _positive(args.num_experts, "--num-experts")
     _positive(args.hidden_size, "--hidden-size")

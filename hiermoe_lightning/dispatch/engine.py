@@ -26,7 +26,7 @@ import torch
 from .comm import Gathered, PeerGroup, SplitMismatchError, start_exchange
 from .spec import DispatchSpec
 
-__all__ = ["PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle", "plan_hop", "dispatch", "combine", "apply_experts"]
+__all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle", "plan_hop", "dispatch", "combine", "apply_experts"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,16 @@ class PhaseRoute:
     peers: PeerGroup
     peer_of_expert: torch.Tensor
     peer_level: tuple[int, ...]
+
+
+MAX_PIPELINE_CHUNKS = 64
+
+
+def validate_pipeline_chunks(value: object, what: str = "pipeline_chunks") -> int:
+    """``value`` as a chunk count in ``1 .. MAX_PIPELINE_CHUNKS``; else a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIPELINE_CHUNKS:
+        raise ValueError(f"{what} must be an int in 1..{MAX_PIPELINE_CHUNKS}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

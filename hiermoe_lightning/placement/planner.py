@@ -57,6 +57,7 @@ from ..cost.link_costs import LinkCosts
 from ..cost.traffic import check_expert_ids
 from ..dispatch.spec import parse_dispatch, phase_groups, phase_next_rank
 from ..topology import Topology
+from ..validation import check_int
 from .placement import Placement
 
 __all__ = [
@@ -769,14 +770,6 @@ def _search_precision(token_weights: torch.Tensor | None) -> tuple[float | None,
     return None, torch.float64
 
 
-def _check_int(value: object, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{what} must be >= {low}, got {value}")
-    return value
-
-
 def _check_positive_number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number, got {value!r}")
@@ -865,16 +858,16 @@ def plan_swaps(
     t0 = time.perf_counter()
     topology = Topology.parse(topology)
     link_costs = LinkCosts.resolve(link_costs)
-    hidden_size = _check_int(hidden_size, "hidden_size", 1)
-    bytes_per_elem = _check_int(bytes_per_elem, "bytes_per_elem", 1)
-    max_swaps = _check_int(max_swaps, "max_swaps", 0)
+    hidden_size = check_int(hidden_size, "hidden_size", 1)
+    bytes_per_elem = check_int(bytes_per_elem, "bytes_per_elem", 1)
+    max_swaps = check_int(max_swaps, "max_swaps", 0)
     gamma = _check_gamma(gamma)
     if (expert_bytes is None) != (horizon_steps is None):
         raise ValueError("expert_bytes and horizon_steps must be given together (migration cost needs both) or "
                          f"not at all; got expert_bytes={expert_bytes!r}, horizon_steps={horizon_steps!r}")
     if expert_bytes is not None:
         expert_bytes = _check_positive_number(expert_bytes, "expert_bytes")
-        horizon_steps = _check_int(horizon_steps, "horizon_steps", 1)
+        horizon_steps = check_int(horizon_steps, "horizon_steps", 1)
     if link_bandwidth_bytes_per_ms is not None:
         link_bandwidth_bytes_per_ms = _check_positive_number(link_bandwidth_bytes_per_ms, "link_bandwidth_bytes_per_ms")
     if compute_balance_tolerance is not None:
