@@ -174,23 +174,33 @@ class DispatchHandle:
 # ---------------------------------------------------------------------------- the pipeline runner
 @dataclass
 class _Exchange:
-    """What a chunk program asks for next: payloads ``(x, send_splits, recv_splits)`` exchanged on ``peers``."""
+    """What a chunk program asks for next: payloads ``(x, send_splits, recv_splits)`` exchanged on ``peers``;
+    ``level`` is the outermost link level the group spans (1 = the slowest links; 0 = none)."""
 
     peers: PeerGroup
     payloads: list
+    level: int = 0
+
+
+def _link_level(peer_level) -> int:
+    """The outermost (slowest) link level among a group's peers; 0 when every peer is this rank."""
+    return min((lvl for lvl in peer_level if lvl > 0), default=0)
 
 
 def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     """Run chunk programs (generators yielding :class:`_Exchange`, receiving the received tensors) as a pipeline.
 
-    Each step posts the next exchange of every chunk whose group is free (one exchange in flight per group, chunks
-    in order), then waits for them in chunk order, advancing each chunk's local work as soon as its own exchange has
-    arrived (so it overlaps the others still in flight). The schedule depends only on the programs' structure, which
-    is the same on every rank, so every group sees its exchanges in the same order everywhere. With one chunk this is
-    the plain sequence of hops. Returns each program's return value.
+    One exchange is in flight per process group. Whenever a group is free the runner posts the next exchange asking
+    for it, slowest link first (lowest ``level``; ties in chunk order), so the bulk inter-node payloads start before
+    the local gathers of intra-node ones. It then waits for the in-flight exchange on the fastest link first (it is
+    likely done), advances that chunk's local work and posts again at once: a chunk's intra-node hop runs while the
+    next chunk crosses the slow link. Every decision depends only on the programs' structure, never on timing, so
+    every group sees its exchanges in the same order on every rank. With one chunk this is the plain sequence of
+    hops. Returns each program's return value.
     """
     results: list = [None] * len(programs)
     requests: list = [None] * len(programs)
+    in_flight: dict[int, tuple[int, int, object]] = {}  # group -> (level, chunk, pending)
 
     def advance(i: int, received) -> None:
         try:
@@ -201,32 +211,34 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
 
     for i in range(len(programs)):
         advance(i, None)
-    while any(r is not None for r in requests):
-        busy, started = set(), []
+    while True:
         start = time.perf_counter()
-        for i, request in enumerate(requests):
-            if request is None or id(request.peers.group) in busy:
-                continue
-            busy.add(id(request.peers.group))
-            started.append((i, start_exchange(request.payloads, request.peers)))
+        ready = sorted((r.level, i) for i, r in enumerate(requests) if r is not None)
+        for level, i in ready:
+            group = id(requests[i].peers.group)
+            if group not in in_flight:
+                in_flight[group] = (level, i, start_exchange(requests[i].payloads, requests[i].peers))
+                requests[i] = None
+        if not in_flight:
+            break
+        group, (_, i, pending) = max(in_flight.items(), key=lambda item: (item[1][0], -item[1][1]))
+        del in_flight[group]
+        received = pending.wait()
         handle.comm_seconds += time.perf_counter() - start
-        for i, pending in started:
-            start = time.perf_counter()
-            received = pending.wait()
-            handle.comm_seconds += time.perf_counter() - start
-            advance(i, received)
+        advance(i, received)
     return results
 
 
-def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]]):
+def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]], level: int = 0):
     """Sub-program: every rank re-announces its send splits; any disagreement with what a rank expects to receive
     raises ``SplitMismatchError`` on every rank of the group (after a flag exchange, so none waits forever)."""
     ones = [1] * peers.size
     announced_send = torch.tensor(send, dtype=torch.long).t().contiguous()  # [peers, n]
-    (announced,) = yield _Exchange(peers, [(announced_send, ones, ones)])
+    (announced,) = yield _Exchange(peers, [(announced_send, ones, ones)], level)
     expected = torch.tensor(recv, dtype=torch.long).t()
     ok = torch.equal(announced, expected)
-    (flags,) = yield _Exchange(peers, [(torch.full((peers.size, 1), 0 if ok else 1, dtype=torch.long), ones, ones)])
+    flags = torch.full((peers.size, 1), 0 if ok else 1, dtype=torch.long)
+    (flags,) = yield _Exchange(peers, [(flags, ones, ones)], level)
     bad = int(flags.sum())
     if bad > 0:
         mine = "" if ok else f"; here (peer {peers.index}) expected {expected.t().tolist()} but peers announce " \
@@ -234,26 +246,53 @@ def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]
         raise SplitMismatchError(f"all-to-all split sizes disagree on {bad} rank(s) of the group{mine}")
 
 
-def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, weight, pair_row, pair_expert):
-    """One chunk's dispatch, hop by hop: plan, exchange counts, then rows and pair metadata together."""
+def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list[tuple[HopPlan, torch.Tensor]]:
+    """Plan every chunk's first hop and exchange all their counts at once: ``inputs`` ``[(rows, pair_row,
+    pair_expert)]`` per chunk -> ``[(plan, counts [peers, 2])]``.
+
+    The first hop's counts depend on nothing received, so one exchange serves every chunk: no later chunk waits
+    for a count message queued behind the previous chunk's bulk payload on the slow link.
+    """
+    pr = route.phases[0]
+    start = time.perf_counter()
+    plans = [plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
+             for rows, pair_row, pair_expert in inputs]
+    handle.plan_seconds += time.perf_counter() - start
+    start = time.perf_counter()
+    ones = [1] * pr.peers.size
+    counts = torch.stack([c for p in plans for c in (p.send_splits, p.pair_splits)], dim=1)  # [peers, 2 * chunks]
+    (received,) = start_exchange([(counts, ones, ones)], pr.peers).wait()
+    handle.comm_seconds += time.perf_counter() - start
+    return [(plan, received[:, 2 * c: 2 * c + 2]) for c, plan in enumerate(plans)]
+
+
+def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, weight, pair_row, pair_expert,
+                      first_hop: tuple[HopPlan, torch.Tensor]):
+    """One chunk's dispatch, hop by hop: plan, exchange counts (the first hop's come planned and exchanged, see
+    :func:`_plan_first_hops`), then rows and pair metadata together."""
     rows = x
-    for pr in route.phases:
-        start = time.perf_counter()
-        plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
-        handle.plan_seconds += time.perf_counter() - start
+    for i, pr in enumerate(route.phases):
+        level = _link_level(pr.peer_level)
         ones = [1] * pr.peers.size
-        (counts,) = yield _Exchange(pr.peers, [(torch.stack([plan.send_splits, plan.pair_splits], dim=1), ones, ones)])
+        if i == 0:
+            plan, counts = first_hop
+        else:
+            start = time.perf_counter()
+            plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
+            handle.plan_seconds += time.perf_counter() - start
+            (counts,) = yield _Exchange(pr.peers, [(torch.stack([plan.send_splits, plan.pair_splits], dim=1), ones,
+                                                    ones)], level)
         send_splits, pair_send = plan.send_splits.tolist(), plan.pair_splits.tolist()
         recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
         if route.verify_splits:
-            yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv])
+            yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv], level)
         # pair metadata rides with the rows: (row within the block sent to that peer, expert id, weight); float64
         # holds the ints and an fp32 weight exactly
         meta = torch.stack(
             [plan.pair_local_row.double(), pair_expert[plan.pair_order].double(), weight[plan.pair_order].double()], 1
         )
         new_rows, meta = yield _Exchange(pr.peers, [(Gathered(rows, plan.send_src_row), send_splits, recv_splits),
-                                                   (meta, pair_send, pair_recv)])
+                                                   (meta, pair_send, pair_recv)], level)
         recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
         src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=counts.device), counts[:, 1])
         chunk.hops.append(Hop(pr.phase, pr.peers, pr.peer_level, plan.send_src_row, send_splits, recv_splits,
@@ -272,7 +311,7 @@ def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype):
         payloads = [(grad_rows, h.recv_splits, h.send_splits)]
         if grad_weight is not None:
             payloads.append((grad_weight, h.pair_recv_splits, h.pair_send_splits))
-        received = yield _Exchange(h.peers, payloads)
+        received = yield _Exchange(h.peers, payloads, _link_level(h.peer_level))
         grad_rows = received[0].new_zeros(h.num_prev_rows, received[0].shape[1], dtype=torch.float32).index_add_(
             0, h.send_src_row, received[0].float()).to(x_dtype)
         if grad_weight is not None:
@@ -284,7 +323,8 @@ def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype):
 def _combine_program(chunk: Chunk, y, out_dtype):
     """Rows back along the hops; every relay sums the copies of a row (fp32) before passing it on."""
     for h in reversed(chunk.hops):
-        (back,) = yield _Exchange(h.peers, [(y.to(out_dtype), h.recv_splits, h.send_splits)])
+        (back,) = yield _Exchange(h.peers, [(y.to(out_dtype), h.recv_splits, h.send_splits)],
+                                  _link_level(h.peer_level))
         y = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(0, h.send_src_row, back.float())
     return y
 
@@ -292,7 +332,8 @@ def _combine_program(chunk: Chunk, y, out_dtype):
 def _combine_backward_program(chunk: Chunk, grad):
     """Mirror of the combine: a token's gradient copied out to every copy of its row, hop by hop."""
     for h in chunk.hops:
-        (grad,) = yield _Exchange(h.peers, [(Gathered(grad, h.send_src_row), h.send_splits, h.recv_splits)])
+        (grad,) = yield _Exchange(h.peers, [(Gathered(grad, h.send_src_row), h.send_splits, h.recv_splits)],
+                                  _link_level(h.peer_level))
     return grad
 
 
@@ -326,11 +367,12 @@ class _Dispatch(torch.autograd.Function):
         # one hop has nothing to overlap with (its chunks would queue on the same group): pipeline only multi-hop routes
         num_chunks = route.pipeline_chunks if len(route.phases) > 1 else 1
         handle.chunks = _make_chunks(x.shape[0], pair_row, num_chunks)
-        programs = [
-            _dispatch_program(route, handle, c, x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
-                              _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
-            for c in handle.chunks
-        ]
+        inputs = [(x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
+                   _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
+                  for c in handle.chunks]
+        first_hops = _plan_first_hops(route, handle, [(rows, row, expert) for rows, _, row, expert in inputs])
+        programs = [_dispatch_program(route, handle, c, *args, first_hop)
+                    for c, args, first_hop in zip(handle.chunks, inputs, first_hops)]
         outs = _run_pipeline(programs, handle)
         row_offset = 0
         pair_rows = []

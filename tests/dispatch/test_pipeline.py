@@ -61,18 +61,19 @@ def test_pipeline_chunks_is_validated():
 
 
 # ---------------------------------------------------------------------------- the schedule, without processes
-def _program(name, groups, log):
+def _program(name, groups, log, levels=None):
     """A fake chunk program: one exchange per group in turn; returns what it received."""
     got = []
-    for g in groups:
+    for i, g in enumerate(groups):
         peers = PeerGroup(g, 1, 0, (0,))
-        (out,) = yield engine._Exchange(peers, [(torch.tensor([[len(got)]]), [1], [1])])
+        level = 0 if levels is None else levels[i]
+        (out,) = yield engine._Exchange(peers, [(torch.tensor([[len(got)]]), [1], [1])], level)
         log.append((name, g))
         got.append(int(out))
     return name, got
 
 
-def test_runner_keeps_one_exchange_in_flight_per_group(monkeypatch):
+def _recording(monkeypatch) -> list:
     posted = []
     real = engine.start_exchange
 
@@ -81,6 +82,11 @@ def test_runner_keeps_one_exchange_in_flight_per_group(monkeypatch):
         return real(payloads, peers)
 
     monkeypatch.setattr(engine, "start_exchange", recording)
+    return posted
+
+
+def test_runner_keeps_one_exchange_in_flight_per_group(monkeypatch):
+    posted = _recording(monkeypatch)
     inter, intra = "inter", "intra"
     log = []
     handle = engine.DispatchHandle("hd2", 2, 4)
@@ -90,3 +96,41 @@ def test_runner_keeps_one_exchange_in_flight_per_group(monkeypatch):
     # step 1: chunk 0 inter; step 2: chunk 0 intra with chunk 1 inter; step 3: chunk 1 intra with chunk 2 inter; ...
     assert posted == [inter, intra, inter, intra, inter, intra]
     assert log == [(0, inter), (0, intra), (1, inter), (1, intra), (2, inter), (2, intra)]
+
+
+def test_runner_posts_the_slowest_link_first_and_waits_for_the_fastest_first(monkeypatch):
+    posted = _recording(monkeypatch)
+    inter, intra = "inter", "intra"
+    log = []
+    handle = engine.DispatchHandle("hd2", 2, 4)
+    # dispatch-like: inter-node (level 1) then intra-node (level 2), per chunk
+    programs = [_program(c, [inter, intra], log, levels=[1, 2]) for c in range(2)]
+    assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1])]
+    # once chunk 0 has crossed, chunk 1's inter-node payload is posted before chunk 0's intra-node one ...
+    assert posted == [inter, inter, intra, intra]
+    # ... and chunk 0's intra-node hop is waited for (and finished) before chunk 1's slow one
+    assert log == [(0, inter), (0, intra), (1, inter), (1, intra)]
+
+
+def test_first_hop_counts_of_every_chunk_travel_in_one_exchange(monkeypatch):
+    """Chunk c's first count exchange must not queue behind chunk c-1's payload on the slow link."""
+    from hiermoe_lightning.dispatch.spec import parse_dispatch
+
+    exchanged = []
+    real = engine.start_exchange
+
+    def recording(payloads, peers):
+        exchanged.append([tuple(p[0].shape) if isinstance(p[0], torch.Tensor) else ("rows", p[0].num_rows)
+                          for p in payloads])
+        return real(payloads, peers)
+
+    monkeypatch.setattr(engine, "start_exchange", recording)
+    peers = PeerGroup(None, 1, 0, (0,))
+    phase = engine.PhaseRoute("a2a", peers, torch.zeros(4, dtype=torch.long), (0,))
+    route = engine.Route(parse_dispatch("hd1", 1), (phase,), 1)
+    handle = engine.DispatchHandle("hd1", 1, 16)
+    x, pair_row = torch.randn(6, 4), torch.arange(6).repeat_interleave(2)
+    first = engine._plan_first_hops(route, handle, [(x[:3], pair_row[:6], pair_row[:6] % 4),
+                                                    (x[3:], pair_row[6:] - 3, pair_row[6:] % 4)])
+    assert exchanged == [[(1, 4)]]  # [peers, 2 columns (rows, pairs) x 2 chunks], once
+    assert [c.tolist() for _, c in first] == [[[3, 6]], [[3, 6]]]
