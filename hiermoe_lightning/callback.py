@@ -1,12 +1,13 @@
 """HierMoECallback: routing statistics, the dedup-aware swap planner, in-place migration, and the savings in the logs.
 
-Every training batch it samples each sharded MoELayer's routing on every rank, gathers it (so every rank holds the
-same statistics) and adds it to an exponentially decayed window. After every ``plan_every_n_steps``-th optimizer
-step (never per micro-batch) it plans swaps for each layer with the cost model (identical on every rank: pure
-functions on identical data), migrates the experts with their gradients and optimizer state, and lets
-``dispatch="auto"`` re-choose its depth. Metrics go to every logger (see :class:`~hiermoe_lightning.metrics.DedupMonitor`
-plus ``hiermoe/swaps``); at the end of fit a heatmap of expert load per rank over time and the placement history are
-written to the log directory.
+Every training batch it samples each sharded MoELayer's routing on every rank and posts one fixed-size asynchronous
+gather of it (no count exchange, no wait in that step); the next batch end completes it and adds it to an
+exponentially decayed window, so every rank holds the same statistics. After every ``plan_every_n_steps``-th
+optimizer step (never per micro-batch) it completes the gather of that step and plans swaps with the cost model,
+each layer on one rank (round robin; pure functions, so the owner's plan is everyone's plan), shares the plans,
+migrates the experts with their gradients and optimizer state, and lets ``dispatch="auto"`` re-choose its depth.
+Metrics go to every logger (see :class:`~hiermoe_lightning.metrics.DedupMonitor` plus ``hiermoe/swaps``); at the end
+of fit a heatmap of expert load per rank over time and the placement history are written to the log directory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from .checkpoint import moe_layers
 from .metrics import DedupMonitor
+from .parallel import PendingRoutings
+from .placement import Placement
 from .placement.migrate import expert_state_bytes, migrate_
 from .placement.planner import plan_swaps
 from .placement.window import RoutingWindow
@@ -91,9 +94,18 @@ class HierMoECallback(DedupMonitor):
         self.plan_seconds = 0.0
         self.migration_seconds = 0.0
         self._last_step = -1
+        # the gather in flight: (layer names in order, [(names of one ExpertParallel, its handle)]); _complete_pending
+        self._pending: tuple[list[str], list[tuple[list[str], PendingRoutings]]] | None = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """The windows (with every batch seen so far), the swap count, the history and the timings.
+
+        Completes the gather still in flight first, so a checkpoint saved right after a step holds that step's
+        sample. Lightning calls this on every rank when it saves a checkpoint; even on one rank alone it would only
+        wait for a gather that every rank has already posted (it needs nothing more from the others).
+        """
+        self._complete_pending()
         state = super().state_dict()
         state.update({
             "windows": {name: w.state_dict() for name, w in self.windows.items()},
@@ -105,6 +117,7 @@ class HierMoECallback(DedupMonitor):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self._pending = None  # a gather of the pre-load run must not reach the restored windows
         self.windows = {}
         for name, ws in state.get("windows", {}).items():
             w = RoutingWindow(self.window_tokens_per_rank, self.window_decay)
@@ -124,36 +137,55 @@ class HierMoECallback(DedupMonitor):
         idx = torch.linspace(0, T - 1, self.sample_tokens_per_rank).round().long()
         return ids[idx]
 
-    def _gather_samples(self, layers: dict) -> dict[str, torch.Tensor]:
-        """Each layer's sampled routing gathered from every rank, ``name -> [G, T, K]``: one gather for all the layers
-        of an ExpertParallel (two collectives per step, not two per layer)."""
+    def _post_samples(self, layers: dict) -> None:
+        """Post this batch's gather: each layer's sample (``[<= sample_tokens_per_rank, K]``) from every rank, one
+        fixed-size asynchronous ``all_gather`` per ExpertParallel for all its layers; :meth:`_complete_pending`
+        finishes it. Any earlier gather must have been completed (windows are fed in step order)."""
+        assert self._pending is None, "the previous routing gather was not completed"
         groups: dict[int, tuple] = {}
         for name, layer in layers.items():
             groups.setdefault(id(layer.expert_parallel), (layer.expert_parallel, []))[1].append(name)
-        traces = {}
+        handles = []
         for ep, names in groups.values():
             samples = [self._sample(layers[n].last_expert_ids) for n in names]
             for n, sample in zip(names, samples):
                 self._tokens_scale = layers[n].last_expert_ids.shape[0] / max(sample.shape[0], 1)
-            traces.update(zip(names, ep.gather_routings(samples)))
-        return {name: traces[name] for name in layers}
+            handles.append((names, ep.start_gather_routings(samples, self.sample_tokens_per_rank)))
+        self._pending = (list(layers), handles)
 
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
-        for name, trace in self._gather_samples(layers).items():
+    def _complete_pending(self) -> None:
+        """Wait for the posted gather, if any, and ingest each layer's ``[G, T, K]`` into its window (in the order the
+        layers were posted). Runs at the next batch end before the next post, before planning, in
+        :meth:`state_dict` and at the end of training, so the windows see every batch in step order."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        order, handles = pending
+        traces = {}
+        for names, handle in handles:
+            traces.update(zip(names, handle.wait()))
+        for name in order:
+            trace = traces[name]
             window = self.windows.get(name)
             if window is not None and not window.empty and window.trace(normalize=False)[0].shape[0] != trace.shape[0]:
                 window = None  # resumed on another world size: per-rank statistics start afresh
             if window is None:
                 window = self.windows[name] = RoutingWindow(self.window_tokens_per_rank, self.window_decay)
             window.ingest(trace)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
+        self._complete_pending()  # the previous batch's sample, ingested before this batch's
+        if layers:
+            self._post_samples(layers)  # completed at the next batch end (or below, before a plan)
         step = trainer.global_step
         if step == self._last_step:  # still inside a gradient-accumulation cycle
             return
         self._last_step = step
         if self.swap and layers and step > 0 and step % self.plan_every_n_steps == 0:
+            self._complete_pending()  # the plan sees this batch's sample too
             self._plan_and_migrate(trainer, pl_module, layers)
         pl_module.log("swaps", float(self.swaps_total), prog_bar=True, logger=False, rank_zero_only=True)
         for logger in trainer.loggers:
@@ -162,24 +194,18 @@ class HierMoECallback(DedupMonitor):
     def _plan_and_migrate(self, trainer, pl_module, layers) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         start = time.perf_counter()
+        outcomes = self._plan_layers(layers, optimizer)  # identical on every rank
         targets, records, loads = [], [], []
         for i, (name, layer) in enumerate(layers.items()):
-            ep = layer.expert_parallel
-            ids, weights = self.windows[name].trace()
-            element = layer.experts.w_gate.element_size()
-            plan = plan_swaps(
-                ids, layer.placement, ep.topology, ep.link_costs, layer.hidden_size, element,
-                max_swaps=self.max_swaps_per_plan, token_weights=weights, gamma=self.gamma,
-                expert_bytes=expert_state_bytes(layer, optimizer) if self.charge_migration else None,
-                horizon_steps=self._horizon() if self.charge_migration else None,
-                compute_balance_tolerance=self.compute_balance_tolerance,
-            )
-            targets.append(plan.placement_after)
-            loads.append(self._rank_load(ids, weights, layer.placement).tolist())
-            records.append({"step": trainer.global_step, "layer": i, "name": name, "swaps": [list(s) for s in plan.swaps],
-                            "predicted_ms_before": plan.predicted_ms_before, "predicted_ms_after": plan.predicted_ms_after,
-                            "chosen_before": plan.chosen_before, "chosen_after": plan.chosen_after,
-                            "placement_after": plan.placement_after.to_list()})
+            out = outcomes[i]
+            targets.append(Placement(torch.tensor(out["expert_to_rank"], dtype=torch.long),
+                                     torch.tensor(out["expert_to_slot"], dtype=torch.long), layer.placement.world_size))
+            loads.append(out["load"])
+            records.append({"step": trainer.global_step, "layer": i, "name": name, "swaps": out["swaps"],
+                            "predicted_ms_before": out["predicted_ms_before"],
+                            "predicted_ms_after": out["predicted_ms_after"],
+                            "chosen_before": out["chosen_before"], "chosen_after": out["chosen_after"],
+                            "placement_after": out["expert_to_rank"]})
         self.plan_seconds += time.perf_counter() - start
         changed = [(layer, target) for layer, target in zip(layers.values(), targets) if target != layer.placement]
         if changed:
@@ -197,6 +223,54 @@ class HierMoECallback(DedupMonitor):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    def _plan_layers(self, layers: dict, optimizer) -> dict[int, dict]:
+        """Every layer's :meth:`_plan_layer` outcome by layer index, the same on every rank: the ``j``-th layer of an
+        ExpertParallel is planned by its rank ``j % world_size`` only, then one ``all_gather_object`` per
+        ExpertParallel shares the outcomes. A planning error is shared too and raised on every rank (no hang)."""
+        groups: dict[int, tuple] = {}
+        for i, (name, layer) in enumerate(layers.items()):
+            groups.setdefault(id(layer.expert_parallel), (layer.expert_parallel, []))[1].append((i, name, layer))
+        outcomes: dict[int, tuple[bool, object]] = {}
+        owners: dict[int, int] = {}
+        for ep, members in groups.values():
+            mine = {}
+            for j, (i, name, layer) in enumerate(members):
+                owners[i] = j % ep.world_size
+                if owners[i] == ep.rank:
+                    try:
+                        mine[i] = (True, self._plan_layer(name, layer, optimizer))
+                    except Exception as e:  # noqa: BLE001 - shared, then raised on every rank below
+                        mine[i] = (False, f"{type(e).__name__}: {e}")
+            for shared in ep.all_gather_object(mine):
+                outcomes.update(shared)
+        names = list(layers)
+        failed = [f"layer {i} ({names[i]}) on expert-parallel rank {owners[i]}: {msg}"
+                  for i, (ok, msg) in sorted(outcomes.items()) if not ok]
+        if failed:
+            raise RuntimeError("HierMoECallback: planning failed for " + "; ".join(failed))
+        return {i: payload for i, (_, payload) in outcomes.items()}
+
+    def _plan_layer(self, name: str, layer, optimizer) -> dict:
+        """One layer's :func:`plan_swaps` on its window, as plain Python values (small, picklable): swaps, predicted
+        times, chosen dispatches, the placement after (``expert_to_rank`` / ``expert_to_slot``, ``[E]`` each) and the
+        ``[G]`` load per rank under the current placement."""
+        ep = layer.expert_parallel
+        ids, weights = self.windows[name].trace()
+        element = layer.experts.w_gate.element_size()
+        plan = plan_swaps(
+            ids, layer.placement, ep.topology, ep.link_costs, layer.hidden_size, element,
+            max_swaps=self.max_swaps_per_plan, token_weights=weights, gamma=self.gamma,
+            expert_bytes=expert_state_bytes(layer, optimizer) if self.charge_migration else None,
+            horizon_steps=self._horizon() if self.charge_migration else None,
+            compute_balance_tolerance=self.compute_balance_tolerance,
+        )
+        return {"swaps": [list(s) for s in plan.swaps],
+                "predicted_ms_before": plan.predicted_ms_before, "predicted_ms_after": plan.predicted_ms_after,
+                "chosen_before": plan.chosen_before, "chosen_after": plan.chosen_after,
+                "expert_to_rank": plan.placement_after.expert_to_rank.tolist(),
+                "expert_to_slot": plan.placement_after.expert_to_slot.tolist(),
+                "load": self._rank_load(ids, weights, layer.placement).tolist()}
+
     def _horizon(self) -> int:
         """All-to-alls until the next plan, in units of the window's one-way step: every training step runs four
         (dispatch and combine, forward and backward) on all tokens, while the window holds a per-rank sample."""
@@ -211,7 +285,17 @@ class HierMoECallback(DedupMonitor):
         return torch.zeros(placement.world_size, dtype=torch.float64).index_add_(0, ranks, w[valid].double())
 
     # ------------------------------------------------------------------ end of fit
+    def on_train_end(self, trainer, pl_module):
+        self._complete_pending()  # no collective left in flight once training ends; the windows hold every batch
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._pending = None  # another rank may be gone: drop the gather rather than wait (gloo finishes or fails it)
+
+    def teardown(self, trainer, pl_module, stage):
+        self._pending = None
+
     def on_fit_end(self, trainer, pl_module):
+        self._complete_pending()
         log_dir = trainer.log_dir  # collective under DDP
         super().on_fit_end(trainer, pl_module)
         if trainer.global_rank != 0 or not log_dir:

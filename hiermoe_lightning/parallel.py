@@ -14,7 +14,71 @@ from .layer import MoELayer
 from .placement import Placement
 from .topology import Topology
 
-__all__ = ["ExpertParallel"]
+__all__ = ["ExpertParallel", "PendingRoutings", "pack_routings", "unpack_routings"]
+
+
+def pack_routings(samples: list[torch.Tensor], rows_per_rank: int) -> torch.Tensor:
+    """Several routings ``[T_i, K_i]`` (each ``T_i <= rows_per_rank``) -> one fixed-size int64 tensor
+    ``[1 + rows_per_rank, sum K_i]``: routing ``i`` owns columns ``c_i .. c_i + K_i - 1``; row 0 holds ``T_i`` in
+    column ``c_i`` (the rest of row 0 is ``-1``), rows ``1 .. T_i`` its ids, and the rows below are ``-1``.
+
+    Its size depends only on ``rows_per_rank`` and the ``K_i``, so when every rank agrees on those (the same MoE
+    layers everywhere) the ranks can gather it without first exchanging counts (:func:`unpack_routings` undoes it).
+    """
+    if isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 0:
+        raise ValueError(f"rows_per_rank must be an int >= 0, got {rows_per_rank!r}")
+    ids = [s.detach().to("cpu", torch.long) for s in samples]
+    for i, s in enumerate(ids):
+        if s.dim() != 2 or s.shape[1] < 1:
+            raise ValueError(f"routing {i} must have shape [tokens, top_k >= 1], got {list(s.shape)}")
+        if s.shape[0] > rows_per_rank:
+            raise ValueError(f"routing {i} has {s.shape[0]} tokens, more than rows_per_rank={rows_per_rank}")
+    widths = [s.shape[1] for s in ids]
+    packed = torch.full((1 + rows_per_rank, sum(widths)), -1, dtype=torch.long)
+    col = 0
+    for s, w in zip(ids, widths):
+        packed[0, col] = s.shape[0]
+        packed[1: 1 + s.shape[0], col: col + w] = s
+        col += w
+    return packed
+
+
+def unpack_routings(gathered: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """Every rank's :func:`pack_routings` output stacked, ``[G, 1 + rows, sum K_i]`` -> ``[G, max_r T_r_i, K_i]`` per
+    routing (rank ``r``'s ``T_r_i`` ids first, ``-1`` below): exactly what :meth:`ExpertParallel.gather_routings`
+    returns for the same routings."""
+    if gathered.dim() != 3 or gathered.shape[1] < 1 or gathered.shape[2] != sum(widths):
+        raise ValueError(f"gathered routings must have shape [G, 1 + rows, {sum(widths)}], got {list(gathered.shape)}")
+    if not widths:
+        return []
+    starts = torch.tensor([0] + widths[:-1], dtype=torch.long).cumsum(0)
+    counts = gathered[:, 0, starts]  # [G, L]
+    rows = gathered.shape[1] - 1
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > rows):
+        raise ValueError(f"gathered routing counts must be in 0..{rows}, got {counts.tolist()}")
+    longest = counts.max(dim=0).values.tolist()
+    return [gathered[:, 1: 1 + n, c: c + w].contiguous() for n, c, w in zip(longest, starts.tolist(), widths)]
+
+
+class PendingRoutings:
+    """A routing gather in flight (:meth:`ExpertParallel.start_gather_routings`): :meth:`wait` completes it and
+    returns the routings ``[G, max_r T_r_i, K_i]``; later calls return the same list.
+
+    Waiting needs nothing from the other ranks' main threads (each posted the same gather, which gloo runs on its
+    worker threads), so it may happen at a different point on each rank; dropping an unwaited handle is safe too.
+    """
+
+    def __init__(self, work, parts: list[torch.Tensor], widths: list[int]):
+        self._work, self._parts, self._widths = work, parts, widths
+        self._result: list[torch.Tensor] | None = None
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._result is None:
+            if self._work is not None:
+                self._work.wait()
+            self._result = unpack_routings(torch.stack(self._parts), self._widths)
+            self._work = self._parts = None
+        return self._result
 
 
 class ExpertParallel:
@@ -151,6 +215,30 @@ class ExpertParallel:
         for n, w in zip(longest, widths):
             out.append(gathered[:, :n, col: col + w].contiguous())
             col += w
+        return out
+
+    def start_gather_routings(self, expert_ids: list[torch.Tensor], rows_per_rank: int) -> PendingRoutings:
+        """Asynchronous, fixed-size :meth:`gather_routings` for routings of at most ``rows_per_rank`` tokens each
+        (``[T_r_i, K_i]``): ONE ``all_gather`` of :func:`pack_routings` (``[1 + rows_per_rank, sum K_i]``, the counts
+        travel in row 0), posted with ``async_op=True``; the handle's ``wait()`` gives exactly what
+        :meth:`gather_routings` gives. Collective over the ``a2a`` group: every rank must post it with the same
+        ``rows_per_rank``, the same number of routings and the same ``K_i``, in the same order relative to the other
+        collectives on that group. One rank: nothing to exchange."""
+        packed = pack_routings(expert_ids, rows_per_rank)
+        widths = [e.shape[1] for e in expert_ids]
+        if self.world_size == 1:
+            return PendingRoutings(None, [packed], widths)
+        parts = [torch.empty_like(packed) for _ in range(self.world_size)]
+        work = dist.all_gather(parts, packed, group=self._peer_groups["a2a"].group, async_op=True)
+        return PendingRoutings(work, parts, widths)
+
+    def all_gather_object(self, obj) -> list:
+        """Every expert-parallel rank's picklable ``obj``, in rank order (collective over the ``a2a`` group; one rank:
+        ``[obj]`` without a collective). Used to share results computed on one rank, e.g. a layer's swap plan."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._peer_groups["a2a"].group)
         return out
 
     def choose_dispatch(self, layer: MoELayer, expert_ids: torch.Tensor) -> str:

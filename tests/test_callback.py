@@ -1,4 +1,5 @@
-"""HierMoECallback: swaps mid-training change nothing but where experts live; metrics reach the loggers; resume works."""
+"""HierMoECallback: swaps mid-training change nothing but where experts live; metrics reach the loggers; resume works;
+the asynchronous routing gather and the distributed planning give what a synchronous, local computation gives."""
 
 import csv
 import glob
@@ -9,17 +10,24 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from hiermoe_lightning import HierMoECallback, LinkCosts
-from tests.lightning_harness import fit
+from hiermoe_lightning import ExpertParallel, HierMoECallback, LinkCosts, MoELayer
+from hiermoe_lightning.checkpoint import moe_layers
+from hiermoe_lightning.placement import Placement
+from hiermoe_lightning.placement.planner import plan_swaps
+from hiermoe_lightning.placement.window import RoutingWindow
+from hiermoe_lightning.testing import run_ranks
+from tests.lightning_harness import MODEL, fit
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 # a slow level-1 link makes co-locating co-activated experts worth a swap even on this tiny model
 COSTS = LinkCosts({"a2a": (0.1, 1e-4), "inter1": (0.1, 1e-4), "intra1": (0.01, 1e-7)})
 
 
+PLAN_KWARGS = dict(plan_every_n_steps=2, max_swaps_per_plan=2, charge_migration=False, compute_balance_tolerance=None)
+
+
 def _callback():
-    return HierMoECallback(plan_every_n_steps=2, max_swaps_per_plan=2, charge_migration=False,
-                           compute_balance_tolerance=None, print_summary=False)
+    return HierMoECallback(**PLAN_KWARGS, print_summary=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +75,154 @@ def test_resume_after_swaps_continues_exactly(tmp_path, reference, resume_world)
 def test_bad_arguments_name_the_parameter(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         HierMoECallback(**kwargs)
+
+
+class _Recording(HierMoECallback):
+    """HierMoECallback that records on its rank: each batch's own routing sample, for each plan the windows it saw and
+    the placements before and after, the layers this rank planned itself; it saves a checkpoint right after batch
+    ``save_at_batch`` and writes everything to ``<out_dir>/rank<r>.pt`` at the end of training."""
+
+    def __init__(self, out_dir: str, save_at_batch: int):
+        super().__init__(**PLAN_KWARGS, print_summary=False, save_plots=False)
+        self.out_dir, self.save_at_batch = out_dir, save_at_batch
+        self.samples, self.plans, self.planned = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded}
+        self.samples.append({n: self._sample(m.last_expert_ids).clone() for n, m in layers.items()})
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if batch_idx == self.save_at_batch:  # a non-plan step: its gather is still in flight here
+            trainer.save_checkpoint(os.path.join(self.out_dir, "mid.ckpt"))
+
+    def _plan_and_migrate(self, trainer, pl_module, layers):
+        def placements():
+            return {n: (m.placement.expert_to_rank.clone(), m.placement.expert_to_slot.clone())
+                    for n, m in layers.items()}
+
+        record = {"batches": len(self.samples), "before": placements(),
+                  "traces": {n: self.windows[n].trace() for n in layers}}
+        super()._plan_and_migrate(trainer, pl_module, layers)
+        self.plans.append({**record, "after": placements()})
+
+    def _plan_layer(self, name, layer, optimizer):
+        self.planned.append(name)
+        return super()._plan_layer(name, layer, optimizer)
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        torch.save({"samples": self.samples, "plans": self.plans, "planned": self.planned, "history": self.history,
+                    "load_history": self.load_history, "swaps_total": self.swaps_total},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def _reference_window(ranks: list[dict], name: str, batches: int) -> RoutingWindow:
+    """The window a synchronous gather builds: batch by batch, every rank's sample -1 padded to ``[G, max T, K]``."""
+    window = RoutingWindow(4096, 0.9)
+    for b in range(batches):
+        parts = [r["samples"][b][name] for r in ranks]
+        gathered = torch.full((len(parts), max(p.shape[0] for p in parts), parts[0].shape[1]), -1, dtype=torch.long)
+        for g, p in enumerate(parts):
+            gathered[g, : p.shape[0]] = p
+        window.ingest(gathered)
+    return window
+
+
+# flat: the all-to-alls share the gather's process group; accumulate: one sample per micro-batch, one plan per step
+@pytest.mark.parametrize("dispatch, accumulate", [("hd2", 1), ("flat", 1), ("hd2", 2)])
+def test_distributed_planning_and_async_gather_match_a_local_synchronous_reference(tmp_path, reference, dispatch,
+                                                                                    accumulate):
+    """Every rank ends with the same history and placements, each plan equals a local ``plan_swaps`` on a window
+    rebuilt from the ranks' samples (so the asynchronous gather fed the windows like a synchronous one), each
+    layer was planned by one rank only (round robin), a checkpoint saved right after a non-plan step holds that
+    step's sample, and the losses stay those of one process."""
+    save_at = 2
+    losses, _ = fit(str(tmp_path), 4, topology="2x2", dispatch=dispatch, max_epochs=1, tag="rec", link_costs=COSTS,
+                    accumulate=accumulate, extra_callbacks=[_Recording(str(tmp_path), save_at)])
+    if accumulate == 1:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[:5]), **TOL)  # no corrupted exchange
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    names = list(ranks[0]["samples"][0])
+    assert len(names) == 2 and ranks[0]["swaps_total"] > 0, "no swap: the test would prove little"
+    for r in ranks[1:]:
+        assert r["history"] == ranks[0]["history"] and r["load_history"] == ranks[0]["load_history"]
+    plans = len(ranks[0]["plans"])
+    assert plans == (2 if accumulate == 1 else 1) and len(ranks[0]["samples"]) == 5
+    assert [r["planned"] for r in ranks] == [[names[0]] * plans, [names[1]] * plans, [], []]
+    for p, plan in enumerate(ranks[0]["plans"]):
+        for i, name in enumerate(names):
+            ids, weights = _reference_window(ranks, name, plan["batches"]).trace()
+            for r in ranks:
+                seen = r["plans"][p]
+                assert torch.equal(seen["traces"][name][0], ids) and torch.equal(seen["traces"][name][1], weights)
+                for key in ("before", "after"):
+                    assert all(torch.equal(a, b) for a, b in zip(seen[key][name], plan[key][name])), (p, name, key)
+            before = Placement(*plan["before"][name], 4)
+            ref = plan_swaps(ids, before, "2x2", COSTS, MODEL["hidden_size"], 4, max_swaps=2, token_weights=weights,
+                             gamma=10.0, compute_balance_tolerance=None)
+            record = ranks[0]["history"][p * len(names) + i]
+            assert record["name"] == name and record["swaps"] == [list(s) for s in ref.swaps]
+            assert record["predicted_ms_before"] == ref.predicted_ms_before
+            assert record["predicted_ms_after"] == ref.predicted_ms_after
+            assert (record["chosen_before"], record["chosen_after"]) == (ref.chosen_before, ref.chosen_after)
+            assert record["placement_after"] == ref.placement_after.to_list()
+            assert Placement(*plan["after"][name], 4) == ref.placement_after  # slots too, not only ranks
+            assert ranks[0]["load_history"][p][i] == HierMoECallback._rank_load(ids, weights, before).tolist()
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=True)
+    windows = next(v["windows"] for v in state["callbacks"].values() if "windows" in v)
+    for name in names:
+        assert int(windows[name]["steps"]) == save_at + 1
+        assert torch.equal(windows[name]["expert_ids"], _reference_window(ranks, name, save_at + 1).trace()[0])
+
+
+def _plan_on_ranks(rank, world, fail):
+    ep = ExpertParallel("2x2", dispatch="flat", link_costs=COSTS)
+    layers = {f"l{i}": ep.shard_(MoELayer(16, 16, 8, k, seed=i)) for i, k in enumerate((2, 1, 3))}
+    callback = HierMoECallback(**PLAN_KWARGS)
+    for i, (name, layer) in enumerate(layers.items()):
+        callback.windows[name] = RoutingWindow(64, 0.9)
+        callback.windows[name].ingest(_window_ids(i, layer.top_k))
+    planned = []
+
+    def plan_layer(name, layer, optimizer):
+        planned.append(name)
+        if name == fail:
+            raise ValueError("injected")
+        return HierMoECallback._plan_layer(callback, name, layer, optimizer)
+
+    callback._plan_layer = plan_layer
+    try:
+        return callback._plan_layers(layers, None), planned
+    except RuntimeError as e:
+        return str(e), planned
+
+
+def _window_ids(i: int, top_k: int) -> torch.Tensor:
+    """``[4, 24, K]`` skewed routing with distinct experts per token (-1 = dropped), the same on every rank."""
+    g = torch.Generator().manual_seed(i)
+    ids = (torch.rand(4, 24, 8, generator=g) * torch.linspace(2.0, 0.5, 8)).topk(top_k, dim=-1).indices
+    ids[torch.rand(4, 24, top_k, generator=g) < 0.1] = -1
+    return ids
+
+
+@pytest.mark.parametrize("fail", [None, "l1"])
+def test_planning_round_robin_shares_local_plans_and_a_failure_raises_on_every_rank(fail):
+    results = run_ranks(_plan_on_ranks, 4, fail, timeout=30)
+    assert [planned for _, planned in results] == [["l0"], ["l1"], ["l2"], []]
+    if fail is not None:
+        for message, _ in results:
+            assert isinstance(message, str) and "layer 1 (l1)" in message and "rank 1" in message
+            assert "ValueError: injected" in message
+        return
+    for outcomes, _ in results:
+        assert outcomes == results[0][0]
+    for i, k in enumerate((2, 1, 3)):
+        window = RoutingWindow(64, 0.9)
+        window.ingest(_window_ids(i, k))
+        ids, weights = window.trace()
+        ref = plan_swaps(ids, Placement.contiguous(8, 4), "2x2", COSTS, 16, 4, max_swaps=2, token_weights=weights,
+                         gamma=10.0, compute_balance_tolerance=None)
+        out = results[0][0][i]
+        assert out["swaps"] == [list(s) for s in ref.swaps] and out["predicted_ms_after"] == ref.predicted_ms_after
+        assert out["expert_to_rank"] == ref.placement_after.expert_to_rank.tolist()
+        assert out["expert_to_slot"] == ref.placement_after.expert_to_slot.tolist()
+    assert any(results[0][0][i]["swaps"] for i in range(3)), "no swap planned: the comparison would prove little"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hiermoe_lightning import ExpertParallel, MoELayer
+from hiermoe_lightning.parallel import pack_routings, unpack_routings
 from hiermoe_lightning.testing import run_ranks
 from tests.sharded import Case, assert_matches_reference, run_sharded
 
@@ -130,3 +131,61 @@ def test_gather_routings_equals_one_gather_per_routing_and_a_hand_build():
             expected[r, : p.shape[0]] = p
         assert torch.equal(together[i], expected), i
         assert torch.equal(one_by_one[i], expected), i
+
+
+def _expected_gather(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The documented ``gather_routings`` output built by hand: ``[G, max T, K]``, rank r's rows first, -1 below."""
+    longest = max(p.shape[0] for p in parts)
+    expected = torch.full((len(parts), longest, parts[0].shape[1]), -1, dtype=torch.long)
+    for r, p in enumerate(parts):
+        expected[r, : p.shape[0]] = p
+    return expected
+
+
+@pytest.mark.parametrize("rows", [5, 6, 9])
+def test_pack_unpack_round_trip_gives_the_gather_routings_layout(rows):
+    """Three routings (top_k 2, 3, 1) of 4 ranks with unequal token counts, one rank without tokens, one routing
+    without tokens anywhere, and dropped (-1) pairs inside the data: unpacking the stacked fixed-size packs gives the
+    hand-built ``[G, max_r T_r, K]`` of every routing; the pack size depends on ``rows`` and the K's only."""
+    def routing(rank, index):
+        ids = _routing_of(rank, index).clone()
+        ids.view(-1)[::3] = -1  # dropped pairs must stay data, not padding
+        return ids
+
+    packs = [pack_routings([routing(r, i) for i in range(3)], rows) for r in range(4)]
+    for r, pack in enumerate(packs):
+        assert pack.shape == (1 + rows, 6) and pack.dtype == torch.long
+        assert pack[0].tolist() == [[3, 0, 5, 2][r], -1, [4, 4, 1, 0][r], -1, -1, 0]
+    out = unpack_routings(torch.stack(packs), [2, 3, 1])
+    for i in range(3):
+        expected = _expected_gather([routing(r, i) for r in range(4)])
+        assert torch.equal(out[i], expected), i
+    assert out[2].shape == (4, 0, 1)
+
+
+def test_pack_routings_rejects_more_tokens_than_rows_and_unpack_rejects_bad_counts():
+    with pytest.raises(ValueError, match="rows_per_rank=2"):
+        pack_routings([torch.zeros(3, 2, dtype=torch.long)], 2)
+    bad = pack_routings([torch.zeros(2, 2, dtype=torch.long)], 2).unsqueeze(0)
+    bad[0, 0, 0] = 3
+    with pytest.raises(ValueError, match="0..2"):
+        unpack_routings(bad, [2])
+
+
+def _gathered_async(rank, world, rows):
+    ep = ExpertParallel(str(world), dispatch="flat")
+    handle = ep.start_gather_routings([_routing_of(rank, i) for i in range(3)], rows)
+    # other collectives on the same group while the gather is in flight (as the next training step's all-to-alls)
+    together = ep.gather_routings([_routing_of(rank, i) for i in range(3)])
+    fixed = handle.wait()
+    assert handle.wait() is fixed
+    return fixed, together
+
+
+@pytest.mark.parametrize("world, rows", [(4, 5), (4, 8), (1, 6)])
+def test_async_fixed_size_gather_equals_gather_routings(world, rows):
+    for rank, (fixed, together) in enumerate(run_ranks(_gathered_async, world, rows)):
+        for i in range(3):
+            expected = _expected_gather([_routing_of(r, i) for r in range(world)])
+            assert torch.equal(fixed[i], expected), (rank, i)
+            assert torch.equal(together[i], expected), (rank, i)

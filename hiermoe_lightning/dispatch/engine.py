@@ -116,7 +116,9 @@ class Hop:
 
 @dataclass
 class Chunk:
-    """One pipeline chunk of a dispatch: tokens ``[token_start, token_end)``, their pairs and the hops they took."""
+    """One program of a dispatch: tokens ``[token_start, token_end)``, their pairs it carries, and the hops it took.
+
+    It runs the route's phases from ``first_phase`` on (see :func:`_make_chunks`)."""
 
     token_start: int
     token_end: int
@@ -124,6 +126,7 @@ class Chunk:
     hops: list[Hop] = field(default_factory=list)
     num_rows: int = 0  # rows it delivered to this rank's experts
     num_pairs: int = 0  # pairs it delivered
+    first_phase: int = 0
 
 
 @dataclass
@@ -134,6 +137,7 @@ class DispatchHandle:
     num_levels: int
     row_bytes: int
     chunks: list[Chunk] = field(default_factory=list)
+    num_tokens: int = 0  # tokens this rank dispatched
     comm_seconds: float = 0.0  # wall time spent posting and waiting for exchanges (dispatch, combine, backwards)
     plan_seconds: float = 0.0  # wall time spent planning hops (pure bookkeeping)
 
@@ -144,14 +148,14 @@ class DispatchHandle:
 
     def phase_bytes(self) -> list[dict]:
         """Per phase: payload rows/bytes this rank sent and received off-rank (dispatch direction only), summed over
-        the pipeline chunks."""
-        out: list[dict] = []
+        the dispatch's programs."""
+        by_phase: dict[int, dict] = {}
         for chunk in self.chunks:
-            for i, h in enumerate(chunk.hops):
-                if i == len(out):
-                    out.append({"name": h.phase, "rows_sent": 0, "rows_recv": 0})
-                out[i]["rows_sent"] += h.off_rank(h.send_splits)
-                out[i]["rows_recv"] += h.off_rank(h.recv_splits)
+            for i, h in enumerate(chunk.hops, start=chunk.first_phase):
+                entry = by_phase.setdefault(i, {"name": h.phase, "rows_sent": 0, "rows_recv": 0})
+                entry["rows_sent"] += h.off_rank(h.send_splits)
+                entry["rows_recv"] += h.off_rank(h.recv_splits)
+        out = [by_phase[i] for i in sorted(by_phase)]
         for entry in out:
             entry["bytes_sent"] = entry["rows_sent"] * self.row_bytes
             entry["bytes_recv"] = entry["rows_recv"] * self.row_bytes
@@ -190,13 +194,14 @@ def _link_level(peer_level) -> int:
 def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     """Run chunk programs (generators yielding :class:`_Exchange`, receiving the received tensors) as a pipeline.
 
-    One exchange is in flight per process group. Whenever a group is free the runner posts the next exchange asking
-    for it, slowest link first (lowest ``level``; ties in chunk order), so the bulk inter-node payloads start before
-    the local gathers of intra-node ones. It then waits for the in-flight exchange on the fastest link first (it is
-    likely done), advances that chunk's local work and posts again at once: a chunk's intra-node hop runs while the
-    next chunk crosses the slow link. Every decision depends only on the programs' structure, never on timing, so
-    every group sees its exchanges in the same order on every rank. With one chunk this is the plain sequence of
-    hops. Returns each program's return value.
+    One exchange is in flight per process group. Whenever a program has advanced, the runner posts every waiting
+    exchange whose group is free, slowest link first (lowest ``level``; ties in chunk order), so the bulk inter-node
+    payloads start before the local gathers of intra-node ones (and the first chunk's before the next chunk's
+    bookkeeping). It waits for the in-flight exchange on the fastest link first (it is likely done), advances that
+    program's local work and posts again at once: a chunk's intra-node hop runs while the next chunk crosses the slow
+    link. Every decision depends only on the programs' structure, never on timing, so every group sees its exchanges
+    in the same order on every rank. With one program this is the plain sequence of hops. Returns each program's
+    return value.
     """
     results: list = [None] * len(programs)
     requests: list = [None] * len(programs)
@@ -209,23 +214,26 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
             requests[i] = None
             results[i] = stop.value
 
-    for i in range(len(programs)):
-        advance(i, None)
-    while True:
+    def post_ready() -> None:
         start = time.perf_counter()
-        ready = sorted((r.level, i) for i, r in enumerate(requests) if r is not None)
-        for level, i in ready:
+        for level, i in sorted((r.level, i) for i, r in enumerate(requests) if r is not None):
             group = id(requests[i].peers.group)
             if group not in in_flight:
                 in_flight[group] = (level, i, start_exchange(requests[i].payloads, requests[i].peers))
                 requests[i] = None
-        if not in_flight:
-            break
+        handle.comm_seconds += time.perf_counter() - start
+
+    for i in range(len(programs)):  # the first chunk's exchange leaves before the next chunk's local work starts
+        advance(i, None)
+        post_ready()
+    while in_flight:
         group, (_, i, pending) = max(in_flight.items(), key=lambda item: (item[1][0], -item[1][1]))
         del in_flight[group]
+        start = time.perf_counter()
         received = pending.wait()
         handle.comm_seconds += time.perf_counter() - start
         advance(i, received)
+        post_ready()
     return results
 
 
@@ -267,14 +275,14 @@ def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list
 
 
 def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, weight, pair_row, pair_expert,
-                      first_hop: tuple[HopPlan, torch.Tensor]):
-    """One chunk's dispatch, hop by hop: plan, exchange counts (the first hop's come planned and exchanged, see
-    :func:`_plan_first_hops`), then rows and pair metadata together."""
+                      first_hop: tuple[HopPlan, torch.Tensor] | None = None):
+    """One program's dispatch over the phases from ``chunk.first_phase`` on, hop by hop: plan, exchange counts (or
+    take ``first_hop``, planned and exchanged by :func:`_plan_first_hops`), then rows and pair metadata together."""
     rows = x
-    for i, pr in enumerate(route.phases):
+    for i, pr in enumerate(route.phases[chunk.first_phase:]):
         level = _link_level(pr.peer_level)
         ones = [1] * pr.peers.size
-        if i == 0:
+        if i == 0 and first_hop is not None:
             plan, counts = first_hop
         else:
             start = time.perf_counter()
@@ -305,28 +313,36 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
     return rows, weight, pair_row, pair_expert
 
 
-def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype):
-    """Mirror of the dispatch: row grads summed over a row's copies at every hop, weight grads back to their pairs."""
+def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype, grad_x: torch.Tensor):
+    """Mirror of the dispatch: row grads summed over a row's copies at every hop (the first hop's straight into the
+    shared fp32 ``grad_x`` ``[T, M]``), weight grads back to their pairs."""
     for h in reversed(chunk.hops):
         payloads = [(grad_rows, h.recv_splits, h.send_splits)]
         if grad_weight is not None:
             payloads.append((grad_weight, h.pair_recv_splits, h.pair_send_splits))
         received = yield _Exchange(h.peers, payloads, _link_level(h.peer_level))
-        grad_rows = received[0].new_zeros(h.num_prev_rows, received[0].shape[1], dtype=torch.float32).index_add_(
-            0, h.send_src_row, received[0].float()).to(x_dtype)
+        if h is chunk.hops[0]:
+            grad_x.index_add_(0, h.send_src_row + chunk.token_start, received[0].float())
+        else:
+            grad_rows = received[0].new_zeros(h.num_prev_rows, received[0].shape[1], dtype=torch.float32).index_add_(
+                0, h.send_src_row, received[0].float()).to(x_dtype)
         if grad_weight is not None:
             grad_weight = received[1].new_empty(h.num_prev_pairs)
             grad_weight[h.pair_order] = received[1]
-    return grad_rows, grad_weight
+    return grad_weight
 
 
-def _combine_program(chunk: Chunk, y, out_dtype):
-    """Rows back along the hops; every relay sums the copies of a row (fp32) before passing it on."""
+def _combine_program(chunk: Chunk, y, out_dtype, out: torch.Tensor):
+    """Rows back along the hops; every relay sums the copies of a row (fp32) before passing it on, and the token's
+    rank sums them into the shared fp32 ``out`` ``[T, M]``."""
     for h in reversed(chunk.hops):
         (back,) = yield _Exchange(h.peers, [(y.to(out_dtype), h.recv_splits, h.send_splits)],
                                   _link_level(h.peer_level))
-        y = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(0, h.send_src_row, back.float())
-    return y
+        if h is chunk.hops[0]:
+            out.index_add_(0, h.send_src_row + chunk.token_start, back.float())
+        else:
+            y = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(
+                0, h.send_src_row, back.float())
 
 
 def _combine_backward_program(chunk: Chunk, grad):
@@ -337,15 +353,28 @@ def _combine_backward_program(chunk: Chunk, grad):
     return grad
 
 
-def _make_chunks(num_tokens: int, pair_row: torch.Tensor, num_chunks: int) -> list[Chunk]:
-    """Split tokens into ``num_chunks`` contiguous ranges (some empty when there are fewer tokens) and their pairs."""
-    if num_chunks == 1:
+def _make_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, pair_expert: torch.Tensor) -> list[Chunk]:
+    """The programs of one dispatch (the same number and kinds on every rank, whatever its tokens).
+
+    A one-hop route is one program with every pair. A multi-hop route splits its pairs by the first phase: those that
+    leave this rank there (their tokens' copies cross the slowest link first) form ``route.pipeline_chunks`` programs
+    over contiguous token ranges (some empty when there are fewer tokens) running every phase; those that stay form
+    one more program that runs the later phases from the start, so their intra-node traffic need not wait behind the
+    inter-node hop. Dedup only merges copies of one row, and a row that stays in a phase never shares a copy with
+    one that leaves, so the split moves exactly the bytes of one pass.
+    """
+    if len(route.phases) == 1:
         return [Chunk(0, num_tokens, None)]
-    bounds = [c * num_tokens // num_chunks for c in range(num_chunks + 1)]
-    chunk_of_pair = torch.bucketize(pair_row, torch.tensor(bounds[1:-1], device=pair_row.device), right=True)
-    order = torch.argsort(chunk_of_pair, stable=True)
-    sizes = torch.bincount(chunk_of_pair, minlength=num_chunks).tolist()
-    return [Chunk(bounds[c], bounds[c + 1], idx) for c, idx in enumerate(order.split(sizes))]
+    first = route.phases[0]
+    leaves = first.peer_of_expert[pair_expert] != first.peers.index
+    moving, staying = torch.nonzero(leaves).squeeze(1), torch.nonzero(~leaves).squeeze(1)
+    C = route.pipeline_chunks
+    bounds = [c * num_tokens // C for c in range(C + 1)]
+    chunk_of_pair = torch.bucketize(pair_row[moving], torch.tensor(bounds[1:-1], device=pair_row.device), right=True)
+    order = moving[torch.argsort(chunk_of_pair, stable=True)]
+    sizes = torch.bincount(chunk_of_pair, minlength=C).tolist()
+    chunks = [Chunk(bounds[c], bounds[c + 1], idx) for c, idx in enumerate(order.split(sizes))]
+    return chunks + [Chunk(0, num_tokens, staying, first_phase=1)]
 
 
 def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -364,15 +393,16 @@ class _Dispatch(torch.autograd.Function):
             ctx.handle = handle
             ctx.mark_non_differentiable(pair_row, pair_expert)
             return x.view_as(x), pair_weight.view_as(pair_weight), pair_row.view_as(pair_row), pair_expert.view_as(pair_expert)
-        # one hop has nothing to overlap with (its chunks would queue on the same group): pipeline only multi-hop routes
-        num_chunks = route.pipeline_chunks if len(route.phases) > 1 else 1
-        handle.chunks = _make_chunks(x.shape[0], pair_row, num_chunks)
+        handle.num_tokens = x.shape[0]
+        handle.chunks = _make_chunks(route, x.shape[0], pair_row, pair_expert)
         inputs = [(x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
                    _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
                   for c in handle.chunks]
-        first_hops = _plan_first_hops(route, handle, [(rows, row, expert) for rows, _, row, expert in inputs])
-        programs = [_dispatch_program(route, handle, c, *args, first_hop)
-                    for c, args, first_hop in zip(handle.chunks, inputs, first_hops)]
+        first = [c.first_phase == 0 for c in handle.chunks]
+        first_hops = iter(_plan_first_hops(route, handle, [(rows, row, expert) for (rows, _, row, expert), f
+                                                           in zip(inputs, first) if f]))
+        programs = [_dispatch_program(route, handle, c, *args, next(first_hops) if f else None)
+                    for c, args, f in zip(handle.chunks, inputs, first)]
         outs = _run_pipeline(programs, handle)
         row_offset = 0
         pair_rows = []
@@ -393,21 +423,22 @@ class _Dispatch(torch.autograd.Function):
             raise RuntimeError("dispatch backward got no row gradient")  # unreachable: the experts always use rows
         if not handle.hops:
             return grad_rows, grad_weight, None, None, None, None
+        grad_x = grad_rows.new_zeros(handle.num_tokens, grad_rows.shape[1], dtype=torch.float32)
         row_parts = grad_rows.split([c.num_rows for c in handle.chunks])
         weight_parts = (grad_weight.split([c.num_pairs for c in handle.chunks]) if grad_weight is not None
                         else [None] * len(handle.chunks))
-        programs = [_dispatch_backward_program(c, g, w, ctx.x_dtype)
+        programs = [_dispatch_backward_program(c, g, w, ctx.x_dtype, grad_x)
                     for c, g, w in zip(handle.chunks, row_parts, weight_parts)]
         outs = _run_pipeline(programs, handle)
-        grad_x = _cat([o[0] for o in outs])
+        grad_x = grad_x.to(ctx.x_dtype)
         if grad_weight is None:
             return grad_x, None, None, None, None, None
         if len(handle.chunks) == 1:
-            grad_pair_weight = outs[0][1]
+            grad_pair_weight = outs[0]
         else:
-            grad_pair_weight = outs[0][1].new_empty(ctx.num_pairs)
+            grad_pair_weight = outs[0].new_empty(ctx.num_pairs)
             for c, out in zip(handle.chunks, outs):
-                grad_pair_weight[c.pair_index] = out[1]
+                grad_pair_weight[c.pair_index] = out
         return grad_x, grad_pair_weight, None, None, None, None
 
 
@@ -417,9 +448,10 @@ class _Combine(torch.autograd.Function):
         ctx.handle, ctx.out_dtype = handle, out_dtype
         if not handle.hops:
             return y.to(out_dtype) if y.dtype != out_dtype else y.clone()
+        out = y.new_zeros(handle.num_tokens, y.shape[1], dtype=torch.float32)
         parts = y.split([c.num_rows for c in handle.chunks])
-        outs = _run_pipeline([_combine_program(c, p, out_dtype) for c, p in zip(handle.chunks, parts)], handle)
-        return _cat(outs).to(out_dtype)
+        _run_pipeline([_combine_program(c, p, out_dtype, out) for c, p in zip(handle.chunks, parts)], handle)
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -427,8 +459,8 @@ class _Combine(torch.autograd.Function):
         grad = grad.to(ctx.out_dtype)
         if not handle.hops:
             return grad.to(torch.float32), None, None
-        parts = grad.split([c.token_end - c.token_start for c in handle.chunks])
-        outs = _run_pipeline([_combine_backward_program(c, p) for c, p in zip(handle.chunks, parts)], handle)
+        programs = [_combine_backward_program(c, grad[c.token_start:c.token_end]) for c in handle.chunks]
+        outs = _run_pipeline(programs, handle)
         return _cat(outs).to(torch.float32), None, None
 
 

@@ -23,7 +23,8 @@ def test_pipelined_dispatch_matches_reference_on_2x2(chunks):
     results = run_sharded(4, cases)
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
-        expected = 1 if case.dispatch in ("flat", "hd1") else chunks  # one-hop routes are not pipelined
+        # one-hop routes are not pipelined; multi-hop: the chunks of pairs leaving in the first phase + the rest
+        expected = 1 if case.dispatch in ("flat", "hd1") else chunks + 1
         assert all(r["num_chunks"] == expected for r in per_rank)
         assert_matches_reference(case, per_rank)
 
@@ -134,3 +135,40 @@ def test_first_hop_counts_of_every_chunk_travel_in_one_exchange(monkeypatch):
                                                     (x[3:], pair_row[6:] - 3, pair_row[6:] % 4)])
     assert exchanged == [[(1, 4)]]  # [peers, 2 columns (rows, pairs) x 2 chunks], once
     assert [c.tolist() for _, c in first] == [[[3, 6]], [[3, 6]]]
+
+
+# ---------------------------------------------------------------------------- the split by first phase
+def _programs_of_hd2(rank, world, chunks):
+    from hiermoe_lightning.dispatch.engine import DispatchHandle, dispatch
+    from hiermoe_lightning.placement import Placement
+
+    ep = ExpertParallel("2x2", pipeline_chunks=chunks)
+    placement = Placement.contiguous(8, 4)
+    g = torch.Generator().manual_seed(rank)
+    T, K = 9, 3
+    ids = torch.stack([torch.randperm(8, generator=g)[:K] for _ in range(T)])
+    pair_row, pair_expert = torch.arange(T).repeat_interleave(K), ids.reshape(-1)
+    handle = DispatchHandle("hd2", 2, 4 * 4)
+    dispatch(torch.randn(T, 4), torch.rand(T * K), pair_row, pair_expert, ep.build_route("hd2", placement), handle)
+    expert_node = placement.expert_to_rank[pair_expert] // 2
+    return {
+        "leaving_pairs": int((expert_node != rank // 2).sum()),
+        "programs": [(c.first_phase, c.token_start, c.token_end, [h.phase for h in c.hops],
+                      None if c.pair_index is None else c.pair_index.numel(),
+                      c.hops[0].send_splits[c.hops[0].peers.index]) for c in handle.chunks],
+    }
+
+
+def test_pairs_split_by_first_phase_into_chunks_and_one_staying_program():
+    from hiermoe_lightning.testing.launch import run_ranks
+
+    for rank, res in enumerate(run_ranks(_programs_of_hd2, 4, 2, timeout=60)):
+        programs = res["programs"]
+        assert [p[0] for p in programs] == [0, 0, 1]
+        assert [p[3] for p in programs] == [["inter1", "intra1"], ["inter1", "intra1"], ["intra1"]]
+        assert [(p[1], p[2]) for p in programs] == [(0, 4), (4, 9), (0, 9)]
+        # the chunks carry exactly the pairs whose expert is on the other node, the staying program the rest
+        assert programs[0][4] + programs[1][4] == res["leaving_pairs"]
+        assert programs[2][4] == 9 * 3 - res["leaving_pairs"]
+        # a leaving pair never stays: the chunks' first hop keeps no own block
+        assert programs[0][5] == programs[1][5] == 0
