@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .dispatch.engine import DispatchHandle, Route, apply_experts, combine, dispatch
+from .dispatch.engine import DispatchHandle, Route, apply_experts, combine, dispatch_blocks
 from .dispatch.spec import DispatchSpec
 from .experts import ExpertBank, SwiGLU
 from .placement import Placement
@@ -134,7 +134,7 @@ class MoELayer(nn.Module):
         else:
             route = _LOCAL_ROUTE
         handle = DispatchHandle(route.spec.name, route.num_levels, self.hidden_size * x.element_size())
-        rows, pair_weight, pair_row, pair_expert = dispatch(x2, pair_weight, pair_row, flat_ids, route, handle)
+        rows, pair_weight, pair_row, pair_expert = dispatch_blocks(x2, pair_weight, pair_row, flat_ids, route, handle)
         pair_slot = self.placement.expert_to_slot.to(x.device)[pair_expert]
         one_pair_per_row = bool(route.phases) and not route.spec.dedup
         start = time.perf_counter()
@@ -148,10 +148,12 @@ class MoELayer(nn.Module):
             out = out + self.shared_experts(x2)
         return out.reshape(shape)
 
-    def _time_expert_backward(self, y: torch.Tensor, rows: torch.Tensor, forward_seconds: float) -> None:
-        """Benchmarks only (``expert_timings`` a dict): expert forward time, and backward from y's grad to rows' grad."""
+    def _time_expert_backward(self, y: torch.Tensor, rows: tuple[torch.Tensor, ...], forward_seconds: float) -> None:
+        """Benchmarks only (``expert_timings`` a dict): expert forward time, and backward from y's grad to the grad of
+        the first block of rows (the experts' backward is done by then)."""
         t = self.expert_timings
         t["forward"] = t.get("forward", 0.0) + forward_seconds
+        rows = rows[0]
         if y.requires_grad and rows.requires_grad:
             mark = {}
             y.register_hook(lambda g: mark.__setitem__("start", time.perf_counter()))

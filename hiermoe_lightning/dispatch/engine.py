@@ -26,7 +26,8 @@ import torch
 from .comm import Gathered, PeerGroup, SplitMismatchError, start_exchange
 from .spec import DispatchSpec
 
-__all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle", "plan_hop", "dispatch", "combine", "apply_experts"]
+__all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle",
+           "plan_hop", "dispatch", "dispatch_blocks", "gather_rows", "combine", "apply_experts"]
 
 
 @dataclass(frozen=True)
@@ -386,14 +387,18 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _Dispatch(torch.autograd.Function):
+    """Outputs ``(weight, pair_row, pair_expert, *row_blocks)``: one block of rows per program, never concatenated
+    (``pair_row`` indexes their concatenation; :func:`gather_rows` reads it)."""
+
     @staticmethod
     def forward(ctx, x, pair_weight, pair_row, pair_expert, route: Route, handle: DispatchHandle):
+        handle.num_tokens = x.shape[0]
         if not route.phases:  # nothing travels; outputs must not alias inputs in an autograd Function
             handle.chunks = [Chunk(0, x.shape[0], None, [], x.shape[0], pair_row.numel())]
             ctx.handle = handle
             ctx.mark_non_differentiable(pair_row, pair_expert)
-            return x.view_as(x), pair_weight.view_as(pair_weight), pair_row.view_as(pair_row), pair_expert.view_as(pair_expert)
-        handle.num_tokens = x.shape[0]
+            return pair_weight.view_as(pair_weight), pair_row.view_as(pair_row), pair_expert.view_as(pair_expert), \
+                x.view_as(x)
         handle.chunks = _make_chunks(route, x.shape[0], pair_row, pair_expert)
         inputs = [(x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
                    _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
@@ -409,26 +414,22 @@ class _Dispatch(torch.autograd.Function):
         for c, out in zip(handle.chunks, outs):
             pair_rows.append(out[2] + row_offset)
             row_offset += c.num_rows
-        rows, weight = _cat([o[0] for o in outs]), _cat([o[1] for o in outs])
-        pair_row, pair_expert = _cat(pair_rows), _cat([o[3] for o in outs])
+        weight, pair_row, pair_expert = _cat([o[1] for o in outs]), _cat(pair_rows), _cat([o[3] for o in outs])
         ctx.handle = handle
         ctx.x_dtype, ctx.num_pairs = x.dtype, pair_weight.shape[0]
         ctx.mark_non_differentiable(pair_row, pair_expert)
-        return rows, weight, pair_row, pair_expert
+        return (weight, pair_row, pair_expert, *[o[0] for o in outs])
 
     @staticmethod
-    def backward(ctx, grad_rows, grad_weight, _grad_pair_row, _grad_pair_expert):
+    def backward(ctx, grad_weight, _grad_pair_row, _grad_pair_expert, *grad_blocks):
         handle: DispatchHandle = ctx.handle
-        if grad_rows is None:
-            raise RuntimeError("dispatch backward got no row gradient")  # unreachable: the experts always use rows
         if not handle.hops:
-            return grad_rows, grad_weight, None, None, None, None
-        grad_x = grad_rows.new_zeros(handle.num_tokens, grad_rows.shape[1], dtype=torch.float32)
-        row_parts = grad_rows.split([c.num_rows for c in handle.chunks])
+            return grad_blocks[0], grad_weight, None, None, None, None
+        grad_x = grad_blocks[0].new_zeros(handle.num_tokens, grad_blocks[0].shape[1], dtype=torch.float32)
         weight_parts = (grad_weight.split([c.num_pairs for c in handle.chunks]) if grad_weight is not None
                         else [None] * len(handle.chunks))
         programs = [_dispatch_backward_program(c, g, w, ctx.x_dtype, grad_x)
-                    for c, g, w in zip(handle.chunks, row_parts, weight_parts)]
+                    for c, g, w in zip(handle.chunks, grad_blocks, weight_parts)]
         outs = _run_pipeline(programs, handle)
         grad_x = grad_x.to(ctx.x_dtype)
         if grad_weight is None:
@@ -464,10 +465,40 @@ class _Combine(torch.autograd.Function):
         return _cat(outs).to(torch.float32), None, None
 
 
+def dispatch_blocks(x, pair_weight, pair_row, pair_expert, route: Route, handle: DispatchHandle):
+    """``x`` ``[T, M]``, pairs ``[P]`` -> ``(row_blocks, weight [P'], pair_row [P'], pair_expert [P'])`` on the
+    experts' ranks: the rows as one ``[R_i, M]`` block per program of the dispatch, ``pair_row`` indexing their
+    concatenation (read it with :func:`gather_rows`; concatenating would copy every row once more). ``handle`` is
+    filled in for ``combine``."""
+    weight, pair_row, pair_expert, *blocks = _Dispatch.apply(x, pair_weight, pair_row, pair_expert, route, handle)
+    return tuple(blocks), weight, pair_row, pair_expert
+
+
 def dispatch(x, pair_weight, pair_row, pair_expert, route: Route, handle: DispatchHandle):
-    """``x`` ``[T, M]``, pairs ``[P]`` -> ``(rows [R, M], weight [P'], pair_row [P'], pair_expert [P'])`` on the
-    experts' ranks; ``handle`` is filled in for ``combine``."""
-    return _Dispatch.apply(x, pair_weight, pair_row, pair_expert, route, handle)
+    """:func:`dispatch_blocks` with the rows concatenated: ``(rows [R, M], weight [P'], pair_row [P'],
+    pair_expert [P'])``."""
+    blocks, weight, pair_row, pair_expert = dispatch_blocks(x, pair_weight, pair_row, pair_expert, route, handle)
+    return _cat(list(blocks)), weight, pair_row, pair_expert
+
+
+def gather_rows(rows, index: torch.Tensor) -> torch.Tensor:
+    """``rows[index]`` where ``rows`` is a tensor ``[R, M]`` or blocks whose concatenation it would be, without
+    concatenating. Every block stays connected to the result in autograd (even when none of its rows is read), so
+    the dispatch's backward runs on every rank."""
+    if isinstance(rows, torch.Tensor):
+        return rows[index]
+    if len(rows) == 1:
+        return rows[0][index]
+    sizes = [b.shape[0] for b in rows]
+    ends = torch.tensor(sizes, device=index.device).cumsum(0)
+    block_of = torch.bucketize(index, ends, right=True)
+    out = rows[0].new_empty((index.numel(), *rows[0].shape[1:]))
+    start = 0
+    for b, block in enumerate(rows):
+        sel = torch.nonzero(block_of == b).squeeze(1)
+        out[sel] = block[index[sel] - start]
+        start += sizes[b]
+    return out
 
 
 def combine(y: torch.Tensor, handle: DispatchHandle, out_dtype: torch.dtype) -> torch.Tensor:
@@ -478,16 +509,17 @@ def combine(y: torch.Tensor, handle: DispatchHandle, out_dtype: torch.dtype) -> 
 def apply_experts(experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_row: bool = False) -> torch.Tensor:
     """Run each pair's expert on its row and sum the weighted outputs per row.
 
-    ``rows`` ``[R, M]``, pairs ``[P]`` -> ``[R, M]`` fp32. Loops over local expert slots only. With
-    ``one_pair_per_row`` (dispatches without dedup deliver exactly one pair per row) the sum is a permutation and the
-    zero-filled accumulator is skipped.
+    ``rows`` ``[R, M]`` (or its blocks, as :func:`dispatch_blocks` returns them), pairs ``[P]`` -> ``[R, M]`` fp32.
+    Loops over local expert slots only. With ``one_pair_per_row`` (dispatches without dedup deliver exactly one pair
+    per row) the sum is a permutation and the zero-filled accumulator is skipped.
     """
     order = torch.argsort(pair_slot, stable=True)
     rows_per_slot = torch.bincount(pair_slot, minlength=experts.num_slots).tolist()
     src_row = pair_row[order]
-    out = experts(rows[src_row], rows_per_slot, scale=pair_weight[order]).float()
-    if one_pair_per_row and src_row.numel() == rows.shape[0]:
+    out = experts(gather_rows(rows, src_row), rows_per_slot, scale=pair_weight[order]).float()
+    num_rows = rows.shape[0] if isinstance(rows, torch.Tensor) else sum(b.shape[0] for b in rows)
+    if one_pair_per_row and src_row.numel() == num_rows:
         inverse = torch.empty_like(src_row)
         inverse[src_row] = torch.arange(src_row.numel(), device=src_row.device)
         return out[inverse]
-    return rows.new_zeros(rows.shape[0], rows.shape[1], dtype=torch.float32).index_add(0, src_row, out)
+    return out.new_zeros(num_rows, out.shape[1]).index_add(0, src_row, out)

@@ -172,3 +172,21 @@ def test_pairs_split_by_first_phase_into_chunks_and_one_staying_program():
         assert programs[2][4] == 9 * 3 - res["leaving_pairs"]
         # a leaving pair never stays: the chunks' first hop keeps no own block
         assert programs[0][5] == programs[1][5] == 0
+
+
+# ---------------------------------------------------------------------------- rows as blocks, never concatenated
+def test_gather_rows_reads_blocks_like_their_concatenation_and_keeps_every_block_in_autograd():
+    blocks = [torch.randn(3, 4, requires_grad=True), torch.randn(0, 4, requires_grad=True),
+              torch.randn(5, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)]
+    index = torch.tensor([7, 0, 2, 3, 3, 9, 4])  # nothing from the last block but row 9; nothing from block 1 (empty)
+    got = engine.gather_rows(blocks, index)
+    cat = torch.cat([b.detach() for b in blocks])
+    assert torch.equal(got, cat[index])
+    weights = torch.randn_like(got)
+    (got * weights).sum().backward()
+    expected = torch.zeros_like(cat).index_add_(0, index, weights)
+    assert torch.equal(torch.cat([b.grad for b in blocks]), expected)
+    # a block none of whose rows is read still gets a (zero) gradient: the dispatch backward must run on every rank
+    unused = [torch.randn(2, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    engine.gather_rows(unused, torch.tensor([0, 1])).sum().backward()
+    assert unused[1].grad is not None and not unused[1].grad.any()
