@@ -65,13 +65,15 @@ class Gathered:
         return self.source.index_select(0, self.index)
 
 
-def start_exchange(payloads, peers: PeerGroup) -> PendingExchange:
+def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
     """Post several all-to-alls on one group at once, without waiting: each payload ``(x, send_splits,
     recv_splits)`` sends rows ``x`` ``[sum(send_splits), ...]`` (a tensor or :class:`Gathered`) grouped by peer and
     receives ``[sum(recv_splits), ...]`` grouped by source peer.
 
     The splits must come from a count exchange (or its mirror): gloo cannot tell if they disagree. Payloads posted
-    together travel concurrently (one latency for all); exchanges on different groups may be in flight together.
+    together travel concurrently (one latency for all); exchanges on different groups may be in flight together, and
+    so may several on one group when each has its own ``tag`` (payload ``i`` uses ``tag + i``; every rank must
+    number them alike).
     """
     checked = []
     for x, send_splits, recv_splits in payloads:
@@ -82,12 +84,12 @@ def start_exchange(payloads, peers: PeerGroup) -> PendingExchange:
     if peers.is_local:
         return PendingExchange([x.materialize() if isinstance(x, Gathered) else x for x, _, _ in checked], [])
     outputs, works = [], []
-    for tag, (x, send_splits, recv_splits) in enumerate(checked):
+    for i, (x, send_splits, recv_splits) in enumerate(checked):
         like = x.source if isinstance(x, Gathered) else x
         out = like.new_empty((sum(recv_splits), *like.shape[1:]))
         outputs.append(out)
         if peers.receive_first:
-            works += _post_receive_first(out, x, send_splits, recv_splits, peers, tag)
+            works += _post_receive_first(out, x, send_splits, recv_splits, peers, tag + i)
         else:
             rows = x.materialize() if isinstance(x, Gathered) else x
             works.append(dist.all_to_all_single(out, rows, output_split_sizes=recv_splits,

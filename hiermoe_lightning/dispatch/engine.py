@@ -195,18 +195,22 @@ def _link_level(peer_level) -> int:
 def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     """Run chunk programs (generators yielding :class:`_Exchange`, receiving the received tensors) as a pipeline.
 
-    One exchange is in flight per process group. Whenever a program has advanced, the runner posts every waiting
-    exchange whose group is free, slowest link first (lowest ``level``; ties in chunk order), so the bulk inter-node
-    payloads start before the local gathers of intra-node ones (and the first chunk's before the next chunk's
-    bookkeeping). It waits for the in-flight exchange on the fastest link first (it is likely done), advances that
-    program's local work and posts again at once: a chunk's intra-node hop runs while the next chunk crosses the slow
-    link. Every decision depends only on the programs' structure, never on timing, so every group sees its exchanges
-    in the same order on every rank. With one program this is the plain sequence of hops. Returns each program's
-    return value.
+    Whenever a program has advanced, the runner posts the exchanges programs wait for, slowest link first (lowest
+    ``level``; ties in chunk order), so bulk inter-node payloads start before the local gathers of intra-node ones.
+    On the outermost links (level 1, the slowest) every waiting exchange is posted at once and they queue back to
+    back, so the link never idles between chunks (each exchange on a group has its own tags, and messages reach a
+    peer in the order posted); on faster links one exchange is in flight per group, so the one that feeds the slow
+    link next is not slowed by the others. The runner waits for the in-flight exchange on the fastest link first (it
+    is likely done; ties in chunk order), advances that program's local work and posts again at once: a chunk's
+    intra-node hop runs while the next chunk crosses the slow link. Every decision depends only on the programs'
+    structure, never on timing, so every group sees its exchanges in the same order, with the same tags, on every
+    rank. With one program this is the plain sequence of hops. Returns each program's return value.
     """
     results: list = [None] * len(programs)
     requests: list = [None] * len(programs)
-    in_flight: dict[int, tuple[int, int, object]] = {}  # group -> (level, chunk, pending)
+    in_flight: list[tuple] = []  # (level, chunk, group, pending); a program has one exchange in flight at a time
+    posted: dict[int, int] = {}  # group -> exchanges posted on it so far (their tags)
+    payloads_per_exchange = 8  # tag stride: an exchange's payloads use tags seq * 8 + i
 
     def advance(i: int, received) -> None:
         try:
@@ -217,19 +221,27 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
 
     def post_ready() -> None:
         start = time.perf_counter()
+        busy = {id(group) for _, _, group, _ in in_flight}
         for level, i in sorted((r.level, i) for i, r in enumerate(requests) if r is not None):
             group = id(requests[i].peers.group)
-            if group not in in_flight:
-                in_flight[group] = (level, i, start_exchange(requests[i].payloads, requests[i].peers))
-                requests[i] = None
+            if group in busy and level != 1:  # queue back to back only on the slowest (outermost) links
+                continue
+            busy.add(group)
+            request, requests[i] = requests[i], None
+            seq = posted.get(group, 0)
+            posted[group] = seq + 1
+            if len(request.payloads) > payloads_per_exchange:
+                raise ValueError(f"an exchange holds at most {payloads_per_exchange} payloads")
+            pending = start_exchange(request.payloads, request.peers, seq * payloads_per_exchange)
+            in_flight.append((level, i, request.peers.group, pending))
         handle.comm_seconds += time.perf_counter() - start
 
     for i in range(len(programs)):  # the first chunk's exchange leaves before the next chunk's local work starts
         advance(i, None)
         post_ready()
     while in_flight:
-        group, (_, i, pending) = max(in_flight.items(), key=lambda item: (item[1][0], -item[1][1]))
-        del in_flight[group]
+        pick = max(range(len(in_flight)), key=lambda k: (in_flight[k][0], -in_flight[k][1]))
+        _, i, _, pending = in_flight.pop(pick)
         start = time.perf_counter()
         received = pending.wait()
         handle.comm_seconds += time.perf_counter() - start

@@ -113,8 +113,8 @@ def _mismatch(rank, world):
     real = engine.start_exchange
     seen = []
 
-    def corrupted(payloads, peers):
-        pending = real(payloads, peers)
+    def corrupted(payloads, peers, tag=0):
+        pending = real(payloads, peers, tag)
         first_counts = payloads[0][0].dtype == torch.long and not seen
         if rank != 1 or not first_counts:
             return pending

@@ -1,5 +1,6 @@
-"""Pipelined dispatch (``pipeline_chunks > 1``): the same function and the same bytes as one pass, and a schedule
-that keeps one exchange in flight per process group."""
+"""Pipelined dispatch (``pipeline_chunks > 1``) and the split by first phase: the same function and the same bytes
+as one pass; the runner's schedule (slowest link posted first, fastest waited for first, one tag range per
+exchange); rows as blocks."""
 
 import pytest
 import torch
@@ -78,39 +79,53 @@ def _recording(monkeypatch) -> list:
     posted = []
     real = engine.start_exchange
 
-    def recording(payloads, peers):
-        posted.append(peers.group)
-        return real(payloads, peers)
+    def recording(payloads, peers, tag=0):
+        posted.append((peers.group, tag))
+        return real(payloads, peers, tag)
 
     monkeypatch.setattr(engine, "start_exchange", recording)
     return posted
 
 
-def test_runner_keeps_one_exchange_in_flight_per_group(monkeypatch):
+def test_runner_posts_slowest_link_first_waits_fastest_first_and_tags_each_exchange_of_a_group(monkeypatch):
     posted = _recording(monkeypatch)
     inter, intra = "inter", "intra"
     log = []
     handle = engine.DispatchHandle("hd2", 2, 4)
-    programs = [_program(c, [inter, intra], log) for c in range(3)]
-    results = engine._run_pipeline(programs, handle)
-    assert results == [(0, [0, 1]), (1, [0, 1]), (2, [0, 1])]
-    # step 1: chunk 0 inter; step 2: chunk 0 intra with chunk 1 inter; step 3: chunk 1 intra with chunk 2 inter; ...
-    assert posted == [inter, intra, inter, intra, inter, intra]
-    assert log == [(0, inter), (0, intra), (1, inter), (1, intra), (2, inter), (2, intra)]
-
-
-def test_runner_posts_the_slowest_link_first_and_waits_for_the_fastest_first(monkeypatch):
-    posted = _recording(monkeypatch)
-    inter, intra = "inter", "intra"
-    log = []
-    handle = engine.DispatchHandle("hd2", 2, 4)
-    # dispatch-like: inter-node (level 1) then intra-node (level 2), per chunk
+    # two dispatch-like chunks (inter-node hop at level 1, then intra-node at level 2) and a staying program (intra)
     programs = [_program(c, [inter, intra], log, levels=[1, 2]) for c in range(2)]
-    assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1])]
-    # once chunk 0 has crossed, chunk 1's inter-node payload is posted before chunk 0's intra-node one ...
-    assert posted == [inter, inter, intra, intra]
-    # ... and chunk 0's intra-node hop is waited for (and finished) before chunk 1's slow one
-    assert log == [(0, inter), (0, intra), (1, inter), (1, intra)]
+    programs.append(_program(2, [intra], log, levels=[2]))
+    assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1]), (2, [0])]
+    # both chunks' inter-node payloads leave at once, back to back; the staying program's hop starts meanwhile;
+    # each exchange on a group has its own tags (8 per exchange), numbered alike on every rank
+    assert posted == [(inter, 0), (inter, 8), (intra, 0), (intra, 8), (intra, 16)]
+    # the fastest link is waited for first: the staying hop, then chunk 0's intra-node hop before chunk 1 lands
+    assert log == [(2, intra), (0, inter), (0, intra), (1, inter), (1, intra)]
+
+
+def test_runner_keeps_one_exchange_in_flight_on_fast_links_so_the_one_feeding_the_slow_link_goes_first(monkeypatch):
+    posted = _recording(monkeypatch)
+    inter, intra = "inter", "intra"
+    log = []
+    handle = engine.DispatchHandle("hd2", 2, 4)
+    # combine-like: each chunk sums at the intra-node relay first, then crosses the slow link; plus a staying program
+    programs = [_program(c, [intra, inter], log, levels=[2, 1]) for c in range(2)]
+    programs.append(_program(2, [intra], log, levels=[2]))
+    assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1]), (2, [0])]
+    # chunk 0's intra-node hop alone first; then its inter-node hop and chunk 1's intra-node one; then chunk 1's
+    # inter-node hop queues behind chunk 0's while the staying program's hop runs
+    assert posted == [(intra, 0), (inter, 0), (intra, 8), (inter, 8), (intra, 16)]
+    assert log == [(0, intra), (1, intra), (2, intra), (0, inter), (1, inter)]
+
+
+def test_runner_on_one_level_runs_chunks_in_order(monkeypatch):
+    posted = _recording(monkeypatch)
+    log = []
+    handle = engine.DispatchHandle("hd1", 1, 4)
+    programs = [_program(c, ["a2a", "a2a"], log) for c in range(3)]
+    assert engine._run_pipeline(programs, handle) == [(c, [0, 1]) for c in range(3)]
+    assert [tag for _, tag in posted] == [0, 8, 16, 24, 32, 40]
+    assert [c for c, _ in log] == [0, 0, 1, 1, 2, 2]
 
 
 def test_first_hop_counts_of_every_chunk_travel_in_one_exchange(monkeypatch):
@@ -120,10 +135,10 @@ def test_first_hop_counts_of_every_chunk_travel_in_one_exchange(monkeypatch):
     exchanged = []
     real = engine.start_exchange
 
-    def recording(payloads, peers):
+    def recording(payloads, peers, tag=0):
         exchanged.append([tuple(p[0].shape) if isinstance(p[0], torch.Tensor) else ("rows", p[0].num_rows)
                           for p in payloads])
-        return real(payloads, peers)
+        return real(payloads, peers, tag)
 
     monkeypatch.setattr(engine, "start_exchange", recording)
     peers = PeerGroup(None, 1, 0, (0,))
