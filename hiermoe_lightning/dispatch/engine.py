@@ -366,14 +366,32 @@ def _combine_backward_program(chunk: Chunk, grad):
     return grad
 
 
+def chunk_bounds(num_tokens: int, num_chunks: int) -> list[int]:
+    """Token boundaries ``[0, ..., num_tokens]`` of ``num_chunks`` contiguous chunks, each half the size of the one
+    before (2/3 + 1/3, 4/7 + 2/7 + 1/7, ...).
+
+    A pipeline over a slow hop and a fast one is exposed at its ends: in the dispatch the last chunk's intra-node
+    relay runs after everything has crossed the slow link, in the combine the first chunk's relay runs before anything
+    crosses it. The combine and the dispatch's backward take the chunks in reverse order, so the smallest chunk sits
+    at both ends, while each chunk's relay still hides behind the next one's transfer (the fast hop being at least
+    twice as fast).
+    """
+    total = (1 << num_chunks) - 1
+    ends, acc = [0], 0
+    for c in range(num_chunks):
+        acc += 1 << (num_chunks - 1 - c)
+        ends.append(acc * num_tokens // total)
+    return ends
+
+
 def _make_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, pair_expert: torch.Tensor) -> list[Chunk]:
     """The programs of one dispatch (the same number and kinds on every rank, whatever its tokens).
 
     A one-hop route is one program with every pair. A multi-hop route splits its pairs by the first phase: those that
     leave this rank there (their tokens' copies cross the slowest link first) form ``route.pipeline_chunks`` programs
-    over contiguous token ranges (some empty when there are fewer tokens) running every phase; those that stay form
-    one more program that runs the later phases from the start, so their intra-node traffic need not wait behind the
-    inter-node hop. Dedup only merges copies of one row, and a row that stays in a phase never shares a copy with
+    over contiguous token ranges (:func:`chunk_bounds`; some empty when there are fewer tokens) running every phase;
+    those that stay form one more program that runs the later phases from the start, so their intra-node traffic need
+    not wait behind the inter-node hop. Dedup only merges copies of one row, and a row that stays in a phase never shares a copy with
     one that leaves, so the split moves exactly the bytes of one pass.
     """
     if len(route.phases) == 1:
@@ -382,12 +400,26 @@ def _make_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, pair_exp
     leaves = first.peer_of_expert[pair_expert] != first.peers.index
     moving, staying = torch.nonzero(leaves).squeeze(1), torch.nonzero(~leaves).squeeze(1)
     C = route.pipeline_chunks
-    bounds = [c * num_tokens // C for c in range(C + 1)]
+    bounds = chunk_bounds(num_tokens, C)
     chunk_of_pair = torch.bucketize(pair_row[moving], torch.tensor(bounds[1:-1], device=pair_row.device), right=True)
     order = moving[torch.argsort(chunk_of_pair, stable=True)]
     sizes = torch.bincount(chunk_of_pair, minlength=C).tolist()
     chunks = [Chunk(bounds[c], bounds[c + 1], idx) for c, idx in enumerate(order.split(sizes))]
     return chunks + [Chunk(0, num_tokens, staying, first_phase=1)]
+
+
+def _run_towards_tokens(programs: list, handle: DispatchHandle) -> list:
+    """:func:`_run_pipeline` for the combine and the dispatch's backward (rows travel back to their tokens, the slow
+    hop last): the pipeline chunks in reverse order, smallest first (:func:`chunk_bounds`), then the staying program;
+    results in the programs' order."""
+    chunks = handle.chunks
+    order = [i for i in reversed(range(len(chunks))) if chunks[i].first_phase == 0]
+    order += [i for i in range(len(chunks)) if chunks[i].first_phase != 0]
+    results = _run_pipeline([programs[i] for i in order], handle)
+    out: list = [None] * len(programs)
+    for i, r in zip(order, results):
+        out[i] = r
+    return out
 
 
 def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -442,7 +474,7 @@ class _Dispatch(torch.autograd.Function):
                         else [None] * len(handle.chunks))
         programs = [_dispatch_backward_program(c, g, w, ctx.x_dtype, grad_x)
                     for c, g, w in zip(handle.chunks, grad_blocks, weight_parts)]
-        outs = _run_pipeline(programs, handle)
+        outs = _run_towards_tokens(programs, handle)
         grad_x = grad_x.to(ctx.x_dtype)
         if grad_weight is None:
             return grad_x, None, None, None, None, None
@@ -463,7 +495,7 @@ class _Combine(torch.autograd.Function):
             return y.to(out_dtype) if y.dtype != out_dtype else y.clone()
         out = y.new_zeros(handle.num_tokens, y.shape[1], dtype=torch.float32)
         parts = y.split([c.num_rows for c in handle.chunks])
-        _run_pipeline([_combine_program(c, p, out_dtype, out) for c, p in zip(handle.chunks, parts)], handle)
+        _run_towards_tokens([_combine_program(c, p, out_dtype, out) for c, p in zip(handle.chunks, parts)], handle)
         return out.to(out_dtype)
 
     @staticmethod

@@ -181,7 +181,7 @@ def test_pairs_split_by_first_phase_into_chunks_and_one_staying_program():
         programs = res["programs"]
         assert [p[0] for p in programs] == [0, 0, 1]
         assert [p[3] for p in programs] == [["inter1", "intra1"], ["inter1", "intra1"], ["intra1"]]
-        assert [(p[1], p[2]) for p in programs] == [(0, 4), (4, 9), (0, 9)]
+        assert [(p[1], p[2]) for p in programs] == [(0, 6), (6, 9), (0, 9)]  # 2/3 + 1/3, then every token
         # the chunks carry exactly the pairs whose expert is on the other node, the staying program the rest
         assert programs[0][4] + programs[1][4] == res["leaving_pairs"]
         assert programs[2][4] == 9 * 3 - res["leaving_pairs"]
@@ -205,3 +205,15 @@ def test_gather_rows_reads_blocks_like_their_concatenation_and_keeps_every_block
     unused = [torch.randn(2, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
     engine.gather_rows(unused, torch.tensor([0, 1])).sum().backward()
     assert unused[1].grad is not None and not unused[1].grad.any()
+
+
+def test_chunk_bounds_halve_and_cover_every_token():
+    assert engine.chunk_bounds(9, 1) == [0, 9]
+    assert engine.chunk_bounds(9, 2) == [0, 6, 9]
+    assert engine.chunk_bounds(70, 3) == [0, 40, 60, 70]
+    assert engine.chunk_bounds(2, 3) == [0, 1, 1, 2]  # fewer tokens than chunks: some chunks are empty
+    assert engine.chunk_bounds(0, 4) == [0, 0, 0, 0, 0]
+    for T in range(0, 50):
+        for C in range(1, 7):
+            b = engine.chunk_bounds(T, C)
+            assert len(b) == C + 1 and b[0] == 0 and b[-1] == T and all(x <= y for x, y in zip(b, b[1:]))
