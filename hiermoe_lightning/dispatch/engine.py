@@ -387,14 +387,15 @@ def chunk_bounds(num_tokens: int, num_chunks: int) -> list[int]:
 def _make_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, pair_expert: torch.Tensor) -> list[Chunk]:
     """The programs of one dispatch (the same number and kinds on every rank, whatever its tokens).
 
-    A one-hop route is one program with every pair. A multi-hop route splits its pairs by the first phase: those that
+    A one-hop route, or any route with ``route.pipeline_chunks == 1``, is one program with every pair (the fewest
+    exchanges: best when every link is about as fast). Otherwise the pairs are split by the first phase: those that
     leave this rank there (their tokens' copies cross the slowest link first) form ``route.pipeline_chunks`` programs
     over contiguous token ranges (:func:`chunk_bounds`; some empty when there are fewer tokens) running every phase;
-    those that stay form one more program that runs the later phases from the start, so their intra-node traffic need
-    not wait behind the inter-node hop. Dedup only merges copies of one row, and a row that stays in a phase never shares a copy with
-    one that leaves, so the split moves exactly the bytes of one pass.
+    those that stay form one more program that runs the later phases from the start, so their intra-node traffic
+    need not wait behind the inter-node hop. Dedup only merges copies of one row, and a row that stays in a phase
+    never shares a copy with one that leaves, so the split moves exactly the bytes of one pass.
     """
-    if len(route.phases) == 1:
+    if len(route.phases) == 1 or route.pipeline_chunks == 1:
         return [Chunk(0, num_tokens, None)]
     first = route.phases[0]
     leaves = first.peer_of_expert[pair_expert] != first.peers.index
