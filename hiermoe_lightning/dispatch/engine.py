@@ -328,7 +328,10 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
 
 def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype, grad_x: torch.Tensor):
     """Mirror of the dispatch: row grads summed over a row's copies at every hop (the first hop's straight into the
-    shared fp32 ``grad_x`` ``[T, M]``), weight grads back to their pairs."""
+    shared fp32 ``grad_x`` ``[T, M]``), weight grads back to their pairs. A program without hops: its rows are
+    its tokens."""
+    if not chunk.hops:
+        grad_x[chunk.token_start:chunk.token_end] += grad_rows
     for h in reversed(chunk.hops):
         payloads = [(grad_rows, h.recv_splits, h.send_splits)]
         if grad_weight is not None:
@@ -347,7 +350,10 @@ def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype, gr
 
 def _combine_program(chunk: Chunk, y, out_dtype, out: torch.Tensor):
     """Rows back along the hops; every relay sums the copies of a row (fp32) before passing it on, and the token's
-    rank sums them into the shared fp32 ``out`` ``[T, M]``."""
+    rank sums them into the shared fp32 ``out`` ``[T, M]`` (a program without hops: its rows are its tokens)."""
+    if not chunk.hops:  # rounded to out_dtype like every row that travels
+        out[chunk.token_start:chunk.token_end] += y.to(out_dtype)
+        return
     for h in reversed(chunk.hops):
         (back,) = yield _Exchange(h.peers, [(y.to(out_dtype), h.recv_splits, h.send_splits)],
                                   _link_level(h.peer_level))
@@ -391,22 +397,28 @@ def _make_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, pair_exp
     exchanges: best when every link is about as fast). Otherwise the pairs are split by the first phase: those that
     leave this rank there (their tokens' copies cross the slowest link first) form ``route.pipeline_chunks`` programs
     over contiguous token ranges (:func:`chunk_bounds`; some empty when there are fewer tokens) running every phase;
-    those that stay form one more program that runs the later phases from the start, so their intra-node traffic
-    need not wait behind the inter-node hop. Dedup only merges copies of one row, and a row that stays in a phase
+    those that stay but whose experts are on other ranks form one more program that runs the later phases from the
+    start, so their intra-node traffic need not wait behind the inter-node hop; those whose experts are on this rank
+    form a last program with no hop at all (its rows are the input itself: no copy either way). Dedup only merges copies of one row, and a row that stays in a phase
     never shares a copy with one that leaves, so the split moves exactly the bytes of one pass.
     """
     if len(route.phases) == 1 or route.pipeline_chunks == 1:
         return [Chunk(0, num_tokens, None)]
     first = route.phases[0]
     leaves = first.peer_of_expert[pair_expert] != first.peers.index
-    moving, staying = torch.nonzero(leaves).squeeze(1), torch.nonzero(~leaves).squeeze(1)
+    here = torch.ones_like(leaves)
+    for pr in route.phases:
+        here &= pr.peer_of_expert[pair_expert] == pr.peers.index
+    moving = torch.nonzero(leaves).squeeze(1)
+    staying, local = torch.nonzero(~leaves & ~here).squeeze(1), torch.nonzero(here).squeeze(1)
     C = route.pipeline_chunks
     bounds = chunk_bounds(num_tokens, C)
     chunk_of_pair = torch.bucketize(pair_row[moving], torch.tensor(bounds[1:-1], device=pair_row.device), right=True)
     order = moving[torch.argsort(chunk_of_pair, stable=True)]
     sizes = torch.bincount(chunk_of_pair, minlength=C).tolist()
     chunks = [Chunk(bounds[c], bounds[c + 1], idx) for c, idx in enumerate(order.split(sizes))]
-    return chunks + [Chunk(0, num_tokens, staying, first_phase=1)]
+    return chunks + [Chunk(0, num_tokens, staying, first_phase=1),
+                     Chunk(0, num_tokens, local, first_phase=len(route.phases))]
 
 
 def _run_towards_tokens(programs: list, handle: DispatchHandle) -> list:

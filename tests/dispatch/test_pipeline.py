@@ -24,8 +24,9 @@ def test_pipelined_dispatch_matches_reference_on_2x2(chunks):
     results = run_sharded(4, cases)
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
-        # one-hop routes are not pipelined; multi-hop: the chunks of pairs leaving in the first phase + the rest
-        expected = 1 if case.dispatch in ("flat", "hd1") else chunks + 1
+        # one-hop routes are not pipelined; multi-hop: the chunks of pairs leaving in the first phase, the pairs
+        # staying in the node, the pairs staying on the rank
+        expected = 1 if case.dispatch in ("flat", "hd1") else chunks + 2
         assert all(r["num_chunks"] == expected for r in per_rank)
         assert_matches_reference(case, per_rank)
 
@@ -165,28 +166,32 @@ def _programs_of_hd2(rank, world, chunks):
     pair_row, pair_expert = torch.arange(T).repeat_interleave(K), ids.reshape(-1)
     handle = DispatchHandle("hd2", 2, 4 * 4)
     dispatch(torch.randn(T, 4), torch.rand(T * K), pair_row, pair_expert, ep.build_route("hd2", placement), handle)
-    expert_node = placement.expert_to_rank[pair_expert] // 2
+    expert_rank = placement.expert_to_rank[pair_expert]
     return {
-        "leaving_pairs": int((expert_node != rank // 2).sum()),
+        "leaving_pairs": int((expert_rank // 2 != rank // 2).sum()),
+        "node_pairs": int(((expert_rank // 2 == rank // 2) & (expert_rank != rank)).sum()),
+        "rank_pairs": int((expert_rank == rank).sum()),
         "programs": [(c.first_phase, c.token_start, c.token_end, [h.phase for h in c.hops],
                       None if c.pair_index is None else c.pair_index.numel(),
-                      c.hops[0].send_splits[c.hops[0].peers.index]) for c in handle.chunks],
+                      c.hops[0].send_splits[c.hops[0].peers.index] if c.hops else None) for c in handle.chunks],
     }
 
 
-def test_pairs_split_by_first_phase_into_chunks_and_one_staying_program():
+def test_pairs_split_by_first_phase_into_chunks_a_node_program_and_a_local_program():
     from hiermoe_lightning.testing.launch import run_ranks
 
     for rank, res in enumerate(run_ranks(_programs_of_hd2, 4, 2, timeout=60)):
         programs = res["programs"]
-        assert [p[0] for p in programs] == [0, 0, 1]
-        assert [p[3] for p in programs] == [["inter1", "intra1"], ["inter1", "intra1"], ["intra1"]]
-        assert [(p[1], p[2]) for p in programs] == [(0, 6), (6, 9), (0, 9)]  # 2/3 + 1/3, then every token
-        # the chunks carry exactly the pairs whose expert is on the other node, the staying program the rest
+        assert [p[0] for p in programs] == [0, 0, 1, 2]
+        assert [p[3] for p in programs] == [["inter1", "intra1"], ["inter1", "intra1"], ["intra1"], []]
+        assert [(p[1], p[2]) for p in programs] == [(0, 6), (6, 9), (0, 9), (0, 9)]  # 2/3 + 1/3, then every token
+        # the chunks carry exactly the pairs whose expert is on the other node, the staying program those on the
+        # other rank of this node, the program without hops those on this rank
         assert programs[0][4] + programs[1][4] == res["leaving_pairs"]
-        assert programs[2][4] == 9 * 3 - res["leaving_pairs"]
-        # a leaving pair never stays: the chunks' first hop keeps no own block
-        assert programs[0][5] == programs[1][5] == 0
+        assert programs[2][4] == res["node_pairs"] and programs[3][4] == res["rank_pairs"]
+        assert sum(p[4] for p in programs) == 9 * 3
+        # a leaving pair never stays, a node pair never stays on this rank: no own blocks
+        assert programs[0][5] == programs[1][5] == programs[2][5] == 0
 
 
 # ---------------------------------------------------------------------------- rows as blocks, never concatenated
