@@ -88,35 +88,30 @@ def _recording(monkeypatch) -> list:
     return posted
 
 
-def test_runner_posts_slowest_link_first_waits_fastest_first_and_tags_each_exchange_of_a_group(monkeypatch):
-    posted = _recording(monkeypatch)
-    inter, intra = "inter", "intra"
-    log = []
-    handle = engine.DispatchHandle("hd2", 2, 4)
-    # two dispatch-like chunks (inter-node hop at level 1, then intra-node at level 2) and a staying program (intra)
-    programs = [_program(c, [inter, intra], log, levels=[1, 2]) for c in range(2)]
-    programs.append(_program(2, [intra], log, levels=[2]))
-    assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1]), (2, [0])]
-    # both chunks' inter-node payloads leave at once, back to back; the staying program's hop starts meanwhile;
-    # each exchange on a group has its own tags (8 per exchange), numbered alike on every rank
-    assert posted == [(inter, 0), (inter, 8), (intra, 0), (intra, 8), (intra, 16)]
-    # the fastest link is waited for first: the staying hop, then chunk 0's intra-node hop before chunk 1 lands
-    assert log == [(2, intra), (0, inter), (0, intra), (1, inter), (1, intra)]
+INTER, INTRA = "inter", "intra"
 
 
-def test_runner_keeps_one_exchange_in_flight_on_fast_links_so_the_one_feeding_the_slow_link_goes_first(monkeypatch):
+@pytest.mark.parametrize("hops, levels, posted_expected, log_expected", [
+    # dispatch-like: both chunks' inter-node payloads leave at once, back to back (each exchange on a group has its
+    # own tags, 8 per exchange, numbered alike on every rank); the staying program's hop starts meanwhile; the
+    # fastest link is waited for first: the staying hop, then chunk 0's intra-node hop before chunk 1 lands
+    ([INTER, INTRA], [1, 2], [(INTER, 0), (INTER, 8), (INTRA, 0), (INTRA, 8), (INTRA, 16)],
+     [(2, INTRA), (0, INTER), (0, INTRA), (1, INTER), (1, INTRA)]),
+    # combine-like: one exchange in flight on the fast group, so chunk 0's relay goes alone first; then its
+    # inter-node hop and chunk 1's relay; chunk 1's inter-node hop queues behind chunk 0's while the staying hop runs
+    ([INTRA, INTER], [2, 1], [(INTRA, 0), (INTER, 0), (INTRA, 8), (INTER, 8), (INTRA, 16)],
+     [(0, INTRA), (1, INTRA), (2, INTRA), (0, INTER), (1, INTER)]),
+])
+def test_runner_posts_slowest_link_first_waits_fastest_first_and_tags_each_exchange(
+        monkeypatch, hops, levels, posted_expected, log_expected):
     posted = _recording(monkeypatch)
-    inter, intra = "inter", "intra"
     log = []
     handle = engine.DispatchHandle("hd2", 2, 4)
-    # combine-like: each chunk sums at the intra-node relay first, then crosses the slow link; plus a staying program
-    programs = [_program(c, [intra, inter], log, levels=[2, 1]) for c in range(2)]
-    programs.append(_program(2, [intra], log, levels=[2]))
+    programs = [_program(c, hops, log, levels=levels) for c in range(2)]
+    programs.append(_program(2, [INTRA], log, levels=[2]))  # the program of pairs staying in the node
     assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1]), (2, [0])]
-    # chunk 0's intra-node hop alone first; then its inter-node hop and chunk 1's intra-node one; then chunk 1's
-    # inter-node hop queues behind chunk 0's while the staying program's hop runs
-    assert posted == [(intra, 0), (inter, 0), (intra, 8), (inter, 8), (intra, 16)]
-    assert log == [(0, intra), (1, intra), (2, intra), (0, inter), (1, inter)]
+    assert posted == posted_expected
+    assert log == log_expected
 
 
 def test_runner_on_one_level_runs_chunks_in_order(monkeypatch):
