@@ -195,27 +195,13 @@ class ExpertParallel:
     def gather_routings(self, expert_ids: list[torch.Tensor]) -> list[torch.Tensor]:
         """Several routings at once (e.g. one per MoE layer): ``[T_r_i, K_i]`` each -> ``[G, max_r T_r_i, K_i]`` each,
         exactly what :meth:`gather_routing` returns for it, with two ``all_gather``s in all instead of two per
-        routing (the routings travel side by side as the columns of one ``-1``-padded tensor)."""
-        peers = self._peer_groups["a2a"]
-        ids = [e.detach().to("cpu", torch.long) for e in expert_ids]
-        count = torch.tensor([i.shape[0] for i in ids], dtype=torch.long)
-        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
-        dist.all_gather(counts, count, group=peers.group)
-        longest = torch.stack(counts).max(dim=0).values.tolist()  # per routing
-        widths = [i.shape[1] for i in ids]
-        padded = torch.full((max(longest, default=0), sum(widths)), -1, dtype=torch.long)
-        col = 0
-        for i, w in zip(ids, widths):
-            padded[: i.shape[0], col: col + w] = i
-            col += w
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded, group=peers.group)
-        gathered = torch.stack(parts)  # [G, max T, sum K]
-        out, col = [], 0
-        for n, w in zip(longest, widths):
-            out.append(gathered[:, :n, col: col + w].contiguous())
-            col += w
-        return out
+        routing: the largest token count first, then :meth:`start_gather_routings` sized by it."""
+        count = torch.tensor([max((e.shape[0] for e in expert_ids), default=0)], dtype=torch.long)
+        if self.world_size > 1:
+            counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+            dist.all_gather(counts, count, group=self._peer_groups["a2a"].group)
+            count = torch.stack(counts).max()
+        return self.start_gather_routings(expert_ids, int(count)).wait()
 
     def start_gather_routings(self, expert_ids: list[torch.Tensor], rows_per_rank: int) -> PendingRoutings:
         """Asynchronous, fixed-size :meth:`gather_routings` for routings of at most ``rows_per_rank`` tokens each
