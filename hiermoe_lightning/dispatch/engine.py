@@ -9,11 +9,13 @@ as many rows as the way out. Backward of each is the mirror (one autograd Functi
 for the whole combine, so every rank issues its collectives in the same order).
 
 Each hop costs two latencies: a count exchange, then the rows and the pair metadata posted together. With
-``Route.pipeline_chunks = C > 1`` the tokens are split into C contiguous chunks, each an independent dispatch (dedup
-only ever merges copies of one token, so nothing is lost), and the chunks run as a software pipeline: while chunk
-``c`` crosses the slow inter-node link, chunk ``c - 1`` takes the fast intra-node hop and its local copies. Every
-chunk's program is a generator that yields the exchange it needs next; ``_run_pipeline`` posts them (one in flight
-per process group, in an order fixed by the programs' structure, the same on every rank).
+``Route.pipeline_chunks = C > 1`` a multi-hop dispatch runs as several programs (:func:`_make_chunks`): the pairs that
+leave the rank in the first phase in C contiguous token chunks (halving in size), the pairs staying in the node, and
+the pairs staying on the rank; dedup only ever merges copies of one row, so nothing is lost. While chunk ``c``
+crosses the slow inter-node link, chunk ``c - 1`` takes the fast intra-node hop. Every program is a generator that
+yields the exchange it needs next; :func:`_run_pipeline` posts them in an order fixed by the programs' structure, the
+same on every rank. The rows reach the experts as one block per program (:func:`dispatch_blocks`, read with
+:func:`gather_rows`), never concatenated.
 """
 
 from __future__ import annotations
@@ -399,8 +401,9 @@ def _make_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, pair_exp
     over contiguous token ranges (:func:`chunk_bounds`; some empty when there are fewer tokens) running every phase;
     those that stay but whose experts are on other ranks form one more program that runs the later phases from the
     start, so their intra-node traffic need not wait behind the inter-node hop; those whose experts are on this rank
-    form a last program with no hop at all (its rows are the input itself: no copy either way). Dedup only merges copies of one row, and a row that stays in a phase
-    never shares a copy with one that leaves, so the split moves exactly the bytes of one pass.
+    form a last program with no hop at all (its rows are the input itself: no copy either way). Dedup only merges
+    copies of one row, and a row that stays in a phase never shares a copy with one that leaves, so the split moves
+    exactly the bytes of one pass.
     """
     if len(route.phases) == 1 or route.pipeline_chunks == 1:
         return [Chunk(0, num_tokens, None)]
@@ -423,7 +426,7 @@ def _make_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, pair_exp
 
 def _run_towards_tokens(programs: list, handle: DispatchHandle) -> list:
     """:func:`_run_pipeline` for the combine and the dispatch's backward (rows travel back to their tokens, the slow
-    hop last): the pipeline chunks in reverse order, smallest first (:func:`chunk_bounds`), then the staying program;
+    hop last): the pipeline chunks in reverse order, smallest first (:func:`chunk_bounds`), then the other programs;
     results in the programs' order."""
     chunks = handle.chunks
     order = [i for i in reversed(range(len(chunks))) if chunks[i].first_phase == 0]
