@@ -340,3 +340,19 @@ def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers, tmp_pat
                 os.kill(p, signal.SIGKILL)
         for n in {n for n in _netns() if n.startswith(f"hmoet-{proc.pid}-")}:
             subprocess.run(["ip", "netns", "delete", n], capture_output=True, timeout=10)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="network emulation needs root")
+def test_wire_floor_example_cannot_beat_the_link():
+    """examples/wire_floor.py: the lower-bound traffic alone takes at least its wire time (less the tbf burst), and
+    not wildly more: the floor that docs/benchmarks.md compares the dispatches against."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "wire_floor", Path(__file__).resolve().parents[2] / "examples" / "wire_floor.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    median_ms, bound_ms = example.measure(1000, 2.0, iters=2, warmup=1)
+    assert bound_ms == pytest.approx(2 * 2 * 2 * (1 << 20) / 125e6 * 1e3)
+    assert 0.85 * bound_ms < median_ms < 3 * bound_ms, (median_ms, bound_ms)
