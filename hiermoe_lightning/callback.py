@@ -36,6 +36,15 @@ def _positive_int(name: str, value, allow_zero: bool = False) -> int:
     return value
 
 
+def _by_expert_parallel(layers: dict) -> list[tuple]:
+    """``name -> layer`` grouped by the ExpertParallel that shards them, in first-seen order:
+    ``[(expert_parallel, [(layer index, name, layer), ...])]`` (one collective per group serves all its layers)."""
+    groups: dict[int, tuple] = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        groups.setdefault(id(layer.expert_parallel), (layer.expert_parallel, []))[1].append((i, name, layer))
+    return list(groups.values())
+
+
 class HierMoECallback(DedupMonitor):
     """Plan and execute expert swaps every ``plan_every_n_steps`` optimizer steps, and log the savings.
 
@@ -142,11 +151,9 @@ class HierMoECallback(DedupMonitor):
         fixed-size asynchronous ``all_gather`` per ExpertParallel for all its layers; :meth:`_complete_pending`
         finishes it. Any earlier gather must have been completed (windows are fed in step order)."""
         assert self._pending is None, "the previous routing gather was not completed"
-        groups: dict[int, tuple] = {}
-        for name, layer in layers.items():
-            groups.setdefault(id(layer.expert_parallel), (layer.expert_parallel, []))[1].append(name)
         handles = []
-        for ep, names in groups.values():
+        for ep, members in _by_expert_parallel(layers):
+            names = [name for _, name, _ in members]
             samples = [self._sample(layers[n].last_expert_ids) for n in names]
             for n, sample in zip(names, samples):
                 self._tokens_scale = layers[n].last_expert_ids.shape[0] / max(sample.shape[0], 1)
@@ -227,12 +234,9 @@ class HierMoECallback(DedupMonitor):
         """Every layer's :meth:`_plan_layer` outcome by layer index, the same on every rank: the ``j``-th layer of an
         ExpertParallel is planned by its rank ``j % world_size`` only, then one ``all_gather_object`` per
         ExpertParallel shares the outcomes. A planning error is shared too and raised on every rank (no hang)."""
-        groups: dict[int, tuple] = {}
-        for i, (name, layer) in enumerate(layers.items()):
-            groups.setdefault(id(layer.expert_parallel), (layer.expert_parallel, []))[1].append((i, name, layer))
         outcomes: dict[int, tuple[bool, object]] = {}
         owners: dict[int, int] = {}
-        for ep, members in groups.values():
+        for ep, members in _by_expert_parallel(layers):
             mine = {}
             for j, (i, name, layer) in enumerate(members):
                 owners[i] = j % ep.world_size

@@ -269,6 +269,19 @@ def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]
         raise SplitMismatchError(f"all-to-all split sizes disagree on {bad} rank(s) of the group{mine}")
 
 
+def _plan_phase(route: Route, handle: DispatchHandle, pr: PhaseRoute, rows, pair_row, pair_expert) -> HopPlan:
+    """:func:`plan_hop` for phase ``pr`` of ``route`` (its time counted in ``handle.plan_seconds``)."""
+    start = time.perf_counter()
+    plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
+    handle.plan_seconds += time.perf_counter() - start
+    return plan
+
+
+def _send_counts(plan: HopPlan) -> torch.Tensor:
+    """``[peers, 2]`` rows and pairs this rank sends each peer in a hop: what its count exchange announces."""
+    return torch.stack([plan.send_splits, plan.pair_splits], dim=1)
+
+
 def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list[tuple[HopPlan, torch.Tensor]]:
     """Plan every chunk's first hop and exchange all their counts at once: ``inputs`` ``[(rows, pair_row,
     pair_expert)]`` per chunk -> ``[(plan, counts [peers, 2])]``.
@@ -277,13 +290,10 @@ def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list
     for a count message queued behind the previous chunk's bulk payload on the slow link.
     """
     pr = route.phases[0]
-    start = time.perf_counter()
-    plans = [plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
-             for rows, pair_row, pair_expert in inputs]
-    handle.plan_seconds += time.perf_counter() - start
+    plans = [_plan_phase(route, handle, pr, rows, pair_row, pair_expert) for rows, pair_row, pair_expert in inputs]
     start = time.perf_counter()
     ones = [1] * pr.peers.size
-    counts = torch.stack([c for p in plans for c in (p.send_splits, p.pair_splits)], dim=1)  # [peers, 2 * chunks]
+    counts = torch.cat([_send_counts(p) for p in plans], dim=1)  # [peers, 2 * chunks]
     (received,) = start_exchange([(counts, ones, ones)], pr.peers).wait()
     handle.comm_seconds += time.perf_counter() - start
     return [(plan, received[:, 2 * c: 2 * c + 2]) for c, plan in enumerate(plans)]
@@ -300,11 +310,8 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
         if i == 0 and first_hop is not None:
             plan, counts = first_hop
         else:
-            start = time.perf_counter()
-            plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
-            handle.plan_seconds += time.perf_counter() - start
-            (counts,) = yield _Exchange(pr.peers, [(torch.stack([plan.send_splits, plan.pair_splits], dim=1), ones,
-                                                    ones)], level)
+            plan = _plan_phase(route, handle, pr, rows, pair_row, pair_expert)
+            (counts,) = yield _Exchange(pr.peers, [(_send_counts(plan), ones, ones)], level)
         send_splits, pair_send = plan.send_splits.tolist(), plan.pair_splits.tolist()
         recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
         if route.verify_splits:
