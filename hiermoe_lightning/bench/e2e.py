@@ -94,9 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=256, help="model hidden size (default 256)")
     p.add_argument("--num-heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--ffn-hidden-size", type=int, default=None,
-                   help="hidden size of each expert's SwiGLU (default: --hidden-size)")
+                   help="hidden size of each expert's SwiGLU (default: 3/8 of --hidden-size, the fine-grained "
+                        "experts of Qwen3-30B-A3B, 768 per 2048, the paper's end-to-end model)")
     p.add_argument("--num-experts", type=int, default=16, help="experts per MoE layer (default 16)")
-    p.add_argument("--top-k", type=int, default=4, help="experts per token (default 4)")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token (default 8, as in Qwen3-30B-A3B and DeepSeek-V3)")
     p.add_argument("--num-layers", type=int, default=2, help="transformer blocks, each with an MoE FFN (default 2)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank and step (default 8)")
@@ -149,9 +150,19 @@ def variant_names(args: argparse.Namespace, num_levels: int) -> list[str]:
     return names + ([SWAPS_VARIANT] if args.swaps else [])
 
 
+def default_ffn_hidden_size(hidden_size: int) -> int:
+    """3/8 of ``hidden_size`` (at least 1): Qwen3-30B-A3B's expert width per hidden size (768 / 2048).
+
+    Fine-grained experts are what makes the all-to-all a large part of an MoE step: the bytes a token sends grow with
+    ``hidden_size * top_k``, its expert compute with ``hidden_size * ffn_hidden_size * top_k``.
+    """
+    return max(1, hidden_size * 3 // 8)
+
+
 def _model_kwargs(args: argparse.Namespace) -> dict:
+    ffn = args.ffn_hidden_size or default_ffn_hidden_size(args.hidden_size)
     return dict(vocab_size=256, seq_len=args.seq_len, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                num_heads=args.num_heads, ffn_hidden_size=args.ffn_hidden_size or args.hidden_size,
+                num_heads=args.num_heads, ffn_hidden_size=ffn,
                 num_experts=args.num_experts, top_k=args.top_k, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
 
 
@@ -513,8 +524,8 @@ def format_report(report: dict) -> str:
     mib = float(1 << 20)
     model = report["model"]
     head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), MoEGPT hidden "
-            f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts top-{model['top_k']}, "
-            f"seq {report['seq_len']} x batch {report['batch_size_per_rank']}/rank = {report['tokens_per_step']} "
+            f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts top-{model['top_k']} "
+            f"(expert FFN {model['ffn_hidden_size']}), seq {report['seq_len']} x batch {report['batch_size_per_rank']}/rank = {report['tokens_per_step']} "
             f"tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup"
             + (f", median of {report['repeats']} repeats (round robin)" if report.get("repeats", 1) > 1 else ""))
     if "emulation" in report:

@@ -130,3 +130,12 @@ def test_repeats_report_the_median_repeat():
     assert r["tokens_per_s"] == 100.0 and r["swaps"] == 1 and r["elapsed_s"] == 2.0  # the median repeat
     assert len(r["step_ms"]) == 6 and r["step_ms_median"] == pytest.approx(1000.0)
     assert r["dedup_saving"] == pytest.approx(1 - 15 / 25)
+
+
+def test_default_model_has_fine_grained_top8_experts():
+    """Unless told otherwise, the model is shaped like Qwen3-30B-A3B: top-8 experts 3/8 as wide as the hidden size."""
+    model = e2e._model_kwargs(parse([]))
+    assert (model["hidden_size"], model["top_k"], model["ffn_hidden_size"]) == (256, 8, 96)
+    assert e2e._model_kwargs(parse(["--hidden-size", "2048"]))["ffn_hidden_size"] == 768  # Qwen3-30B-A3B itself
+    assert e2e._model_kwargs(parse(["--ffn-hidden-size", "256", "--top-k", "4"]))["ffn_hidden_size"] == 256
+    assert e2e.default_ffn_hidden_size(2) == 1  # never 0
