@@ -12,7 +12,7 @@ same file names to compare versions. Figures:
   level-1 lower bound, for the loopback runs (uniform and zipf:1.2) and the emulated K=8 run.
 * ``bench_comm_bandwidth.png``: median dispatch + combine time (p90 as the upper whisker) against the emulated
   inter-node bandwidth, K=8, one line per dispatch, with the level-1 lower bound.
-* ``bench_e2e.png``: training tokens/s of every variant at both emulated bandwidths (repeats as dots).
+* ``bench_e2e.png``: training tokens/s of every variant per bandwidth, one panel per model shape (repeats as dots).
 * ``bench_placement.png``: the cost model's predicted all-to-all time and the experts moved, per placement method,
   for the zipf:1.2 and clusters:8 routings.
 """
@@ -40,12 +40,20 @@ PIPELINE = {c: f"bench_comm_emulated_2x2_k8_1000mbit_hd2_chunks{c}.json" for c i
 CALIBRATED = [("loopback", "bench_comm_2x2_calibrated{}.json"),
               ("200 Mbit/s", "bench_comm_emulated_2x2_k8_200mbit_calibrated{}.json"),
               ("1000 Mbit/s", "bench_comm_emulated_2x2_k8_1000mbit_calibrated{}.json")]
-E2E = {"200 Mbit/s, calibrated costs": "bench_e2e_200_calibrated.json",
-       "1000 Mbit/s, calibrated costs": "bench_e2e_1000_calibrated.json",
-       "1000 Mbit/s, calibrated costs, 1 pipeline chunk": "bench_e2e_1000_calibrated_chunks1.json",
-       "200 Mbit/s, paper-a6000 costs (previous version)": "bench_e2e_200.json",
-       "1000 Mbit/s, paper-a6000 costs (previous version)": "bench_e2e_1000.json",
-       "loopback (no link limit), paper-a6000 costs (previous version)": "bench_e2e_loopback.json"}
+QWEN3 = "Qwen3-30B-A3B-shaped (top-8, expert FFN 96)"
+TOP8_WIDE = "top-8, expert FFN 256"
+TOP4 = "top-4, expert FFN 256"
+E2E = {f"{QWEN3}, 1000 Mbit/s": "bench_e2e_qwen3_1000.json",
+       f"{QWEN3}, 200 Mbit/s": "bench_e2e_qwen3_200.json",
+       f"{QWEN3}, loopback (no link limit)": "bench_e2e_qwen3_loopback.json",
+       f"{QWEN3}, 1000 Mbit/s, 2 pipeline chunks": "bench_e2e_qwen3_1000_chunks2.json",
+       f"{TOP8_WIDE}, 1000 Mbit/s, 2 pipeline chunks": "bench_e2e_top8_ffn256_1000.json",
+       f"{TOP4}, 200 Mbit/s, 2 pipeline chunks": "bench_e2e_200_calibrated.json",
+       f"{TOP4}, 1000 Mbit/s, 2 pipeline chunks": "bench_e2e_1000_calibrated.json",
+       f"{TOP4}, 1000 Mbit/s": "bench_e2e_1000_calibrated_chunks1.json",
+       f"{TOP4}, 200 Mbit/s, paper-a6000 costs (previous version)": "bench_e2e_200.json",
+       f"{TOP4}, 1000 Mbit/s, paper-a6000 costs (previous version)": "bench_e2e_1000.json",
+       f"{TOP4}, loopback (no link limit), paper-a6000 costs (previous version)": "bench_e2e_loopback.json"}
 PLACEMENT = {"zipf:1.2": "placement_zipf1.2.json", "clusters:8": "placement_clusters8.json"}
 SIMULATE = "simulate_paper.json"
 
@@ -154,20 +162,28 @@ def table_emulated(results: str) -> str:
 
 
 def table_repeats_1000(results: str) -> str:
-    """The 1000 Mbit/s runs, where the lower-bound target is closest, three times each (``_run2``, ``_run3``)."""
+    """The 1000 Mbit/s runs, where the lower-bound target is closest, repeated (``_run2``, ``_run3``, ...), with the
+    median over the runs of each K."""
     out = ["| K | run | flat ms | hd2 ms | auto ms | auto / flat | auto / lower bound | hd2 / lower bound |",
            "|---|---|---|---|---|---|---|---|"]
     found = False
     for k in (8, 4):
-        for i, suffix in enumerate(("", "_run2", "_run3"), start=1):
+        ratios = []
+        for i, suffix in enumerate(("", "_run2", "_run3", "_run4", "_run5"), start=1):
             d = load(results, f"bench_comm_emulated_2x2_k{k}_1000mbit{suffix}.json")
             if d is None:
                 continue
             found = True
             r, lb = d["results"], d["lower_bound_ms"]
+            ratios.append((r["flat"]["median_ms"] / r["auto"]["median_ms"], r["auto"]["median_ms"] / lb,
+                           r["hd2"]["median_ms"] / lb))
             out.append(f"| {k} | {i} | {r['flat']['median_ms']:.0f} | {r['hd2']['median_ms']:.0f} | "
-                       f"{r['auto']['median_ms']:.0f} | {r['flat']['median_ms'] / r['auto']['median_ms']:.2f}x | "
-                       f"{r['auto']['median_ms'] / lb:.2f}x | {r['hd2']['median_ms'] / lb:.2f}x |")
+                       f"{r['auto']['median_ms']:.0f} | {ratios[-1][0]:.2f}x | {ratios[-1][1]:.2f}x | "
+                       f"{ratios[-1][2]:.2f}x |")
+        if len(ratios) > 1:
+            med = [sorted(col)[len(col) // 2] if len(col) % 2 else
+                   (sorted(col)[len(col) // 2 - 1] + sorted(col)[len(col) // 2]) / 2 for col in zip(*ratios)]
+            out.append(f"| {k} | median of {len(ratios)} | | | | {med[0]:.2f}x | **{med[1]:.2f}x** | {med[2]:.2f}x |")
     return "\n".join(out) + "\n" if found else ""
 
 
@@ -356,33 +372,43 @@ def plot_bandwidth(results: str, path: str) -> bool:
 
 
 def plot_e2e(results: str, path: str) -> bool:
-    runs = {label: load(results, n) for label, n in E2E.items()}
-    runs = {k: v for k, v in runs.items() if v is not None}
-    if not runs:
+    """One panel per model shape, this version's runs only (the labels without "previous version")."""
+    panels: dict[str, dict[str, dict]] = {}
+    for label, name in E2E.items():
+        d = load(results, name)
+        if d is not None and "previous version" not in label:
+            shape = next(sh for sh in (QWEN3, TOP8_WIDE, TOP4) if label.startswith(sh))
+            setting = label[len(shape) + 2:]
+            panels.setdefault(shape, {})[setting] = d
+    if not panels:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(11, 4.6))
-    width = 0.8 / len(runs)
-    all_names = [n for n in E2E_ORDER if any(n in d["results"] for d in runs.values())]
-    for j, (label, d) in enumerate(runs.items()):
-        names = [n for n in all_names if n in d["results"]]
-        xs = [all_names.index(n) + (j - (len(runs) - 1) / 2) * width for n in names]
-        vals = [d["results"][n]["tokens_per_s"] for n in names]
-        bars = ax.bar(xs, vals, width, label=label, color=f"C{j}", alpha=0.8)
-        for b, n in zip(bars, names):
-            r = d["results"][n]
-            ax.text(b.get_x() + b.get_width() / 2, 60, f"{r['speedup_vs_flat']:.2f}x", ha="center", fontsize=6,
-                    color="white", fontweight="bold", rotation=90, va="bottom")
-            reps = r.get("tokens_per_s_repeats") or []
-            if len(reps) > 1:
-                ax.scatter([b.get_x() + b.get_width() / 2] * len(reps), reps, s=9, color="black", zorder=3)
-    ax.set_xticks(range(len(all_names)))
-    ax.set_xticklabels(all_names)
-    ax.set_ylabel("training tokens/s (4 ranks)")
-    ax.set_title("bench e2e: MoEGPT (hidden 256, 2 layers, 16 experts, top-4) on 2 nodes x 2 ranks (emulated links)\n"
-                 "white label: speedup over flat at that bandwidth; dots: the repeats", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    widths = [len({n for d in runs.values() for n in d["results"]}) for runs in panels.values()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * sum(widths) + 2, 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (shape, runs) in zip(axes[0], panels.items()):
+        width = 0.8 / len(runs)
+        all_names = [n for n in E2E_ORDER if any(n in d["results"] for d in runs.values())]
+        for j, (setting, d) in enumerate(runs.items()):
+            names = [n for n in all_names if n in d["results"]]
+            xs = [all_names.index(n) + (j - (len(runs) - 1) / 2) * width for n in names]
+            bars = ax.bar(xs, [d["results"][n]["tokens_per_s"] for n in names], width, label=setting,
+                          color=f"C{j}", alpha=0.8)
+            for b, n in zip(bars, names):
+                r = d["results"][n]
+                ax.text(b.get_x() + b.get_width() / 2, 60, f"{r['speedup_vs_flat']:.2f}x", ha="center", fontsize=6,
+                        color="white", fontweight="bold", rotation=90, va="bottom")
+                reps = r.get("tokens_per_s_repeats") or []
+                if len(reps) > 1:
+                    ax.scatter([b.get_x() + b.get_width() / 2] * len(reps), reps, s=9, color="black", zorder=3)
+        ax.set_xticks(range(len(all_names)))
+        ax.set_xticklabels(all_names, fontsize=8)
+        ax.set_ylabel("training tokens/s (4 ranks)")
+        ax.set_title(shape, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("bench e2e: MoEGPT (hidden 256, 2 layers, 16 experts) on 2 nodes x 2 ranks (emulated links); "
+                 "white label: speedup over flat in that run; dots: the repeats", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
