@@ -29,6 +29,7 @@ from .comm import Gathered, PeerGroup, SplitMismatchError, start_exchange
 from .spec import DispatchSpec
 
 __all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle",
+           "TraceEvent",
            "plan_hop", "dispatch", "dispatch_blocks", "gather_rows", "combine", "apply_experts"]
 
 
@@ -132,6 +133,22 @@ class Chunk:
     first_phase: int = 0
 
 
+@dataclass(frozen=True)
+class TraceEvent:
+    """One post or wait of an exchange, recorded when :attr:`DispatchHandle.trace` is a list.
+
+    ``ranks``: the group's global ranks; ``level``: the outermost link level it spans (1 = slowest, 0 = none);
+    ``rows``: rows of its payloads together (counts and metadata included); ``start``/``end``: ``perf_counter``
+    seconds."""
+
+    kind: str  # "post" or "wait"
+    ranks: tuple[int, ...]
+    level: int
+    rows: int
+    start: float
+    end: float
+
+
 @dataclass
 class DispatchHandle:
     """The record of one forward's dispatch; the combine takes it; byte statistics come from it."""
@@ -143,6 +160,7 @@ class DispatchHandle:
     num_tokens: int = 0  # tokens this rank dispatched
     comm_seconds: float = 0.0  # wall time spent posting and waiting for exchanges (dispatch, combine, backwards)
     plan_seconds: float = 0.0  # wall time spent planning hops (pure bookkeeping)
+    trace: list[TraceEvent] | None = None  # a list to record every post and wait into (off by default: None)
 
     @property
     def hops(self) -> list[Hop]:
@@ -194,6 +212,14 @@ def _link_level(peer_level) -> int:
     return min((lvl for lvl in peer_level if lvl > 0), default=0)
 
 
+def _record(handle: DispatchHandle, kind: str, request: _Exchange, start: float) -> None:
+    """Append a :class:`TraceEvent` (``start`` .. now) when the handle is tracing."""
+    if handle.trace is not None:
+        rows = sum(x.num_rows if isinstance(x, Gathered) else x.shape[0] for x, _, _ in request.payloads)
+        handle.trace.append(TraceEvent(kind, tuple(request.peers.ranks), request.level, rows, start,
+                                       time.perf_counter()))
+
+
 def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     """Run chunk programs (generators yielding :class:`_Exchange`, receiving the received tensors) as a pipeline.
 
@@ -210,7 +236,7 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     """
     results: list = [None] * len(programs)
     requests: list = [None] * len(programs)
-    in_flight: list[tuple] = []  # (level, chunk, group, pending); a program has one exchange in flight at a time
+    in_flight: list[tuple] = []  # (level, chunk, group, pending, request); one in flight per program at a time
     posted: dict[int, int] = {}  # group -> exchanges posted on it so far (their tags)
     payloads_per_exchange = 8  # tag stride: an exchange's payloads use tags seq * 8 + i
 
@@ -223,7 +249,7 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
 
     def post_ready() -> None:
         start = time.perf_counter()
-        busy = {id(group) for _, _, group, _ in in_flight}
+        busy = {id(group) for _, _, group, _, _ in in_flight}
         for level, i in sorted((r.level, i) for i, r in enumerate(requests) if r is not None):
             group = id(requests[i].peers.group)
             if group in busy and level != 1:  # queue back to back only on the slowest (outermost) links
@@ -234,8 +260,10 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
             posted[group] = seq + 1
             if len(request.payloads) > payloads_per_exchange:
                 raise ValueError(f"an exchange holds at most {payloads_per_exchange} payloads")
+            posted_at = time.perf_counter()
             pending = start_exchange(request.payloads, request.peers, seq * payloads_per_exchange)
-            in_flight.append((level, i, request.peers.group, pending))
+            in_flight.append((level, i, request.peers.group, pending, request))
+            _record(handle, "post", request, posted_at)
         handle.comm_seconds += time.perf_counter() - start
 
     for i in range(len(programs)):  # the first chunk's exchange leaves before the next chunk's local work starts
@@ -243,10 +271,11 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
         post_ready()
     while in_flight:
         pick = max(range(len(in_flight)), key=lambda k: (in_flight[k][0], -in_flight[k][1]))
-        _, i, _, pending = in_flight.pop(pick)
+        _, i, _, pending, request = in_flight.pop(pick)
         start = time.perf_counter()
         received = pending.wait()
         handle.comm_seconds += time.perf_counter() - start
+        _record(handle, "wait", request, start)
         advance(i, received)
         post_ready()
     return results
@@ -294,7 +323,12 @@ def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list
     start = time.perf_counter()
     ones = [1] * pr.peers.size
     counts = torch.cat([_send_counts(p) for p in plans], dim=1)  # [peers, 2 * chunks]
-    (received,) = start_exchange([(counts, ones, ones)], pr.peers).wait()
+    request = _Exchange(pr.peers, [(counts, ones, ones)], _link_level(pr.peer_level))
+    pending = start_exchange(request.payloads, pr.peers)
+    _record(handle, "post", request, start)
+    wait_start = time.perf_counter()
+    (received,) = pending.wait()
+    _record(handle, "wait", request, wait_start)
     handle.comm_seconds += time.perf_counter() - start
     return [(plan, received[:, 2 * c: 2 * c + 2]) for c, plan in enumerate(plans)]
 

@@ -356,3 +356,24 @@ def test_wire_floor_example_cannot_beat_the_link():
     median_ms, bound_ms = example.measure(1000, 2.0, iters=2, warmup=1)
     assert bound_ms == pytest.approx(2 * 2 * 2 * (1 << 20) / 125e6 * 1e3)
     assert 0.85 * bound_ms < median_ms < 3 * bound_ms, (median_ms, bound_ms)
+
+
+def test_dispatch_timeline_example_splits_the_dispatch_window():
+    """examples/dispatch_timeline.py on loopback: its parts sum to the dispatch window, level-1 payloads cross once per
+    chunk each way, and the traced events are in time order."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "dispatch_timeline", Path(__file__).resolve().parents[2] / "examples" / "dispatch_timeline.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    ranks = example.measure("hd2", chunks=2, top_k=4, hidden=32, tokens=64, iters=2)
+    assert len(ranks) == 4
+    for r in ranks:
+        parts = r["planning_ms"] + r["crossing_ms"] + r["after_ms"]
+        assert r["dispatch_ms"] == pytest.approx(parts)
+        assert min(r["planning_ms"], r["crossing_ms"], r["after_ms"]) >= 0 and r["combine_ms"] > 0
+        slow_posts = [e for e in r["events"] if e[0] == "post" and e[2] == 1 and e[3] > len(e[1])]
+        assert len(slow_posts) == 2 * 2  # two chunks out (dispatch), two back (combine)
+        assert [e[4] for e in r["events"]] == sorted(e[4] for e in r["events"])

@@ -114,6 +114,24 @@ def test_runner_posts_slowest_link_first_waits_fastest_first_and_tags_each_excha
     assert log == log_expected
 
 
+def test_trace_records_every_post_and_wait_in_the_runners_order():
+    log = []
+    handle = engine.DispatchHandle("hd2", 2, 4, trace=[])
+    programs = [_program(c, [INTER, INTRA], log, levels=[1, 2]) for c in range(2)]
+    programs.append(_program(2, [INTRA], log, levels=[2]))
+    engine._run_pipeline(programs, handle)
+    # both inter-node posts, the staying hop's post; then waits fastest first, each program posting its next hop
+    assert [(e.kind, e.level) for e in handle.trace] == [
+        ("post", 1), ("post", 1), ("post", 2), ("wait", 2), ("wait", 1), ("post", 2), ("wait", 2), ("wait", 1),
+        ("post", 2), ("wait", 2)]
+    assert all(e.rows == 1 and e.ranks == (0,) and e.start <= e.end for e in handle.trace)
+    starts = [e.start for e in handle.trace]
+    assert starts == sorted(starts)
+    untraced = engine.DispatchHandle("hd2", 2, 4)  # the default: nothing recorded
+    engine._run_pipeline([_program(0, [INTER], [], levels=[1])], untraced)
+    assert untraced.trace is None
+
+
 def test_runner_on_one_level_runs_chunks_in_order(monkeypatch):
     posted = _recording(monkeypatch)
     log = []
