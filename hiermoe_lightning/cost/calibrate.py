@@ -55,8 +55,9 @@ DEFAULT_COPY_ROWS: tuple[int, ...] = (256, 1024, 3072, 6144)
 GLIBC_MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * 8
 
 # bytes of pair metadata per (token, expert) pair in the engine's payload exchange: (row within the block, expert id,
-# weight) as three float64 (dispatch/engine.py); a property of the engine's format, not a fitted number
-ENGINE_PAIR_BYTES = 24
+# fp32 weight bits) as three int32 (dispatch/engine.py pack_pairs); a property of the engine's format, not a fitted
+# number
+ENGINE_PAIR_BYTES = 12
 
 
 def _as_float_array(values, what: str) -> np.ndarray:

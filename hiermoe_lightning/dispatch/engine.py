@@ -29,7 +29,7 @@ from .comm import Gathered, PeerGroup, SplitMismatchError, start_exchange
 from .spec import DispatchSpec
 
 __all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle",
-           "TraceEvent",
+           "TraceEvent", "pack_pairs", "unpack_pairs",
            "plan_hop", "dispatch", "dispatch_blocks", "gather_rows", "combine", "apply_experts"]
 
 
@@ -333,6 +333,27 @@ def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list
     return [(plan, received[:, 2 * c: 2 * c + 2]) for c, plan in enumerate(plans)]
 
 
+def _weight_wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The float type router weights travel as: float64 stays, every narrower float goes as float32 (exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack_pairs(local_row: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The pair metadata of one hop as int32 ``[P, 3]`` (``[P, 4]`` for float64 weights): the pair's row within
+    the block sent to its peer, its expert id, and the bits of its weight (float32, or float64 as two int32), so the
+    weight arrives bit-exact. 12 bytes per pair, where three float64 took 24."""
+    wire = weight.to(_weight_wire_dtype(weight.dtype)).contiguous()
+    bits = wire.view(torch.int32).reshape(weight.shape[0], wire.element_size() // 4)
+    return torch.cat([local_row.to(torch.int32).unsqueeze(1), expert.to(torch.int32).unsqueeze(1), bits], dim=1)
+
+
+def unpack_pairs(meta: torch.Tensor, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_pairs`: ``(local_row [P] int64, expert [P] int64, weight [P] weight_dtype)``."""
+    wire = _weight_wire_dtype(weight_dtype)
+    weight = meta[:, 2:].contiguous().view(wire).reshape(meta.shape[0]).to(weight_dtype)
+    return meta[:, 0].long(), meta[:, 1].long(), weight
+
+
 def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, weight, pair_row, pair_expert,
                       first_hop: tuple[HopPlan, torch.Tensor] | None = None):
     """One program's dispatch over the phases from ``chunk.first_phase`` on, hop by hop: plan, exchange counts (or
@@ -350,11 +371,8 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
         recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
         if route.verify_splits:
             yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv], level)
-        # pair metadata rides with the rows: (row within the block sent to that peer, expert id, weight); float64
-        # holds the ints and an fp32 weight exactly
-        meta = torch.stack(
-            [plan.pair_local_row.double(), pair_expert[plan.pair_order].double(), weight[plan.pair_order].double()], 1
-        )
+        # pair metadata rides with the rows: (row within the block sent to that peer, expert id, weight bits)
+        meta = pack_pairs(plan.pair_local_row, pair_expert[plan.pair_order], weight[plan.pair_order])
         new_rows, meta = yield _Exchange(pr.peers, [(Gathered(rows, plan.send_src_row), send_splits, recv_splits),
                                                    (meta, pair_send, pair_recv)], level)
         recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
@@ -362,9 +380,8 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
         chunk.hops.append(Hop(pr.phase, pr.peers, pr.peer_level, plan.send_src_row, send_splits, recv_splits,
                               plan.pair_order, pair_send, pair_recv, rows.shape[0], pair_row.numel()))
         rows = new_rows
-        pair_row = meta[:, 0].long() + recv_offsets[src_peer]
-        pair_expert = meta[:, 1].long()
-        weight = meta[:, 2].to(weight.dtype)
+        local_row, pair_expert, weight = unpack_pairs(meta, weight.dtype)
+        pair_row = local_row + recv_offsets[src_peer]
     chunk.num_rows, chunk.num_pairs = rows.shape[0], pair_row.numel()
     return rows, weight, pair_row, pair_expert
 

@@ -140,3 +140,25 @@ def test_hand_case_dedup_vs_not():
 def test_peer_with_no_pairs_in_the_middle():
     plan = _check([0, 1, 2], [0, 3, 0], 3, 4, True)
     assert plan.send_splits.tolist() == [2, 0, 0, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_pair_metadata_round_trips_bit_exact_in_12_bytes_per_pair(dtype):
+    from hiermoe_lightning.cost.calibrate import ENGINE_PAIR_BYTES
+    from hiermoe_lightning.dispatch.engine import pack_pairs, unpack_pairs
+
+    g = torch.Generator().manual_seed(0)
+    local_row = torch.randint(0, 2**31 - 1, (37,), generator=g)
+    expert = torch.randint(0, 4096, (37,), generator=g)
+    weight = torch.rand(37, generator=g, dtype=torch.float64).to(dtype)
+    weight[0] = torch.finfo(dtype).tiny  # extremes survive too
+    weight[1] = torch.finfo(dtype).max
+    meta = pack_pairs(local_row, expert, weight)
+    assert meta.dtype == torch.int32
+    per_pair = meta.shape[1] * meta.element_size()
+    assert ENGINE_PAIR_BYTES == 12 and per_pair == (16 if dtype == torch.float64 else ENGINE_PAIR_BYTES)
+    row, exp, w = unpack_pairs(meta, dtype)
+    assert torch.equal(row, local_row) and torch.equal(exp, expert)
+    assert w.dtype == dtype and torch.equal(w.view(torch.uint8), weight.view(torch.uint8))  # bit-exact
+    empty = pack_pairs(local_row[:0], expert[:0], weight[:0])
+    assert [t.numel() for t in unpack_pairs(empty, dtype)] == [0, 0, 0]
