@@ -459,7 +459,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
     sections = [("comm on loopback", table_loopback), ("comm on the emulated network", table_emulated),
-                ("1000 Mbit/s three times", table_repeats_1000), ("pipeline chunks", table_pipeline), ("calibrated predicted / measured", table_calibrated),
+                ("1000 Mbit/s repeated", table_repeats_1000), ("pipeline chunks", table_pipeline), ("calibrated predicted / measured", table_calibrated),
                 ("end to end", table_e2e), ("paper-scale simulation", table_simulate),
                 ("placement", table_placement)]
     for title, fn in sections:

@@ -97,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="hidden size of each expert's SwiGLU (default: 3/8 of --hidden-size, the fine-grained "
                         "experts of Qwen3-30B-A3B, 768 per 2048, the paper's end-to-end model)")
     p.add_argument("--num-experts", type=int, default=16, help="experts per MoE layer (default 16)")
-    p.add_argument("--top-k", type=int, default=8, help="experts per token (default 8, as in Qwen3-30B-A3B and DeepSeek-V3)")
+    p.add_argument("--top-k", type=int, default=8,
+                   help="experts per token (default 8, as in Qwen3-30B-A3B and DeepSeek-V3)")
     p.add_argument("--num-layers", type=int, default=2, help="transformer blocks, each with an MoE FFN (default 2)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank and step (default 8)")
@@ -524,9 +525,9 @@ def format_report(report: dict) -> str:
     mib = float(1 << 20)
     model = report["model"]
     head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), MoEGPT hidden "
-            f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts top-{model['top_k']} "
-            f"(expert FFN {model['ffn_hidden_size']}), seq {report['seq_len']} x batch {report['batch_size_per_rank']}/rank = {report['tokens_per_step']} "
-            f"tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup"
+            f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts "
+            f"top-{model['top_k']} (expert FFN {model['ffn_hidden_size']}), seq {report['seq_len']} x batch "
+            f"{report['batch_size_per_rank']}/rank = {report['tokens_per_step']} tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup"
             + (f", median of {report['repeats']} repeats (round robin)" if report.get("repeats", 1) > 1 else ""))
     if "emulation" in report:
         em = report["emulation"]

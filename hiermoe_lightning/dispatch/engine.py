@@ -137,7 +137,7 @@ class Chunk:
 class TraceEvent:
     """One post or wait of an exchange, recorded when :attr:`DispatchHandle.trace` is a list.
 
-    ``ranks``: the group's global ranks; ``level``: the outermost link level it spans (1 = slowest, 0 = none);
+    ``ranks``: the group's ranks (positions in the expert-parallel world); ``level``: the outermost link level it spans (1 = slowest, 0 = none);
     ``rows``: rows of its payloads together (counts and metadata included); ``start``/``end``: ``perf_counter``
     seconds."""
 
