@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_lightning import ExpertParallel
-from hiermoe_lightning.dispatch.engine import DispatchHandle, combine, dispatch_blocks, gather_rows
+from hiermoe_lightning.dispatch.engine import DispatchHandle, combine, dispatch_blocks, gather_rows, total_rows
 from hiermoe_lightning.placement import Placement
 from hiermoe_lightning.testing import run_ranks
 
@@ -63,8 +63,8 @@ def _timeline_on_rank(rank: int, world: int, dispatch: str, chunks: int, num_exp
             blocks, w, prow, _ = dispatch_blocks(x, weight, pair_row, pair_expert, route, handle)
             end = time.perf_counter()
             dispatch_events, handle.trace = handle.trace, []
-            num_rows = sum(b.shape[0] for b in blocks)  # stand-in experts: each row's weighted copies, summed
-            y = torch.zeros(num_rows, hidden).index_add_(0, prow, gather_rows(blocks, prow) * w[:, None])
+            # stand-in experts: each row's weighted copies, summed
+            y = torch.zeros(total_rows(blocks), hidden).index_add_(0, prow, gather_rows(blocks, prow) * w[:, None])
             dist.barrier()
             combine_start = time.perf_counter()
             combine(y, handle, torch.float32)

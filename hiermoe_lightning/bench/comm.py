@@ -42,7 +42,8 @@ from ..cli.flags import int_flag
 from ..cli.main import CLIError
 from ..cost.model import predict
 from ..cost.traffic import check_expert_ids, dispatch_rows, lower_bound_level1_bytes
-from ..dispatch.engine import DispatchHandle, combine, dispatch_blocks, gather_rows, validate_pipeline_chunks
+from ..dispatch.engine import (DispatchHandle, combine, dispatch_blocks, gather_rows, total_rows,
+                               validate_pipeline_chunks)
 from ..dispatch.spec import parse_dispatch, validate_dispatch
 from ..parallel import ExpertParallel
 from ..placement.placement import Placement
@@ -194,7 +195,7 @@ def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
                 start = time.perf_counter()
                 rows, pw, prow, _pexp = dispatch_blocks(x, pair_weight, pair_row, pair_expert, route, handle)
                 t_disp = time.perf_counter() - start
-                y = torch.zeros(sum(b.shape[0] for b in rows), M, dtype=torch.float32).index_add_(
+                y = torch.zeros(total_rows(rows), M, dtype=torch.float32).index_add_(
                     0, prow, gather_rows(rows, prow).float() * pw[:, None])  # stand-in experts: not timed
                 dist.barrier()
                 start_comb = time.perf_counter()

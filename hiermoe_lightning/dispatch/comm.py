@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["PeerGroup", "Gathered", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows",
+__all__ = ["PeerGroup", "Gathered", "num_rows", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows",
            "SplitMismatchError"]
 
 
@@ -65,6 +65,11 @@ class Gathered:
         return self.source.index_select(0, self.index)
 
 
+def num_rows(x: "torch.Tensor | Gathered") -> int:
+    """Rows of a payload, gathered or not."""
+    return x.num_rows if isinstance(x, Gathered) else x.shape[0]
+
+
 def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
     """Post several all-to-alls on one group at once, without waiting: each payload ``(x, send_splits,
     recv_splits)`` sends rows ``x`` ``[sum(send_splits), ...]`` (a tensor or :class:`Gathered`) grouped by peer and
@@ -77,7 +82,7 @@ def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
     """
     checked = []
     for x, send_splits, recv_splits in payloads:
-        rows = x.num_rows if isinstance(x, Gathered) else x.shape[0]
+        rows = num_rows(x)
         if rows != sum(send_splits):
             raise ValueError(f"exchange got {rows} rows but send splits sum to {sum(send_splits)}")
         checked.append((x if isinstance(x, Gathered) else x.contiguous(), list(send_splits), list(recv_splits)))

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .comm import Gathered, PeerGroup, SplitMismatchError, start_exchange
+from .comm import Gathered, PeerGroup, SplitMismatchError, num_rows, start_exchange
 from .spec import DispatchSpec
 
 __all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle",
            "TraceEvent", "pack_pairs", "unpack_pairs",
-           "plan_hop", "dispatch", "dispatch_blocks", "gather_rows", "combine", "apply_experts"]
+           "plan_hop", "dispatch", "dispatch_blocks", "total_rows", "gather_rows", "combine", "apply_experts"]
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ class Chunk:
 class TraceEvent:
     """One post or wait of an exchange, recorded when :attr:`DispatchHandle.trace` is a list.
 
-    ``ranks``: the group's ranks (positions in the expert-parallel world); ``level``: the outermost link level it spans (1 = slowest, 0 = none);
-    ``rows``: rows of its payloads together (counts and metadata included); ``start``/``end``: ``perf_counter``
-    seconds."""
+    ``ranks``: the group's ranks (positions in the expert-parallel world); ``level``: the outermost link level it
+    spans (1 = slowest, 0 = none); ``rows``: rows of its payloads together (counts and metadata included);
+    ``start``/``end``: ``perf_counter`` seconds."""
 
     kind: str  # "post" or "wait"
     ranks: tuple[int, ...]
@@ -215,7 +215,7 @@ def _link_level(peer_level) -> int:
 def _record(handle: DispatchHandle, kind: str, request: _Exchange, start: float) -> None:
     """Append a :class:`TraceEvent` (``start`` .. now) when the handle is tracing."""
     if handle.trace is not None:
-        rows = sum(x.num_rows if isinstance(x, Gathered) else x.shape[0] for x, _, _ in request.payloads)
+        rows = sum(num_rows(x) for x, _, _ in request.payloads)
         handle.trace.append(TraceEvent(kind, tuple(request.peers.ranks), request.level, rows, start,
                                        time.perf_counter()))
 
@@ -386,6 +386,13 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
     return rows, weight, pair_row, pair_expert
 
 
+def _sum_copies(h: Hop, received: torch.Tensor) -> torch.Tensor:
+    """Rows received back over hop ``h`` ``[S, M]`` -> ``[num_prev_rows, M]`` fp32: the copies of each row summed
+    where the hop sent them from (a relay's step on the way back to the tokens)."""
+    return received.new_zeros(h.num_prev_rows, received.shape[1], dtype=torch.float32).index_add_(
+        0, h.send_src_row, received.float())
+
+
 def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype, grad_x: torch.Tensor):
     """Mirror of the dispatch: row grads summed over a row's copies at every hop (the first hop's straight into the
     shared fp32 ``grad_x`` ``[T, M]``), weight grads back to their pairs. A program without hops: its rows are
@@ -400,8 +407,7 @@ def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype, gr
         if h is chunk.hops[0]:
             grad_x.index_add_(0, h.send_src_row + chunk.token_start, received[0].float())
         else:
-            grad_rows = received[0].new_zeros(h.num_prev_rows, received[0].shape[1], dtype=torch.float32).index_add_(
-                0, h.send_src_row, received[0].float()).to(x_dtype)
+            grad_rows = _sum_copies(h, received[0]).to(x_dtype)
         if grad_weight is not None:
             grad_weight = received[1].new_empty(h.num_prev_pairs)
             grad_weight[h.pair_order] = received[1]
@@ -420,8 +426,7 @@ def _combine_program(chunk: Chunk, y, out_dtype, out: torch.Tensor):
         if h is chunk.hops[0]:
             out.index_add_(0, h.send_src_row + chunk.token_start, back.float())
         else:
-            y = back.new_zeros(h.num_prev_rows, back.shape[1], dtype=torch.float32).index_add_(
-                0, h.send_src_row, back.float())
+            y = _sum_copies(h, back)
 
 
 def _combine_backward_program(chunk: Chunk, grad):
@@ -599,6 +604,11 @@ def dispatch(x, pair_weight, pair_row, pair_expert, route: Route, handle: Dispat
     return _cat(list(blocks)), weight, pair_row, pair_expert
 
 
+def total_rows(rows) -> int:
+    """Rows of a tensor ``[R, M]`` or of the blocks :func:`dispatch_blocks` returns (their concatenation's ``R``)."""
+    return rows.shape[0] if isinstance(rows, torch.Tensor) else sum(b.shape[0] for b in rows)
+
+
 def gather_rows(rows, index: torch.Tensor) -> torch.Tensor:
     """``rows[index]`` where ``rows`` is a tensor ``[R, M]`` or blocks whose concatenation it would be, without
     concatenating. Every block stays connected to the result in autograd (even when none of its rows is read), so
@@ -635,7 +645,7 @@ def apply_experts(experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_
     rows_per_slot = torch.bincount(pair_slot, minlength=experts.num_slots).tolist()
     src_row = pair_row[order]
     out = experts(gather_rows(rows, src_row), rows_per_slot, scale=pair_weight[order]).float()
-    num_rows = rows.shape[0] if isinstance(rows, torch.Tensor) else sum(b.shape[0] for b in rows)
+    num_rows = total_rows(rows)
     if one_pair_per_row and src_row.numel() == num_rows:
         inverse = torch.empty_like(src_row)
         inverse[src_row] = torch.arange(src_row.numel(), device=src_row.device)
