@@ -9,6 +9,7 @@ from torch import nn
 from .cost.link_costs import LinkCosts
 from .dispatch.comm import PeerGroup
 from .dispatch.engine import PhaseRoute, Route, validate_pipeline_chunks
+from .dispatch.shm import SharedMemoryChannel, open_channel
 from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
 from .layer import MoELayer
 from .placement import Placement
@@ -101,12 +102,20 @@ class ExpertParallel:
         pipeline_chunks: split each dispatch's tokens into this many chunks and run their hops as a software
             pipeline, so one chunk's fast intra-node hop and local copies overlap the next chunk's slow inter-node
             transfer (1 = no pipelining; 2-4 pays off when the inter-node link dominates; results are identical).
+        shared_memory: between ranks on one host (same boot, pid and network namespace: checked collectively here)
+            of a gloo group, move CPU payloads through shared memory instead of the loopback socket (one copy in,
+            one copy out; :mod:`~hiermoe_lightning.dispatch.shm`). False = always through the process group.
+            Results are identical either way.
     """
 
     def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
-                 verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1):
+                 verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1,
+                 shared_memory: bool = True):
         if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
             raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
+        if not isinstance(shared_memory, bool):
+            raise ValueError(f"shared_memory must be True or False, got {shared_memory!r}")
+        self.shared_memory = shared_memory
         self.pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
         self.auto_interval = auto_interval
         topo = Topology.parse(topology) if topology is not None else None
@@ -140,6 +149,7 @@ class ExpertParallel:
     def _build_groups(self, local_sync: bool) -> dict[str, PeerGroup]:
         phases = ["a2a"] + [f"{k}{i}" for i in range(1, self.topology.num_levels) for k in ("inter", "intra")]
         made: dict[tuple[int, ...], "dist.ProcessGroup | None"] = {}
+        channels: dict[tuple[int, ...], "SharedMemoryChannel | None"] = {}
         out: dict[str, PeerGroup] = {}
         for phase in phases:
             for members in phase_groups(self.topology, phase):
@@ -155,8 +165,12 @@ class ExpertParallel:
                 if self.rank in members:
                     pg = made[key]
                     receive_first = pg is not None and dist.get_backend(pg) == "gloo"
+                    if key not in channels:  # collective over the group's members, in the same order everywhere
+                        channels[key] = (open_channel(pg, len(members), members.index(self.rank))
+                                         if receive_first and self.shared_memory else None)
                     out[phase] = PeerGroup(pg, len(members), members.index(self.rank), key,
-                                           tuple(self.global_ranks[m] for m in members), receive_first)
+                                           tuple(self.global_ranks[m] for m in members), receive_first,
+                                           channels[key])
         return out
 
     def peer_group(self, phase: str) -> PeerGroup:

@@ -57,6 +57,8 @@ class HierMoEStrategy(DDPStrategy):
         auto_interval: with ``dispatch="auto"``, re-choose each layer's depth every this many training forwards.
         pipeline_chunks: run each dispatch as a pipeline of this many token chunks, overlapping one chunk's
             intra-node hop with the next chunk's inter-node transfer (1 = off; results are identical).
+        shared_memory: between ranks of one host (and network namespace), CPU payloads of gloo groups go through
+            shared memory instead of the loopback socket (False = always the process group; results are identical).
         checkpoint_format: ``"full"`` (one portable file: the unsharded model and optimizer state, loadable into a
             plain single-process model) or ``"sharded"`` (a directory written with torch.distributed.checkpoint:
             every rank writes only its experts; for large models). Both resume on any world size.
@@ -73,6 +75,7 @@ class HierMoEStrategy(DDPStrategy):
         verify_splits: bool = False,
         auto_interval: int = 50,
         pipeline_chunks: int = 1,
+        shared_memory: bool = True,
         checkpoint_format: str = "full",
         accelerator: Optional[Any] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -104,6 +107,9 @@ class HierMoEStrategy(DDPStrategy):
             raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
         self._auto_interval = auto_interval
         self._pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
+        if not isinstance(shared_memory, bool):
+            raise ValueError(f"shared_memory must be True or False, got {shared_memory!r}")
+        self._shared_memory = shared_memory
         if checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")
         self.checkpoint_format = checkpoint_format
@@ -154,7 +160,8 @@ class HierMoEStrategy(DDPStrategy):
         if self.expert_parallel is None:
             self.expert_parallel = ExpertParallel(self.topology, dispatch=self._dispatch, link_costs=self._link_costs,
                                                   verify_splits=self._verify_splits, auto_interval=self._auto_interval,
-                                                  pipeline_chunks=self._pipeline_chunks)
+                                                  pipeline_chunks=self._pipeline_chunks,
+                                                  shared_memory=self._shared_memory)
         if not layers or all(layer.is_sharded for layer in layers):
             return
         self.expert_parallel.shard_(module)

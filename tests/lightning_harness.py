@@ -66,7 +66,8 @@ class SaveAtEnd(pl.Callback):
 
 def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimizer="adamw", clip=None,
         accumulate=1, ckpt_path=None, save_path=None, tag="run", samples=40, model_kwargs=None, check_replicas=False,
-        checkpoint_format="full", extra_callbacks=(), link_costs="paper-a6000", logger=False, pipeline_chunks=1):
+        checkpoint_format="full", extra_callbacks=(), link_costs="paper-a6000", logger=False, pipeline_chunks=1,
+        shared_memory=True):
     """Train; return the recorded global losses."""
     losses_path = os.path.join(tmp, f"{tag}.json")
     callbacks = [RecordLosses(losses_path)] + ([SaveAtEnd(save_path)] if save_path else [])
@@ -79,7 +80,7 @@ def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimi
     else:
         strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60,
                                    checkpoint_format=checkpoint_format, link_costs=link_costs,
-                                   pipeline_chunks=pipeline_chunks)
+                                   pipeline_chunks=pipeline_chunks, shared_memory=shared_memory)
         devices = world
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs, logger=logger, callbacks=callbacks,

@@ -38,10 +38,11 @@ def reference_runs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("dispatch, chunks", [("flat", 1), ("hd2", 1), ("auto", 1), ("hd2", 3)])
-def test_four_ranks_equal_one_process_adamw(tmp_path, reference_runs, dispatch, chunks):
+@pytest.mark.parametrize("dispatch, chunks, shared_memory",
+                         [("flat", 1, True), ("hd2", 1, True), ("auto", 1, True), ("hd2", 3, True), ("hd2", 3, False)])
+def test_four_ranks_equal_one_process_adamw(tmp_path, reference_runs, dispatch, chunks, shared_memory):
     losses, parent_model = fit(str(tmp_path), 4, topology="2x2", dispatch=dispatch, max_epochs=2, tag=dispatch,
-                               check_replicas=True, pipeline_chunks=chunks)
+                               check_replicas=True, pipeline_chunks=chunks, shared_memory=shared_memory)
     assert len(losses) == 10
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_runs["adamw"]), **TOL)
     replicas = json.load(open(tmp_path / f"{dispatch}.replicas.json"))
@@ -127,6 +128,8 @@ def test_bad_strategy_arguments_raise_at_construction():
         HierMoEStrategy(topology="2x")
     with pytest.raises(ValueError, match="pipeline_chunks"):
         HierMoEStrategy(topology="2x2", pipeline_chunks=0)
+    with pytest.raises(ValueError, match="shared_memory must be True or False"):
+        HierMoEStrategy(topology="2x2", shared_memory=1)
 
 
 @pytest.mark.parametrize("resume_world", [4, 2])

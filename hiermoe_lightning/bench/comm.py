@@ -101,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pipeline-chunks", type=int, default=1, metavar="C",
                    help="split each dispatch's tokens into C chunks run as a software pipeline over the hops "
                         "(ExpertParallel(pipeline_chunks=C)); the prediction models the same pipeline (default 1)")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   help="ranks of one node exchange through the process group's loopback sockets instead of shared "
+                        "memory (ExpertParallel(shared_memory=False)), for an A/B")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds before the spawned ranks are killed (default 900)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -147,6 +150,7 @@ def _resolve(args: argparse.Namespace):
     _int(args.iters, "--iters", 1)
     _int(args.warmup, "--warmup", 0)
     args.pipeline_chunks = getattr(args, "pipeline_chunks", 1)
+    args.shared_memory = getattr(args, "shared_memory", True)
     validate_pipeline_chunks(args.pipeline_chunks, "--pipeline-chunks")
     if isinstance(args.timeout, bool) or not isinstance(args.timeout, (int, float)) or not args.timeout > 0:
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
@@ -165,7 +169,8 @@ def _resolve(args: argparse.Namespace):
 def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
     topology, ids_all, M = cfg["topology"], cfg["ids"], cfg["hidden_size"]
     dtype, D = DTYPES[cfg["dtype"]], topology.num_levels
-    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"], pipeline_chunks=cfg["pipeline_chunks"])
+    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"], pipeline_chunks=cfg["pipeline_chunks"],
+                        shared_memory=cfg["shared_memory"])
     placement = Placement.contiguous(cfg["num_experts"], world)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
 
@@ -287,7 +292,8 @@ def run(args: argparse.Namespace) -> dict:
 
     cfg = {"topology": topology, "ids": ids, "hidden_size": M, "dtype": args.dtype, "num_experts": E,
            "seed": args.seed, "link_costs": link_costs, "names": names, "chosen": chosen,
-           "warmup": args.warmup, "iters": args.iters, "pipeline_chunks": args.pipeline_chunks}
+           "warmup": args.warmup, "iters": args.iters, "pipeline_chunks": args.pipeline_chunks,
+           "shared_memory": args.shared_memory}
     launch = dict(timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
     if args.emulate_inter_mbit is None:
         per_rank = run_ranks(_rank_fn, G, cfg, **launch)
@@ -363,6 +369,7 @@ def run(args: argparse.Namespace) -> dict:
         "iters": args.iters,
         "warmup": args.warmup,
         "pipeline_chunks": args.pipeline_chunks,
+        "shared_memory": args.shared_memory,
         "link_costs": link_costs.name,
         "predicted_note": PREDICTED_NOTE,
     }
@@ -376,6 +383,7 @@ def format_report(report: dict) -> str:
             f"{report['tokens_per_rank']} tokens/rank, routing {report['routing']} (seed {report['seed']}), "
             f"{report['iters']} iters after {report['warmup']} warmup"
             + (f", {report['pipeline_chunks']} pipeline chunks" if report.get("pipeline_chunks", 1) != 1 else "")
+            + ("" if report.get("shared_memory", True) else ", no shared memory")
             + "; times are the slowest rank's dispatch + the slowest rank's combine (expert step not timed)")
     results = report["results"]
     levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=lambda s: int(s[5:]))

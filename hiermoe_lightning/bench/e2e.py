@@ -118,6 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dispatch auto re-chooses each layer's depth every this many steps (default 50)")
     p.add_argument("--pipeline-chunks", type=int, default=1,
                    help="token chunks each dispatch runs as a pipeline (HierMoEStrategy pipeline_chunks; default 1)")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   help="ranks of one node exchange through loopback sockets instead of shared memory "
+                        "(HierMoEStrategy shared_memory=False), for an A/B")
     p.add_argument("--emulate-inter-mbit", type=int, default=None, metavar="N",
                    help="run each top-level group of ranks in its own network namespace, node links limited to "
                         "N Mbit/s each way (needs root; exit status 3 otherwise)")
@@ -222,6 +225,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     return {"topology": topology, "world": world, "names": names, "link_costs": link_costs, "model": model_kwargs,
             "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
             "warmup": args.warmup_steps, "auto_interval": args.auto_interval, "pipeline_chunks": args.pipeline_chunks,
+            "shared_memory": bool(getattr(args, "shared_memory", True)),
             "plan_every_n_steps": args.plan_every_n_steps, "max_swaps_per_plan": args.max_swaps_per_plan,
             "charge_migration": bool(getattr(args, "charge_migration", True))}
 
@@ -386,7 +390,8 @@ def _rank_fn(rank: int, world: int, cfg: dict, variant: str) -> dict:
         monitor = DedupMonitor(print_summary=False)
     timer = _make_timer(cfg["warmup"], monitor)
     strategy = HierMoEStrategy(topology=str(cfg["topology"]), dispatch=dispatch, link_costs=cfg["link_costs"],
-                               auto_interval=cfg["auto_interval"], pipeline_chunks=cfg["pipeline_chunks"])
+                               auto_interval=cfg["auto_interval"], pipeline_chunks=cfg["pipeline_chunks"],
+                               shared_memory=cfg["shared_memory"])
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, plugins=[ExternalRankEnvironment(rank, world)],
         max_steps=cfg["warmup"] + cfg["steps"], max_epochs=-1, callbacks=[monitor, timer], logger=False,
@@ -505,6 +510,7 @@ def run(args: argparse.Namespace) -> dict:
         "link_cost_phases": {k: {"alpha": pc.alpha, "beta": pc.beta, "r2": pc.r2}
                              for k, pc in cfg["link_costs"].phases.items()},
         "auto_interval": args.auto_interval, "pipeline_chunks": args.pipeline_chunks,
+        "shared_memory": cfg["shared_memory"],
         "data": args.data or "default corpus (pydoc topics)",
         "bytes_note": BYTES_NOTE,
         "cpu_count": os.cpu_count(),
@@ -528,7 +534,9 @@ def format_report(report: dict) -> str:
             f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts "
             f"top-{model['top_k']} (expert FFN {model['ffn_hidden_size']}), seq {report['seq_len']} x batch "
             f"{report['batch_size_per_rank']}/rank = {report['tokens_per_step']} tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup"
-            + (f", median of {report['repeats']} repeats (round robin)" if report.get("repeats", 1) > 1 else ""))
+            + (f", median of {report['repeats']} repeats (round robin)" if report.get("repeats", 1) > 1 else "")
+            + (f", {report['pipeline_chunks']} pipeline chunks" if report.get("pipeline_chunks", 1) != 1 else "")
+            + ("" if report.get("shared_memory", True) else ", no shared memory"))
     if "emulation" in report:
         em = report["emulation"]
         head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "

@@ -3,17 +3,24 @@
 gloo does not check that a sender and a receiver agree on split sizes (too few rows leaves garbage, too many aborts
 the receiver), so every payload exchange is preceded by a count exchange, and the engine can verify agreement (``verify_splits``)
 collectively (every rank raises the same error, so none waits forever).
+
+Between ranks of one host (a group with a :class:`~hiermoe_lightning.dispatch.shm.SharedMemoryChannel`, CPU
+tensors) payloads go through shared memory: the sender writes each peer's rows into a buffer the peer has mapped
+and sends it a small ready message over the group; the receiver copies them out. The counts still come first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from .shm import SharedMemoryChannel, SharedMemoryError
+
 __all__ = ["PeerGroup", "Gathered", "num_rows", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows",
-           "SplitMismatchError"]
+           "SplitMismatchError", "SharedMemoryError"]
 
 
 class SplitMismatchError(ValueError):
@@ -30,6 +37,7 @@ class PeerGroup:
     ranks: tuple[int, ...]  # positions in the expert-parallel world, ordered by peer index
     global_ranks: tuple[int, ...] = ()  # the same peers as ranks of the default group (for point-to-point)
     receive_first: bool = False  # payloads as point-to-point with every receive posted before any send (gloo)
+    shm: "SharedMemoryChannel | None" = field(default=None, compare=False, repr=False)  # same-host payloads
 
     @property
     def is_local(self) -> bool:
@@ -46,6 +54,49 @@ class PendingExchange:
         for work in self._works:
             work.wait()
         self._works = []
+        return self._outputs
+
+
+class _SharedMemoryExchange(PendingExchange):
+    """Payloads written into shared memory: ``wait()`` takes every peer's ready message, then copies its rows out."""
+
+    def __init__(self, outputs, works, channel: SharedMemoryChannel, parity: int, ready_in: torch.Tensor,
+                 recv: list[tuple[list[int], int]], error: str | None, peers: PeerGroup, tag: int, ack_works: list):
+        super().__init__(outputs, works)
+        self._channel, self._parity, self._ready_in, self._recv, self._error = channel, parity, ready_in, recv, error
+        self._peers, self._tag, self._ack_works = peers, tag, ack_works
+
+    def wait(self) -> list[torch.Tensor]:
+        super().wait()
+        failed = [q for q in range(self._channel.size) if q != self._channel.index and
+                  bool((self._ready_in[q, :, 0] == _FAILED).any())]
+        mapped = set()  # peers whose new buffer this rank mapped now: they wait for word of it
+        for slot, (out, (recv_splits, row_bytes)) in enumerate(zip(self._outputs, self._recv)):
+            offset = 0
+            for q, n in enumerate(recv_splits):
+                fd, gen = (int(v) for v in self._ready_in[q, slot])
+                if q != self._channel.index and n > 0 and fd != _FAILED:
+                    src, fresh = self._channel.inbox(q, self._parity, slot, fd, gen, n * row_bytes)
+                    out[offset:offset + n].copy_(src.view(out.dtype).view(n, *out.shape[1:]))
+                    if fresh:
+                        mapped.add(q)
+                offset += n
+        self._ready_in = None
+        if mapped:
+            ack = torch.ones(1, dtype=torch.int64)
+            ops = [dist.P2POp(dist.isend, ack, self._peers.global_ranks[q], self._peers.group, self._tag + _ACK_TAG)
+                   for q in sorted(mapped)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for work in self._ack_works:  # after sending ours: two ranks may each wait for the other's
+            work.wait()
+        self._ack_works = []
+        # errors only now: the exchange has run its course on every rank, so the group stays usable
+        if self._error is not None:
+            raise SharedMemoryError(self._error)
+        if failed:
+            raise SharedMemoryError(f"peer(s) {failed} of this group could not allocate shared memory for their rows "
+                                    f"(free memory, or pass shared_memory=False to use the process group)")
         return self._outputs
 
 
@@ -88,6 +139,8 @@ def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
         checked.append((x if isinstance(x, Gathered) else x.contiguous(), list(send_splits), list(recv_splits)))
     if peers.is_local:
         return PendingExchange([x.materialize() if isinstance(x, Gathered) else x for x, _, _ in checked], [])
+    if peers.shm is not None and all(_source(x).device.type == "cpu" for x, _, _ in checked):
+        return _start_shared(checked, peers, tag)
     outputs, works = [], []
     for i, (x, send_splits, recv_splits) in enumerate(checked):
         like = x.source if isinstance(x, Gathered) else x
@@ -100,6 +153,70 @@ def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
             works.append(dist.all_to_all_single(out, rows, output_split_sizes=recv_splits,
                                                 input_split_sizes=send_splits, group=peers.group, async_op=True))
     return PendingExchange(outputs, works)
+
+
+def _source(x: "torch.Tensor | Gathered") -> torch.Tensor:
+    return x.source if isinstance(x, Gathered) else x
+
+
+def _offsets(splits: list[int]) -> list[int]:
+    out = [0]
+    for n in splits:
+        out.append(out[-1] + n)
+    return out
+
+
+def _copy_block(dst: torch.Tensor, x: "torch.Tensor | Gathered", start: int, end: int) -> None:
+    """Rows ``start:end`` of a payload into ``dst`` (a gathered payload is gathered straight into it)."""
+    if isinstance(x, Gathered):
+        torch.index_select(x.source, 0, x.index[start:end], out=dst)
+    else:
+        dst.copy_(x[start:end])
+
+
+_FAILED = -2  # fd in a ready message: the sender could not allocate its buffer
+_ACK_TAG = 7  # tag offset of "mapped your new buffer" (shared-memory exchanges use only the tag itself besides)
+
+
+def _start_shared(checked: list, peers: PeerGroup, tag: int) -> PendingExchange:
+    """:func:`start_exchange` through ``peers.shm``: each peer's rows written into its shared buffer (this rank's
+    own block straight into the output), then one ready message ``[payloads, 2]`` (fd, generation of each
+    payload's buffer; -1 = no rows) to every peer, rows or not (see :mod:`~hiermoe_lightning.dispatch.shm`)."""
+    channel, me = peers.shm, peers.index
+    parity = channel.begin_exchange()
+    ready = torch.full((peers.size, len(checked), 2), -1, dtype=torch.int64)
+    outputs, recv, error, fresh_to = [], [], None, set()
+    for slot, (x, send_splits, recv_splits) in enumerate(checked):
+        like = _source(x)
+        out = like.new_empty((sum(recv_splits), *like.shape[1:]))
+        row_bytes = like.element_size() * math.prod(like.shape[1:])
+        send_off, recv_off = _offsets(send_splits), _offsets(recv_splits)
+        _copy_block(out[recv_off[me]:recv_off[me + 1]], x, send_off[me], send_off[me + 1])
+        for p, n in enumerate(send_splits):
+            if p == me or n == 0 or row_bytes == 0:
+                continue
+            try:
+                data, fd, gen, fresh = channel.outbox(p, parity, slot, n * row_bytes)
+            except SharedMemoryError as e:  # tell the peers (they raise too) instead of leaving them waiting
+                ready[p, slot, 0], error = _FAILED, str(e)
+                continue
+            _copy_block(data.view(like.dtype).view(n, *like.shape[1:]), x, send_off[p], send_off[p + 1])
+            ready[p, slot, 0], ready[p, slot, 1] = fd, gen
+            if fresh:
+                fresh_to.add(p)
+        outputs.append(out)
+        recv.append((list(recv_splits), row_bytes))
+    ready_in = torch.empty_like(ready)
+    ops = [dist.P2POp(dist.irecv, ready_in[q], peers.global_ranks[q], peers.group, tag)
+           for q in range(peers.size) if q != me]
+    ops += [dist.P2POp(dist.isend, ready[p], peers.global_ranks[p], peers.group, tag)
+            for p in range(peers.size) if p != me]
+    works = list(dist.batch_isend_irecv(ops))
+    acks = torch.empty(peers.size, 1, dtype=torch.int64)  # a new buffer must be mapped before this rank may exit
+    ack_ops = [dist.P2POp(dist.irecv, acks[p], peers.global_ranks[p], peers.group, tag + _ACK_TAG)
+               for p in sorted(fresh_to)]
+    ack_works = list(dist.batch_isend_irecv(ack_ops)) if ack_ops else []
+    return _SharedMemoryExchange(outputs, works, channel, parity, ready_in, recv, error, peers, tag, ack_works)
 
 
 def exchange_counts(send_counts: torch.Tensor, peers: PeerGroup) -> torch.Tensor:
@@ -127,21 +244,13 @@ def _post_receive_first(out, x, send_splits, recv_splits, peers: PeerGroup, tag:
     Zero-row messages are skipped on both sides (their sizes are agreed beforehand); ``tag`` keeps payloads posted
     together apart.
     """
-    recv_offsets = [0]
-    for r in recv_splits:
-        recv_offsets.append(recv_offsets[-1] + r)
-    send_offsets = [0]
-    for s in send_splits:
-        send_offsets.append(send_offsets[-1] + s)
+    recv_offsets, send_offsets = _offsets(recv_splits), _offsets(send_splits)
     me = peers.index
-    own_recv = out[recv_offsets[me]:recv_offsets[me + 1]]
-    if isinstance(x, Gathered):  # own block gathered straight into the receive buffer, the rest into a send buffer
-        torch.index_select(x.source, 0, x.index[send_offsets[me]:send_offsets[me + 1]], out=own_recv)
+    _copy_block(out[recv_offsets[me]:recv_offsets[me + 1]], x, send_offsets[me], send_offsets[me + 1])
+    if isinstance(x, Gathered):  # the rest gathered into one send buffer
         own = send_offsets[me + 1] - send_offsets[me]
         x = x.source.index_select(0, torch.cat([x.index[:send_offsets[me]], x.index[send_offsets[me + 1]:]]))
         send_offsets = [o if i <= me else o - own for i, o in enumerate(send_offsets)]
-    else:
-        own_recv.copy_(x[send_offsets[me]:send_offsets[me + 1]])
     ops = [dist.P2POp(dist.irecv, out[recv_offsets[p]:recv_offsets[p + 1]], peers.global_ranks[p], peers.group, tag)
            for p in range(peers.size) if p != me and recv_splits[p] > 0]
     ops += [dist.P2POp(dist.isend, x[send_offsets[p]:send_offsets[p + 1]], peers.global_ranks[p], peers.group, tag)

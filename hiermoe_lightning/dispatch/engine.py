@@ -227,7 +227,8 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     ``level``; ties in chunk order), so bulk inter-node payloads start before the local gathers of intra-node ones.
     On the outermost links (level 1, the slowest) every waiting exchange is posted at once and they queue back to
     back, so the link never idles between chunks (each exchange on a group has its own tags, and messages reach a
-    peer in the order posted); on faster links one exchange is in flight per group, so the one that feeds the slow
+    peer in the order posted); on faster links, and on every shared-memory group (which requires it: see
+    :mod:`~hiermoe_lightning.dispatch.shm`), one exchange is in flight per group, so the one that feeds the slow
     link next is not slowed by the others. The runner waits for the in-flight exchange on the fastest link first (it
     is likely done; ties in chunk order), advances that program's local work and posts again at once: a chunk's
     intra-node hop runs while the next chunk crosses the slow link. Every decision depends only on the programs'
@@ -252,8 +253,8 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
         busy = {id(group) for _, _, group, _, _ in in_flight}
         for level, i in sorted((r.level, i) for i, r in enumerate(requests) if r is not None):
             group = id(requests[i].peers.group)
-            if group in busy and level != 1:  # queue back to back only on the slowest (outermost) links
-                continue
+            if group in busy and (level != 1 or requests[i].peers.shm is not None):
+                continue  # queue back to back only on the slowest links, never on shared memory (one in flight)
             busy.add(group)
             request, requests[i] = requests[i], None
             seq = posted.get(group, 0)

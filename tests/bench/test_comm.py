@@ -55,7 +55,7 @@ def test_contract_keys(small_report):
     assert r["chosen"] in {"hd1", "hd2"} and r["results"]["auto"]["resolved"] == r["chosen"]
     assert set(r["lower_bound"]) == {"bytes_by_level"} and set(r["lower_bound"]["bytes_by_level"]) == {"level1"}
     assert "predicted_note" in r and "combine window" in r["predicted_note"]
-    assert r["pipeline_chunks"] == 1
+    assert r["pipeline_chunks"] == 1 and r["shared_memory"] is True
     json.dumps(r)  # serialisable
 
 
@@ -104,6 +104,14 @@ def test_engine_terms_and_pipeline_chunks(tmp_path):
         assert res["max_abs_err"] < 1e-4, name
         assert res["bytes_by_level"] == independent_bytes(concrete, ids, 32, 4, 8), name
     assert "2 pipeline chunks" in comm.format_report(r)
+
+
+def test_no_shared_memory_moves_the_same_rows_through_the_process_group():
+    r = comm.run(parse([*SMALL, "--pipeline-chunks", "2", "--dispatch", "hd2", "--no-shared-memory"]))
+    assert r["shared_memory"] is False and "no shared memory" in comm.format_report(r)
+    ids = generate_routing("uniform", 4, 64, 8, 2, seed=0)
+    assert r["results"]["hd2"]["max_abs_err"] < 1e-4
+    assert r["results"]["hd2"]["bytes_by_level"] == independent_bytes("hd2", ids, 32, 4, 8)
 
 
 def test_text_table(small_report):

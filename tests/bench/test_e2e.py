@@ -43,7 +43,7 @@ def plain_report():
 def test_flat_and_auto_on_four_ranks(plain_report):
     r = plain_report
     assert r["world_size"] == 4 and r["topology"] == "2x2" and r["variants"] == ["flat", "auto"]
-    assert r["pipeline_chunks"] == 2
+    assert r["pipeline_chunks"] == 2 and r["shared_memory"] is True
     assert r["tokens_per_step"] == 4 * 2 * 16
     assert "emulation" not in r
     for name in ("flat", "auto"):
@@ -66,10 +66,11 @@ def test_flat_and_auto_on_four_ranks(plain_report):
 def test_emulated_network_runs_as_root(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     status = e2e.main(parse([*TINY, "--dispatch", "hd2", "--swaps", "--plan-every-n-steps", "1",
-                             "--emulate-inter-mbit", "1000", "--output", str(out)]))
+                             "--emulate-inter-mbit", "1000", "--no-shared-memory", "--output", str(out)]))
     assert status == 0
     r = json.loads(out.read_text())
     assert r["emulation"]["inter_mbit"] == 1000 and r["emulation"]["ranks_per_node"] == 2
+    assert r["shared_memory"] is False
     assert r["variants"] == ["hd2", e2e.SWAPS_VARIANT]
     for res in r["results"].values():
         check_result(res)

@@ -377,3 +377,19 @@ def test_dispatch_timeline_example_splits_the_dispatch_window():
         slow_posts = [e for e in r["events"] if e[0] == "post" and e[2] == 1 and e[3] > len(e[1])]
         assert len(slow_posts) == 2 * 2  # two chunks out (dispatch), two back (combine)
         assert [e[4] for e in r["events"]] == sorted(e[4] for e in r["events"])
+
+
+def _channels_fn(rank, world):
+    from hiermoe_lightning import ExpertParallel
+
+    ep = ExpertParallel("2x2", dispatch="flat")
+    return {phase: ep.peer_group(phase).shm is not None for phase in ("a2a", "inter1", "intra1")}
+
+
+def test_shared_memory_only_within_an_emulated_node(no_leftovers):
+    # ranks of one node (one network namespace) share memory; groups spanning nodes keep to the emulated links
+    with EmulatedNetwork(2, 1000) as net:
+        out = run_ranks(_channels_fn, 4, netns=net, ranks_per_node=2, timeout=60, pg_timeout=30)
+    assert out == [{"a2a": False, "inter1": False, "intra1": True}] * 4
+    plain = run_ranks(_channels_fn, 4, timeout=60, pg_timeout=30)  # one namespace: every group shares memory
+    assert plain == [{"a2a": True, "inter1": True, "intra1": True}] * 4

@@ -29,6 +29,17 @@ def test_every_dispatch_matches_reference_on_4_ranks(topology):
         assert_matches_reference(case, [r[i] for r in results])
 
 
+def test_every_dispatch_matches_reference_through_the_process_group_too():
+    # the same layers with shared memory off: every byte between ranks of this host crosses gloo's sockets
+    cases = [Case("2x2", name, 16, 8, [7, 4, 0, 6], seed=i + 40, parallel_kwargs={"shared_memory": False})
+             for i, name in enumerate(ALL_2LEVEL)]
+    cases += [Case("2x2", "hd2", 8, 5, [3, 3, 3, 3], seed=50, force_expert=2,
+                   parallel_kwargs={"shared_memory": False, "pipeline_chunks": 2})]
+    results = run_sharded(4, cases)
+    for i, case in enumerate(cases):
+        assert_matches_reference(case, [r[i] for r in results])
+
+
 def test_every_dispatch_matches_reference_on_8_ranks_three_levels():
     names = ["flat", "2dh", "hd1", "hd2", "hd3"]
     cases = []

@@ -64,11 +64,12 @@ def test_pipeline_chunks_is_validated():
 
 
 # ---------------------------------------------------------------------------- the schedule, without processes
-def _program(name, groups, log, levels=None):
-    """A fake chunk program: one exchange per group in turn; returns what it received."""
+def _program(name, groups, log, levels=None, shared=()):
+    """A fake chunk program: one exchange per group in turn (groups in ``shared`` marked as shared-memory ones);
+    returns what it received."""
     got = []
     for i, g in enumerate(groups):
-        peers = PeerGroup(g, 1, 0, (0,))
+        peers = PeerGroup(g, 1, 0, (0,), shm=object() if g in shared else None)
         level = 0 if levels is None else levels[i]
         (out,) = yield engine._Exchange(peers, [(torch.tensor([[len(got)]]), [1], [1])], level)
         log.append((name, g))
@@ -112,6 +113,19 @@ def test_runner_posts_slowest_link_first_waits_fastest_first_and_tags_each_excha
     assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1]), (2, [0])]
     assert posted == posted_expected
     assert log == log_expected
+
+
+def test_runner_keeps_one_exchange_in_flight_on_a_shared_memory_group_even_on_the_slowest_link(monkeypatch):
+    # as the dispatch-like case above, but the inter-node group is a shared-memory one (a single host): chunk 1's
+    # hop waits until chunk 0's is done (its buffers may be reused two exchanges later: dispatch/shm.py)
+    posted = _recording(monkeypatch)
+    log = []
+    handle = engine.DispatchHandle("hd2", 2, 4)
+    programs = [_program(c, [INTER, INTRA], log, levels=[1, 2], shared={INTER}) for c in range(2)]
+    programs.append(_program(2, [INTRA], log, levels=[2]))
+    assert engine._run_pipeline(programs, handle) == [(0, [0, 1]), (1, [0, 1]), (2, [0])]
+    assert posted == [(INTER, 0), (INTRA, 0), (INTER, 8), (INTRA, 8), (INTRA, 16)]
+    assert log == [(2, INTRA), (0, INTER), (0, INTRA), (1, INTER), (1, INTRA)]
 
 
 def test_trace_records_every_post_and_wait_in_the_runners_order():
