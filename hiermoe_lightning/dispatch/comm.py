@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .shm import SharedMemoryChannel, SharedMemoryError
 
 __all__ = ["PeerGroup", "Gathered", "num_rows", "PendingExchange", "start_exchange", "exchange_counts", "all_to_all_rows",
-           "SplitMismatchError", "SharedMemoryError"]
+           "SplitMismatchError", "SharedMemoryError", "sizes_ride_along"]
 
 
 class SplitMismatchError(ValueError):
@@ -58,30 +58,44 @@ class PendingExchange:
 
 
 class _SharedMemoryExchange(PendingExchange):
-    """Payloads written into shared memory: ``wait()`` takes every peer's ready message, then copies its rows out."""
+    """Payloads written into shared memory. ``wait()`` takes every peer's ready message (buffer and row count of
+    each payload), allocates the outputs, copies this rank's own block and every peer's rows in, and acknowledges new
+    buffers. With sender-sized payloads (``recv_splits`` None) it also returns the received counts."""
 
-    def __init__(self, outputs, works, channel: SharedMemoryChannel, parity: int, ready_in: torch.Tensor,
-                 recv: list[tuple[list[int], int]], error: str | None, peers: PeerGroup, tag: int, ack_works: list):
-        super().__init__(outputs, works)
-        self._channel, self._parity, self._ready_in, self._recv, self._error = channel, parity, ready_in, recv, error
+    def __init__(self, works, channel: SharedMemoryChannel, parity: int, ready_in: torch.Tensor, payloads: list,
+                 error: str | None, peers: PeerGroup, tag: int, ack_works: list):
+        super().__init__([], works)
+        self._channel, self._parity, self._ready_in, self._error = channel, parity, ready_in, error
+        self._payloads = payloads
         self._peers, self._tag, self._ack_works = peers, tag, ack_works
+        self._sender_sized = any(r is None for _, _, r in payloads)
 
     def wait(self) -> list[torch.Tensor]:
         super().wait()
-        failed = [q for q in range(self._channel.size) if q != self._channel.index and
-                  bool((self._ready_in[q, :, 0] == _FAILED).any())]
+        me, ready = self._channel.index, self._ready_in
+        failed = [q for q in range(self._channel.size) if q != me and bool((ready[q, :, 0] == _FAILED).any())]
+        counts = ready[:, :, 2].clone()  # [peers, payloads] rows each peer announced
+        mismatched = []
         mapped = set()  # peers whose new buffer this rank mapped now: they wait for word of it
-        for slot, (out, (recv_splits, row_bytes)) in enumerate(zip(self._outputs, self._recv)):
-            offset = 0
-            for q, n in enumerate(recv_splits):
-                fd, gen = (int(v) for v in self._ready_in[q, slot])
-                if q != self._channel.index and n > 0 and fd != _FAILED:
+        for slot, (x, send_splits, recv_splits) in enumerate(self._payloads):
+            counts[me, slot] = send_splits[me]
+            announced = counts[:, slot].tolist()
+            if recv_splits is not None and list(recv_splits) != announced:
+                mismatched.append((slot, list(recv_splits), announced))
+            like = _source(x)
+            out = like.new_empty((sum(announced), *like.shape[1:]))
+            row_bytes = like.element_size() * math.prod(like.shape[1:])
+            send_off, recv_off = _offsets(send_splits), _offsets(announced)
+            _copy_block(out[recv_off[me]:recv_off[me + 1]], x, send_off[me], send_off[me + 1])
+            for q, n in enumerate(announced):
+                fd, gen = int(ready[q, slot, 0]), int(ready[q, slot, 1])
+                if q != me and n * row_bytes > 0 and fd != _FAILED:
                     src, fresh = self._channel.inbox(q, self._parity, slot, fd, gen, n * row_bytes)
-                    out[offset:offset + n].copy_(src.view(out.dtype).view(n, *out.shape[1:]))
+                    out[recv_off[q]:recv_off[q + 1]].copy_(src.view(out.dtype).view(n, *out.shape[1:]))
                     if fresh:
                         mapped.add(q)
-                offset += n
-        self._ready_in = None
+            self._outputs.append(out)
+        self._ready_in = self._payloads = None
         if mapped:
             ack = torch.ones(1, dtype=torch.int64)
             ops = [dist.P2POp(dist.isend, ack, self._peers.global_ranks[q], self._peers.group, self._tag + _ACK_TAG)
@@ -97,6 +111,11 @@ class _SharedMemoryExchange(PendingExchange):
         if failed:
             raise SharedMemoryError(f"peer(s) {failed} of this group could not allocate shared memory for their rows "
                                     f"(free memory, or pass shared_memory=False to use the process group)")
+        if mismatched:
+            slot, expected, announced = mismatched[0]
+            raise SplitMismatchError(f"payload {slot}: expected {expected} rows from the peers, they sent {announced}")
+        if self._sender_sized:
+            return self._outputs + [counts]
         return self._outputs
 
 
@@ -126,7 +145,10 @@ def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
     recv_splits)`` sends rows ``x`` ``[sum(send_splits), ...]`` (a tensor or :class:`Gathered`) grouped by peer and
     receives ``[sum(recv_splits), ...]`` grouped by source peer.
 
-    The splits must come from a count exchange (or its mirror): gloo cannot tell if they disagree. Payloads posted
+    The splits must come from a count exchange (or its mirror): gloo cannot tell if they disagree. On a
+    shared-memory group (:func:`sizes_ride_along`) the ready messages carry each block's row count, so ``recv_splits``
+    may be None there (no count exchange first): ``wait()`` then returns one more tensor, ``[peers, payloads]``
+    int64, the rows received from each peer; given splits are checked against them (``SplitMismatchError``). Payloads posted
     together travel concurrently (one latency for all); exchanges on different groups may be in flight together, and
     so may several on one group when each has its own ``tag`` (payload ``i`` uses ``tag + i``; every rank must
     number them alike).
@@ -136,10 +158,15 @@ def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
         rows = num_rows(x)
         if rows != sum(send_splits):
             raise ValueError(f"exchange got {rows} rows but send splits sum to {sum(send_splits)}")
-        checked.append((x if isinstance(x, Gathered) else x.contiguous(), list(send_splits), list(recv_splits)))
+        checked.append((x if isinstance(x, Gathered) else x.contiguous(), list(send_splits),
+                        None if recv_splits is None else list(recv_splits)))
+    shared = sizes_ride_along(peers, *(_source(x) for x, _, _ in checked))
+    if not shared and any(r is None for _, _, r in checked):
+        raise ValueError("recv_splits may be None only on a shared-memory group (sizes_ride_along): elsewhere the "
+                         "receivers must know them from a count exchange")
     if peers.is_local:
         return PendingExchange([x.materialize() if isinstance(x, Gathered) else x for x, _, _ in checked], [])
-    if peers.shm is not None and all(_source(x).device.type == "cpu" for x, _, _ in checked):
+    if shared:
         return _start_shared(checked, peers, tag)
     outputs, works = [], []
     for i, (x, send_splits, recv_splits) in enumerate(checked):
@@ -178,20 +205,26 @@ _FAILED = -2  # fd in a ready message: the sender could not allocate its buffer
 _ACK_TAG = 7  # tag offset of "mapped your new buffer" (shared-memory exchanges use only the tag itself besides)
 
 
+def sizes_ride_along(peers: PeerGroup, *tensors: torch.Tensor) -> bool:
+    """Whether an exchange of ``tensors`` on ``peers`` goes through shared memory, where the receivers learn the
+    row counts from the ready messages: such an exchange needs no count exchange before it (``recv_splits``
+    None in :func:`start_exchange`). The same answer on every rank of the group (same group, same device type)."""
+    return peers.shm is not None and not peers.is_local and all(t.device.type == "cpu" for t in tensors)
+
+
 def _start_shared(checked: list, peers: PeerGroup, tag: int) -> PendingExchange:
-    """:func:`start_exchange` through ``peers.shm``: each peer's rows written into its shared buffer (this rank's
-    own block straight into the output), then one ready message ``[payloads, 2]`` (fd, generation of each
-    payload's buffer; -1 = no rows) to every peer, rows or not (see :mod:`~hiermoe_lightning.dispatch.shm`)."""
+    """:func:`start_exchange` through ``peers.shm``: each peer's rows written into its shared buffer, then one ready
+    message ``[payloads, 3]`` (fd and generation of each payload's buffer, -1 = none, and its row count) to every
+    peer, rows or not (see :mod:`~hiermoe_lightning.dispatch.shm`). The receiving side runs in ``wait()``."""
     channel, me = peers.shm, peers.index
     parity = channel.begin_exchange()
-    ready = torch.full((peers.size, len(checked), 2), -1, dtype=torch.int64)
-    outputs, recv, error, fresh_to = [], [], None, set()
-    for slot, (x, send_splits, recv_splits) in enumerate(checked):
+    ready = torch.full((peers.size, len(checked), 3), -1, dtype=torch.int64)
+    error, fresh_to = None, set()
+    for slot, (x, send_splits, _) in enumerate(checked):
         like = _source(x)
-        out = like.new_empty((sum(recv_splits), *like.shape[1:]))
         row_bytes = like.element_size() * math.prod(like.shape[1:])
-        send_off, recv_off = _offsets(send_splits), _offsets(recv_splits)
-        _copy_block(out[recv_off[me]:recv_off[me + 1]], x, send_off[me], send_off[me + 1])
+        send_off = _offsets(send_splits)
+        ready[:, slot, 2] = torch.tensor(send_splits, dtype=torch.int64)
         for p, n in enumerate(send_splits):
             if p == me or n == 0 or row_bytes == 0:
                 continue
@@ -204,8 +237,6 @@ def _start_shared(checked: list, peers: PeerGroup, tag: int) -> PendingExchange:
             ready[p, slot, 0], ready[p, slot, 1] = fd, gen
             if fresh:
                 fresh_to.add(p)
-        outputs.append(out)
-        recv.append((list(recv_splits), row_bytes))
     ready_in = torch.empty_like(ready)
     ops = [dist.P2POp(dist.irecv, ready_in[q], peers.global_ranks[q], peers.group, tag)
            for q in range(peers.size) if q != me]
@@ -216,7 +247,7 @@ def _start_shared(checked: list, peers: PeerGroup, tag: int) -> PendingExchange:
     ack_ops = [dist.P2POp(dist.irecv, acks[p], peers.global_ranks[p], peers.group, tag + _ACK_TAG)
                for p in sorted(fresh_to)]
     ack_works = list(dist.batch_isend_irecv(ack_ops)) if ack_ops else []
-    return _SharedMemoryExchange(outputs, works, channel, parity, ready_in, recv, error, peers, tag, ack_works)
+    return _SharedMemoryExchange(works, channel, parity, ready_in, checked, error, peers, tag, ack_works)
 
 
 def exchange_counts(send_counts: torch.Tensor, peers: PeerGroup) -> torch.Tensor:

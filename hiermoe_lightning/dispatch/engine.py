@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .comm import Gathered, PeerGroup, SplitMismatchError, num_rows, start_exchange
+from .comm import Gathered, PeerGroup, SplitMismatchError, num_rows, sizes_ride_along, start_exchange
 from .spec import DispatchSpec
 
 __all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle",
@@ -358,7 +358,9 @@ def unpack_pairs(meta: torch.Tensor, weight_dtype: torch.dtype) -> tuple[torch.T
 def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, weight, pair_row, pair_expert,
                       first_hop: tuple[HopPlan, torch.Tensor] | None = None):
     """One program's dispatch over the phases from ``chunk.first_phase`` on, hop by hop: plan, exchange counts (or
-    take ``first_hop``, planned and exchanged by :func:`_plan_first_hops`), then rows and pair metadata together."""
+    take ``first_hop``, planned and exchanged by :func:`_plan_first_hops`), then rows and pair metadata together.
+    On a shared-memory group the counts ride with the rows (:func:`~hiermoe_lightning.dispatch.comm.sizes_ride_along`):
+    one exchange per hop instead of two."""
     rows = x
     for i, pr in enumerate(route.phases[chunk.first_phase:]):
         level = _link_level(pr.peer_level)
@@ -367,15 +369,23 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
             plan, counts = first_hop
         else:
             plan = _plan_phase(route, handle, pr, rows, pair_row, pair_expert)
-            (counts,) = yield _Exchange(pr.peers, [(_send_counts(plan), ones, ones)], level)
+            counts = None
         send_splits, pair_send = plan.send_splits.tolist(), plan.pair_splits.tolist()
-        recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
-        if route.verify_splits:
-            yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv], level)
         # pair metadata rides with the rows: (row within the block sent to that peer, expert id, weight bits)
         meta = pack_pairs(plan.pair_local_row, pair_expert[plan.pair_order], weight[plan.pair_order])
-        new_rows, meta = yield _Exchange(pr.peers, [(Gathered(rows, plan.send_src_row), send_splits, recv_splits),
-                                                   (meta, pair_send, pair_recv)], level)
+        sent = Gathered(rows, plan.send_src_row)
+        if counts is None and sizes_ride_along(pr.peers, rows):  # shared memory: the counts come with the rows
+            new_rows, meta, counts = yield _Exchange(pr.peers, [(sent, send_splits, None), (meta, pair_send, None)],
+                                                     level)
+            recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
+        else:
+            if counts is None:
+                (counts,) = yield _Exchange(pr.peers, [(_send_counts(plan), ones, ones)], level)
+            recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
+            if route.verify_splits:
+                yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv], level)
+            new_rows, meta = yield _Exchange(pr.peers, [(sent, send_splits, recv_splits), (meta, pair_send, pair_recv)],
+                                             level)
         recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
         src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=counts.device), counts[:, 1])
         chunk.hops.append(Hop(pr.phase, pr.peers, pr.peer_level, plan.send_src_row, send_splits, recv_splits,
@@ -527,9 +537,10 @@ class _Dispatch(torch.autograd.Function):
         inputs = [(x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
                    _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
                   for c in handle.chunks]
-        first = [c.first_phase == 0 for c in handle.chunks]
+        # programs starting on a socket group share one first-hop count exchange; on shared memory none is needed
+        first = [c.first_phase == 0 and not sizes_ride_along(route.phases[0].peers, x) for c in handle.chunks]
         first_hops = iter(_plan_first_hops(route, handle, [(rows, row, expert) for (rows, _, row, expert), f
-                                                           in zip(inputs, first) if f]))
+                                                           in zip(inputs, first) if f]) if any(first) else [])
         programs = [_dispatch_program(route, handle, c, *args, next(first_hops) if f else None)
                     for c, args, f in zip(handle.chunks, inputs, first)]
         outs = _run_pipeline(programs, handle)

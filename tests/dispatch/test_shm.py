@@ -9,7 +9,7 @@ import torch
 
 from hiermoe_lightning import ExpertParallel
 from hiermoe_lightning.dispatch import shm
-from hiermoe_lightning.dispatch.comm import Gathered, SharedMemoryError, start_exchange
+from hiermoe_lightning.dispatch.comm import Gathered, SharedMemoryError, SplitMismatchError, sizes_ride_along, start_exchange
 from hiermoe_lightning.testing import run_ranks
 
 WORLD = 4
@@ -85,6 +85,16 @@ def _many_exchanges(rank, world, shared_memory):
         source, index, meta = _payloads(rank, step, dtype)
         gathered, plain, meta_out = start_exchange(
             [(Gathered(source, index), send, recv), (source[index], send, recv), (meta, send, recv)], peers).wait()
+        if shared_memory:  # the receivers learn the sizes from the ready messages: no count exchange first
+            assert sizes_ride_along(peers, source)
+            sized = start_exchange([(Gathered(source, index), send, None), (meta, send, None)], peers).wait()
+            out.setdefault("sized", []).append(sized)
+        else:
+            assert not sizes_ride_along(peers, source)
+            try:
+                start_exchange([(meta, send, None)], peers)
+            except ValueError as e:
+                out["refused"] = str(e)
         out["steps"].append((gathered, plain, meta_out))
     return out
 
@@ -99,6 +109,31 @@ def test_exchanges_return_the_hand_built_rows_through_either_transport(shared_me
             assert torch.equal(gathered, rows), (rank, step)
             assert torch.equal(plain, rows), (rank, step)
             assert torch.equal(meta_out, metas), (rank, step)
+            if shared_memory:
+                sized_rows, sized_meta, counts = result["sized"][step]
+                assert torch.equal(sized_rows, rows) and torch.equal(sized_meta, metas), (rank, step)
+                expected = [_splits(src, step)[rank] for src in range(WORLD)]
+                assert counts.tolist() == [[n, n] for n in expected], (rank, step)
+        if not shared_memory:
+            assert "only on a shared-memory group" in result["refused"]
+
+
+def _wrong_splits(rank, world):
+    ep = ExpertParallel(str(world), dispatch="flat")
+    peers = ep.peer_group("a2a")
+    send = [1] * world
+    recv = [2, 1, 1, 1] if rank == 3 else [1] * world  # rank 3 expects one row too many from peer 0
+    try:
+        start_exchange([(torch.zeros(world, 2), send, recv)], peers).wait()
+    except SplitMismatchError as e:
+        return str(e)
+    return None
+
+
+def test_given_splits_are_checked_against_the_announced_rows():
+    results = run_ranks(_wrong_splits, WORLD, timeout=60)
+    assert results[:3] == [None, None, None]  # nothing hangs; only the rank with the wrong expectation raises
+    assert "expected [2, 1, 1, 1]" in results[3] and "[1, 1, 1, 1]" in results[3]
 
 
 def _failing_allocation(rank, world):
