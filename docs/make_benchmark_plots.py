@@ -44,7 +44,7 @@ QWEN3 = "Qwen3-30B-A3B-shaped (top-8, expert FFN 96)"
 TOP8_WIDE = "top-8, expert FFN 256"
 TOP4 = "top-4, expert FFN 256"
 E2E = {f"{QWEN3}, 1000 Mbit/s": "bench_e2e_qwen3_1000.json",
-       f"{QWEN3}, 200 Mbit/s": "bench_e2e_qwen3_200.json",
+       f"{QWEN3}, 200 Mbit/s (previous version: TCP loopback inside a node)": "previous/bench_e2e_qwen3_200.json",
        f"{QWEN3}, loopback (no link limit)": "bench_e2e_qwen3_loopback.json",
        f"{QWEN3}, 1000 Mbit/s, 2 pipeline chunks": "bench_e2e_qwen3_1000_chunks2.json",
        f"{TOP8_WIDE}, 1000 Mbit/s, 2 pipeline chunks": "bench_e2e_top8_ffn256_1000.json",
@@ -181,9 +181,38 @@ def table_repeats_1000(results: str) -> str:
                        f"{r['auto']['median_ms']:.0f} | {ratios[-1][0]:.2f}x | {ratios[-1][1]:.2f}x | "
                        f"{ratios[-1][2]:.2f}x |")
         if len(ratios) > 1:
-            med = [sorted(col)[len(col) // 2] if len(col) % 2 else
-                   (sorted(col)[len(col) // 2 - 1] + sorted(col)[len(col) // 2]) / 2 for col in zip(*ratios)]
+            med = [_median(list(col)) for col in zip(*ratios)]
             out.append(f"| {k} | median of {len(ratios)} | | | | {med[0]:.2f}x | **{med[1]:.2f}x** | {med[2]:.2f}x |")
+    return "\n".join(out) + "\n" if found else ""
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def table_transport(results: str) -> str:
+    """K=8 at 1000 Mbit/s: the repeated runs (shared memory inside a node, the default) against the interleaved
+    ``--no-shared-memory`` runs (``..._noshm_run<k>.json``: gloo's loopback sockets inside a node)."""
+    name = "bench_comm_emulated_2x2_k8_1000mbit{}.json"
+    shared = [load(results, name.format(s)) for s in ("", "_run2", "_run3", "_run4", "_run5")]
+    sockets = [load(results, name.format(f"_noshm_run{i}")) for i in range(1, 6)]
+    groups = {"shared memory (default)": shared, "loopback sockets (`--no-shared-memory`)": sockets}
+    out = ["| inside a node | runs | hd2 / lower bound | median | auto / lower bound | median | hd2 dispatch ms | "
+           "hd2 combine ms |", "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for label, runs in groups.items():
+        runs = [d for d in runs if d is not None]
+        if not runs:
+            continue
+        found = True
+        lb = [d["lower_bound_ms"] for d in runs]
+        hd2 = [d["results"]["hd2"]["median_ms"] / b for d, b in zip(runs, lb)]
+        auto = [d["results"]["auto"]["median_ms"] / b for d, b in zip(runs, lb)]
+        disp = _median([d["results"]["hd2"]["dispatch_ms"] for d in runs])
+        comb = _median([d["results"]["hd2"]["combine_ms"] for d in runs])
+        out.append(f"| {label} | {len(runs)} | {', '.join(f'{x:.2f}' for x in hd2)} | {_median(hd2):.2f}x | "
+                   f"{', '.join(f'{x:.2f}' for x in auto)} | {_median(auto):.2f}x | {disp:.0f} | {comb:.0f} |")
     return "\n".join(out) + "\n" if found else ""
 
 
@@ -459,7 +488,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
     sections = [("comm on loopback", table_loopback), ("comm on the emulated network", table_emulated),
-                ("1000 Mbit/s repeated", table_repeats_1000), ("pipeline chunks", table_pipeline), ("calibrated predicted / measured", table_calibrated),
+                ("1000 Mbit/s repeated", table_repeats_1000), ("transport inside a node", table_transport),
+                ("pipeline chunks", table_pipeline), ("calibrated predicted / measured", table_calibrated),
                 ("end to end", table_e2e), ("paper-scale simulation", table_simulate),
                 ("placement", table_placement)]
     for title, fn in sections:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..dispatch.comm import all_to_all_rows, exchange_counts
+from ..dispatch.comm import all_to_all_rows, exchange_counts, sizes_ride_along
 from ..dispatch.spec import phase_groups
 from .link_costs import DUPLEX_MODES, LEVEL1_LINK_MODES, LinkCosts, PhaseCost
 from .model import phase_load_bytes
@@ -423,7 +423,8 @@ def calibrate(expert_parallel, sizes: "Sequence[float] | None" = DEFAULT_SIZES, 
         times = [medians[index[("payload", i, j)]] for j in range(len(rows))]
         line = fit_alpha_beta(nbytes, times)
         sync_ms = medians[index[("sync", i)]] if sync else 0.0
-        fitted[phase] = PhaseCost(line.alpha, line.beta, line.r2, sync_ms)
+        fitted[phase] = PhaseCost(line.alpha, line.beta, line.r2, sync_ms,
+                                  shared_memory=sizes_ride_along(peers, torch.empty(0)))
         if report is not None:
             report.setdefault("phases", {})[phase] = {"bytes": nbytes, "ms": times,
                                                       "sync_ms": sync_ms if sync else None}

@@ -52,12 +52,15 @@ PRESETS: dict[str, dict[str, tuple[float, float]]] = {
 @dataclass(frozen=True)
 class PhaseCost:
     """One phase kind's fitted payload line ``alpha + beta * n``; ``r2`` is the fit quality when calibrated (None for
-    presets); ``sync_ms`` the measured latency of the count exchange that precedes each payload (0 for presets)."""
+    presets); ``sync_ms`` the measured latency of the count exchange that precedes each payload (0 for presets);
+    ``shared_memory``: the phase's groups exchange through shared memory (calibrated on one host), where a hop
+    gathers its rows straight into the transport's buffers and needs no count exchange first."""
 
     alpha: float
     beta: float
     r2: float | None = None
     sync_ms: float = 0.0
+    shared_memory: bool = False
 
     def ms(self, num_bytes: float) -> float:
         """The payload exchange alone: ``alpha + beta * num_bytes`` (no ``sync_ms``)."""
@@ -85,26 +88,30 @@ class LinkCosts:
         for key, value in phases.items():
             if not isinstance(key, str) or not _PHASE_RE.match(key):
                 raise ValueError(f"link cost phase {key!r} is not valid: allowed 'a2a', 'inter<i>', 'intra<i>' (i >= 1)")
-            sync = 0.0
+            sync, shared = 0.0, False
             if isinstance(value, PhaseCost):
-                alpha, beta, r2, sync = value.alpha, value.beta, value.r2, value.sync_ms
+                alpha, beta, r2, sync, shared = value.alpha, value.beta, value.r2, value.sync_ms, value.shared_memory
             elif isinstance(value, Mapping):
-                unknown = set(value) - {"alpha", "beta", "r2", "sync_ms"}
+                unknown = set(value) - {"alpha", "beta", "r2", "sync_ms", "shared_memory"}
                 if unknown or not {"alpha", "beta"} <= set(value):
                     raise ValueError(f"link cost phase {key!r} needs keys 'alpha' and 'beta' (optional 'r2', "
-                                     f"'sync_ms'), got {sorted(value)}")
+                                     f"'sync_ms', 'shared_memory'), got {sorted(value)}")
                 alpha, beta, r2, sync = value["alpha"], value["beta"], value.get("r2"), value.get("sync_ms", 0.0)
+                shared = value.get("shared_memory", False)
             elif isinstance(value, (tuple, list)) and len(value) == 2:
                 (alpha, beta), r2 = value, None
             else:
                 raise TypeError(f"link cost phase {key!r} must be (alpha, beta) or {{alpha:, beta:}}, got {value!r}")
             if r2 is not None and (isinstance(r2, bool) or not isinstance(r2, (int, float))):
                 raise TypeError(f"r2 of phase {key!r} must be a number or null, got {r2!r}")
+            if not isinstance(shared, bool):
+                raise TypeError(f"shared_memory of phase {key!r} must be true or false, got {shared!r}")
             parsed[key] = PhaseCost(
                 _check_number(alpha, f"alpha of phase {key!r}"),
                 _check_number(beta, f"beta of phase {key!r}"),
                 None if r2 is None else float(r2),
                 _check_number(sync, f"sync_ms of phase {key!r}"),
+                shared,
             )
         self.phases: dict[str, PhaseCost] = parsed
         self.name = name
@@ -131,7 +138,7 @@ class LinkCosts:
     def has_engine_terms(self) -> bool:
         """Whether any term beyond the plain payload lines is set (sync, copies, metadata, byte-count mode)."""
         return (self.copy_beta > 0 or self.pair_bytes > 0 or self.duplex != "full" or self.level1_link != "rank"
-                or self.fault_beta > 0 or any(pc.sync_ms > 0 for pc in self.phases.values()))
+                or self.fault_beta > 0 or any(pc.sync_ms > 0 or pc.shared_memory for pc in self.phases.values()))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -192,6 +199,8 @@ class LinkCosts:
                 entry["r2"] = pc.r2
             if pc.sync_ms:
                 entry["sync_ms"] = pc.sync_ms
+            if pc.shared_memory:
+                entry["shared_memory"] = True
             phases[key] = entry
         units = {"alpha": "ms", "beta": "ms per byte"}
         doc: dict = {"name": self.name, "units": units}

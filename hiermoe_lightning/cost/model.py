@@ -183,7 +183,8 @@ def phase_load_bytes(topology: Topology, rows: torch.Tensor, row_bytes: float, p
 
 
 def hop_local(rows: torch.Tensor, held_rows: torch.Tensor, row_bytes: float, link_costs: LinkCosts,
-              accum_row_bytes: float | None = None, chunks: int = 1) -> tuple[float, float, float, float]:
+              accum_row_bytes: float | None = None, chunks: int = 1,
+              gather_in_transport: bool = False) -> tuple[float, float, float, float]:
     """The local work of one hop on its busiest rank, one way (half the round trip):
     ``(ms, copy_bytes, fresh_bytes, receive_fault_ms)``.
 
@@ -199,6 +200,10 @@ def hop_local(rows: torch.Tensor, held_rows: torch.Tensor, row_bytes: float, lin
       every allocation (glibc's mmap threshold) and pays ``fault_beta`` per byte on first touch. Two are written
       before or after an exchange (the gather ``S_a`` and the accumulator ``H_a``), two while it runs (the receive
       buffers: ``R_a`` in the dispatch, ``S_a`` in the combine); each ``/ C``, one way half of the sum.
+
+    With ``gather_in_transport`` (a shared-memory phase) the dispatch gathers straight into the transport's
+    long-lived buffers, a copy its payload line already holds: only the combine's accumulator remains
+    (``copy_a = S_a * row_bytes / (2 C)``, no fresh gather buffer).
 
     ``ms = max_a (copy_beta * copy_a + fault_beta * fresh_a(gather, accumulator))`` with that rank's
     ``copy_bytes`` and ``fresh_bytes`` (all four buffers); ``receive_fault_ms = max_a fault_beta *
@@ -222,8 +227,9 @@ def hop_local(rows: torch.Tensor, held_rows: torch.Tensor, row_bytes: float, lin
             out = out + torch.where(buf >= lc.fault_threshold, buf, torch.zeros_like(buf))
         return out / 2
 
-    copy = S * b / C
-    local_fresh = fresh(S * b / C, H * acc_b / C) if lc.fault_beta else torch.zeros_like(S)
+    gather = torch.zeros_like(S) if gather_in_transport else S * b / C
+    copy = (gather + S * b / C) / 2
+    local_fresh = fresh(gather, H * acc_b / C) if lc.fault_beta else torch.zeros_like(S)
     recv_fresh = fresh(R * b / C, S * b / C) if lc.fault_beta else torch.zeros_like(S)
     ms = lc.copy_beta * copy + lc.fault_beta * local_fresh
     a = int(torch.argmax(ms + lc.fault_beta * recv_fresh))
@@ -299,10 +305,13 @@ def phase_predictions(
         # with node links a phase that crosses level 1 waits on the link; the receive buffers fill (and fault) as
         # the bytes arrive, so their first touch hides behind the exchange instead of adding to it
         hide = lc.level1_link == "node" and (p.name == "a2a" or p.name.startswith("inter"))
-        sync = cost.sync_ms / 2  # one count exchange per hop per round trip (the dispatch's): half of it one way
+        # one count exchange per hop per round trip (the dispatch's): half of it one way; none on shared memory,
+        # where the counts ride with the rows
+        sync = 0.0 if cost.shared_memory else cost.sync_ms / 2
 
         def hop_ms(c: int) -> tuple[float, float, float]:
-            loc, cp, fr, recv = hop_local(p.rows, held, row_bytes, lc, accum_row_bytes, c) if local else (0, 0, 0, 0)
+            loc, cp, fr, recv = (hop_local(p.rows, held, row_bytes, lc, accum_row_bytes, c, cost.shared_memory)
+                                 if local else (0, 0, 0, 0))
             wire = cost.beta * n / c
             exchange = max(wire, recv) if hide else wire + recv
             return sync + cost.alpha + exchange + loc, cp, fr

@@ -6,7 +6,8 @@ collectively (every rank raises the same error, so none waits forever).
 
 Between ranks of one host (a group with a :class:`~hiermoe_lightning.dispatch.shm.SharedMemoryChannel`, CPU
 tensors) payloads go through shared memory: the sender writes each peer's rows into a buffer the peer has mapped
-and sends it a small ready message over the group; the receiver copies them out. The counts still come first.
+and sends it a small ready message over the group that also carries the row counts; the receiver copies the rows
+out. Such an exchange needs no count exchange before it (:func:`sizes_ride_along`).
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ class _SharedMemoryExchange(PendingExchange):
         self._payloads = payloads
         self._peers, self._tag, self._ack_works = peers, tag, ack_works
         self._sender_sized = any(r is None for _, _, r in payloads)
+        self._result: list | None = None
 
     def wait(self) -> list[torch.Tensor]:
+        if self._payloads is None:  # already waited for
+            return self._result
         super().wait()
         me, ready = self._channel.index, self._ready_in
         failed = [q for q in range(self._channel.size) if q != me and bool((ready[q, :, 0] == _FAILED).any())]
@@ -114,9 +118,8 @@ class _SharedMemoryExchange(PendingExchange):
         if mismatched:
             slot, expected, announced = mismatched[0]
             raise SplitMismatchError(f"payload {slot}: expected {expected} rows from the peers, they sent {announced}")
-        if self._sender_sized:
-            return self._outputs + [counts]
-        return self._outputs
+        self._result = self._outputs + [counts] if self._sender_sized else self._outputs
+        return self._result
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,12 @@ def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
     receives ``[sum(recv_splits), ...]`` grouped by source peer.
 
     The splits must come from a count exchange (or its mirror): gloo cannot tell if they disagree. On a
-    shared-memory group (:func:`sizes_ride_along`) the ready messages carry each block's row count, so ``recv_splits``
-    may be None there (no count exchange first): ``wait()`` then returns one more tensor, ``[peers, payloads]``
-    int64, the rows received from each peer; given splits are checked against them (``SplitMismatchError``). Payloads posted
-    together travel concurrently (one latency for all); exchanges on different groups may be in flight together, and
-    so may several on one group when each has its own ``tag`` (payload ``i`` uses ``tag + i``; every rank must
-    number them alike).
+    shared-memory group (:func:`sizes_ride_along`) the ready messages carry each block's row count, so
+    ``recv_splits`` may be None there (no count exchange first): ``wait()`` then returns one more tensor,
+    ``[peers, payloads]`` int64, the rows received from each peer; given splits are checked against them
+    (``SplitMismatchError``). Payloads posted together travel concurrently (one latency for all); exchanges on
+    different groups may be in flight together, and so may several on one group when each has its own ``tag``
+    (payload ``i`` uses ``tag + i``; every rank must number them alike).
     """
     checked = []
     for x, send_splits, recv_splits in payloads:

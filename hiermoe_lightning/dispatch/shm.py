@@ -33,7 +33,8 @@ import torch.distributed as dist
 __all__ = ["SharedMemoryChannel", "SharedMemoryError", "host_identity", "open_channel"]
 
 _MIN_BYTES = 1 << 16  # buffers grow in steps of at least 64 KiB
-_SHRINK_ABOVE = 1 << 24  # a buffer over 16 MiB is replaced by a smaller one when a message needs under a quarter
+_SHRINK_ABOVE = 1 << 24  # a buffer over 16 MiB is replaced by a smaller one when messages need under a quarter...
+_SHRINK_AFTER = 16  # ...of it this many times in a row (sizes that alternate, as in a calibration, never churn)
 
 
 class SharedMemoryError(RuntimeError):
@@ -117,12 +118,14 @@ class _Outbox:
 
 class SharedMemoryChannel:
     """The shared-memory buffers of one process group on this rank: outgoing buffers it writes and the peers'
-    buffers it has mapped. Made by :func:`open_channel`; used by :func:`~hiermoe_lightning.dispatch.comm.start_exchange`.
+    buffers it has mapped. Made by :func:`open_channel`; used by
+    :func:`~hiermoe_lightning.dispatch.comm.start_exchange`.
     """
 
     def __init__(self, size: int, index: int, pids: list[int]):
         self.size, self.index, self._pids = size, index, pids
         self._outboxes: dict[tuple[int, int, int], _Outbox] = {}
+        self._oversized: dict[tuple[int, int, int], int] = {}  # key -> messages in a row under a quarter of it
         self._inboxes: dict[tuple[int, int, int], tuple[int, torch.Tensor]] = {}  # key -> (gen, bytes)
         self._exchanges = 0
         self._generation = 0
@@ -135,13 +138,18 @@ class SharedMemoryChannel:
 
     def outbox(self, peer: int, parity: int, slot: int, nbytes: int) -> tuple[torch.Tensor, int, int, bool]:
         """A writable uint8 ``[nbytes]`` view of the buffer for ``peer``, ``(fd, generation)`` for its ready
-        message, and whether the buffer is new. The buffer grows (and a much too large one shrinks) by replacing it
-        with a new generation; the peer must map a new one before this rank may close it or exit (the protocol
-        waits for the peer's acknowledgement), after that the pages live as long as either side maps them."""
+        message, and whether the buffer is new. The buffer grows (and one much too large for the last
+        ``_SHRINK_AFTER`` messages shrinks) by replacing it with a new generation; the peer must map a new one
+        before this rank may close it or exit (the protocol waits for the peer's acknowledgement), after that the
+        pages live as long as either side maps them."""
         key = (peer, parity, slot)
         box = self._outboxes.get(key)
         fresh = False
-        if box is None or box.nbytes < nbytes or (box.nbytes > _SHRINK_ABOVE and 4 * nbytes < box.nbytes):
+        oversized = box is not None and box.nbytes > _SHRINK_ABOVE and 4 * nbytes < box.nbytes
+        streak = self._oversized.get(key, 0) + 1 if oversized else 0
+        self._oversized[key] = streak
+        if box is None or box.nbytes < nbytes or streak >= _SHRINK_AFTER:
+            self._oversized[key] = 0
             self._generation += 1
             made = _Outbox(max(_MIN_BYTES, -(-nbytes * 5 // 4 // _MIN_BYTES) * _MIN_BYTES), self._generation)
             if box is not None:

@@ -94,8 +94,8 @@ def test_default_sizes_are_geometric_64kib_to_32mib():
 
 
 # ---------------------------------------------------------------------------------------------- live groups
-def _calibrate_rank(rank, world, topology, how, kwargs):
-    ep = ExpertParallel(topology, dispatch="flat")
+def _calibrate_rank(rank, world, topology, how, kwargs, shared_memory=True):
+    ep = ExpertParallel(topology, dispatch="flat", shared_memory=shared_memory)
     if how == "classmethod":
         return LinkCosts.calibrate(ep, **kwargs)
     return calibrate(ep, **kwargs)
@@ -121,6 +121,7 @@ def test_calibrate_2x2_identical_on_every_rank_and_yaml_round_trip(tmp_path):
     assert costs.name == "cal-2x2"
     # the engine's terms, measured from primitives: count exchange, local copies, fresh-buffer faults
     assert all(costs[p].sync_ms > 0 for p in ("a2a", "inter1", "intra1"))
+    assert all(costs[p].shared_memory for p in ("a2a", "inter1", "intra1"))  # one host: the transport is recorded
     assert costs.copy_beta > 0 and costs.pair_bytes == ENGINE_PAIR_BYTES
     assert (costs.duplex, costs.level1_link) == ("full", "rank")
     if mmap_threshold() > 0:
@@ -152,6 +153,12 @@ def test_calibrate_payload_only_and_byte_modes():
     assert (costs.duplex, costs.level1_link) == ("half", "node")
     assert costs.copy_beta == costs.fault_beta == costs.pair_bytes == 0.0
     assert all(costs[p].sync_ms == 0.0 for p in costs.phases)
+
+
+def test_calibrate_through_the_process_group_records_no_shared_memory():
+    kwargs = {"repeats": 2, "copy_sizes": None, "faults": False, "sizes": [1 << 16, 1 << 19]}
+    results = run_ranks(_calibrate_rank, 4, "2x2", "function", kwargs, False, timeout=60)
+    assert not any(results[0][p].shared_memory for p in ("a2a", "inter1", "intra1"))
 
 
 def test_calibration_bytes_by_hand():

@@ -73,6 +73,10 @@ def test_hop_local_by_hand():
     # no fault term: copies only
     plain = LinkCosts({"a2a": (0, 0)}, copy_beta=0.5)
     assert hop_local(rows, held, 10, plain) == (40.0, 80.0, 0.0, 0.0)
+    # shared memory: the dispatch gathers straight into the transport's buffers; the combine's accumulator remains.
+    # rank 0: copy 80 / 2 = 40; fresh: accumulator 120 -> 60 (no gather buffer); receive buffers as before: 40
+    # ms = 0.5 * 40 + 2 * 60 = 140
+    assert hop_local(rows, held, 10, lc, accum_row_bytes=20, gather_in_transport=True) == (140.0, 40.0, 100.0, 80.0)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -140,6 +144,17 @@ def test_predict_engine_terms_by_hand():
     assert intra.ms == pytest.approx(1 + 2 + 16.432 + 8.192 + 15.9744)
     assert pred.dispatch["hd2"].predicted_ms == pytest.approx(46.068 + 43.5984)
     assert pred.dispatch["hd2"].to_json_dict()["phases"][0]["sync_ms"] == 2.0
+
+
+def test_predict_shared_memory_phase_has_no_count_exchange_and_no_separate_gather():
+    costs = _engine_costs()
+    costs.phases["intra1"] = PhaseCost(2.0, 0.002, None, 2.0, shared_memory=True)
+    intra = predict(TOPO, PLACE, IDS, 1024, 4, costs, dispatches=["hd2"]).dispatch["hd2"].phases[1]
+    # as in test_predict_engine_terms_by_hand, but no sync, and the gather is the transport's: rank 0 copies
+    # 12288 / 2 = 6144 -> 0.6144, fresh accumulator 8192 (no) -> 0; rank 2 copies 8192 -> 0.8192, fresh accumulator
+    # 12288 -> 6144 -> 6.144: local 6.9632. The receive buffers fault as before: 8.192.
+    assert intra.sync_ms == 0.0
+    assert intra.ms == pytest.approx(2 + 16.432 + 8.192 + 6.9632)
 
 
 def test_predict_node_links_hide_receive_faults_on_inter_phases():

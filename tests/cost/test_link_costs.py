@@ -309,7 +309,19 @@ def test_engine_terms_yaml_round_trip(tmp_path):
     back = LinkCosts.from_yaml(path)
     assert back == lc and back.extras == lc.extras
     assert back["a2a"] == PhaseCost(0.5, 1e-6, 0.99, 2.5) and back["intra1"].sync_ms == 0.0
+    assert "shared_memory" not in text and not back["intra1"].shared_memory
     assert back != LinkCosts(lc.phases, copy_beta=lc.copy_beta)  # the extras are part of equality
+
+
+def test_shared_memory_phase_round_trips_and_is_checked(tmp_path):
+    lc = LinkCosts({"inter1": (1.0, 2e-6), "intra1": {"alpha": 0.5, "beta": 5e-7, "shared_memory": True}})
+    assert lc["intra1"].shared_memory and not lc["inter1"].shared_memory and lc.has_engine_terms
+    path = tmp_path / "shm.yaml"
+    lc.to_yaml(path)
+    assert "shared_memory: true" in path.read_text()
+    assert LinkCosts.from_yaml(path) == lc
+    with pytest.raises(TypeError, match="shared_memory of phase 'intra1' must be true or false"):
+        LinkCosts({"intra1": {"alpha": 0.5, "beta": 5e-7, "shared_memory": "yes"}})
 
 
 def test_old_yaml_without_engine_terms_still_loads_and_writes_the_same(tmp_path):

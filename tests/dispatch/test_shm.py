@@ -9,7 +9,8 @@ import torch
 
 from hiermoe_lightning import ExpertParallel
 from hiermoe_lightning.dispatch import shm
-from hiermoe_lightning.dispatch.comm import Gathered, SharedMemoryError, SplitMismatchError, sizes_ride_along, start_exchange
+from hiermoe_lightning.dispatch.comm import (Gathered, SharedMemoryError, SplitMismatchError, sizes_ride_along,
+                                             start_exchange)
 from hiermoe_lightning.testing import run_ranks
 
 WORLD = 4
@@ -40,8 +41,12 @@ def test_outbox_grows_shrinks_and_reuses_by_generation_and_a_peer_reads_what_was
     big = channel.outbox(1, 0, 0, 20 << 20)
     assert big[3] and big[2] > gen  # grew: a new generation
     assert channel.outbox(1, 0, 0, 10 << 20)[3] is False  # half of it: kept
+    for _ in range(3):  # sizes that alternate (a calibration's rounds) never churn the buffer
+        assert channel.outbox(1, 0, 0, 1 << 20)[3] is False and channel.outbox(1, 0, 0, 20 << 20)[3] is False
+    for _ in range(shm._SHRINK_AFTER - 1):
+        assert channel.outbox(1, 0, 0, 1 << 20)[3] is False
     small = channel.outbox(1, 0, 0, 1 << 20)
-    assert small[3] and small[2] > big[2]  # a 16 MiB+ buffer for under a quarter of it: replaced by a smaller one
+    assert small[3] and small[2] > big[2]  # under a quarter of a 16 MiB+ buffer, many times in a row: replaced
     with pytest.raises(SharedMemoryError, match="bytes"):
         channel.inbox(1, 0, 0, small[1], small[2], 1 << 30)  # more than the buffer holds
     channel.close()
