@@ -424,7 +424,7 @@ def calibrate(expert_parallel, sizes: "Sequence[float] | None" = DEFAULT_SIZES, 
         line = fit_alpha_beta(nbytes, times)
         sync_ms = medians[index[("sync", i)]] if sync else 0.0
         fitted[phase] = PhaseCost(line.alpha, line.beta, line.r2, sync_ms,
-                                  shared_memory=sizes_ride_along(peers, torch.empty(0)))
+                                  shared_memory=sizes_ride_along(peers, buffer))
         if report is not None:
             report.setdefault("phases", {})[phase] = {"bytes": nbytes, "ms": times,
                                                       "sync_ms": sync_ms if sync else None}
