@@ -44,7 +44,7 @@ QWEN3 = "Qwen3-30B-A3B-shaped (top-8, expert FFN 96)"
 TOP8_WIDE = "top-8, expert FFN 256"
 TOP4 = "top-4, expert FFN 256"
 E2E = {f"{QWEN3}, 1000 Mbit/s": "bench_e2e_qwen3_1000.json",
-       f"{QWEN3}, 200 Mbit/s (previous version: TCP loopback inside a node)": "previous/bench_e2e_qwen3_200.json",
+       f"{QWEN3}, 200 Mbit/s": "bench_e2e_qwen3_200.json",
        f"{QWEN3}, loopback (no link limit)": "bench_e2e_qwen3_loopback.json",
        f"{QWEN3}, 1000 Mbit/s, 2 pipeline chunks": "bench_e2e_qwen3_1000_chunks2.json",
        f"{TOP8_WIDE}, 1000 Mbit/s, 2 pipeline chunks": "bench_e2e_top8_ffn256_1000.json",
