@@ -14,6 +14,7 @@ from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_
 from .layer import MoELayer
 from .placement import Placement
 from .topology import Topology
+from .validation import check_flag, check_positive_int
 
 __all__ = ["ExpertParallel", "PendingRoutings", "pack_routings", "unpack_routings"]
 
@@ -111,11 +112,8 @@ class ExpertParallel:
     def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
                  verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1,
                  shared_memory: bool = True):
-        if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
-            raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
-        if not isinstance(shared_memory, bool):
-            raise ValueError(f"shared_memory must be True or False, got {shared_memory!r}")
-        self.shared_memory = shared_memory
+        check_positive_int(auto_interval, "auto_interval")
+        self.shared_memory = check_flag(shared_memory, "shared_memory")
         self.pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
         self.auto_interval = auto_interval
         topo = Topology.parse(topology) if topology is not None else None

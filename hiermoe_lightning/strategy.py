@@ -38,6 +38,7 @@ from .dispatch.spec import validate_dispatch
 from .layer import MoELayer
 from .parallel import ExpertParallel
 from .topology import Topology
+from .validation import check_flag, check_positive_int
 
 __all__ = ["HierMoEStrategy", "register_strategy"]
 
@@ -103,13 +104,9 @@ class HierMoEStrategy(DDPStrategy):
         )
         self._dispatch = dispatch
         self._verify_splits = verify_splits
-        if isinstance(auto_interval, bool) or not isinstance(auto_interval, int) or auto_interval < 1:
-            raise ValueError(f"auto_interval must be a positive int, got {auto_interval!r}")
-        self._auto_interval = auto_interval
+        self._auto_interval = check_positive_int(auto_interval, "auto_interval")
         self._pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
-        if not isinstance(shared_memory, bool):
-            raise ValueError(f"shared_memory must be True or False, got {shared_memory!r}")
-        self._shared_memory = shared_memory
+        self._shared_memory = check_flag(shared_memory, "shared_memory")
         if checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")
         self.checkpoint_format = checkpoint_format

@@ -173,7 +173,7 @@ def start_exchange(payloads, peers: PeerGroup, tag: int = 0) -> PendingExchange:
         return _start_shared(checked, peers, tag)
     outputs, works = [], []
     for i, (x, send_splits, recv_splits) in enumerate(checked):
-        like = x.source if isinstance(x, Gathered) else x
+        like = _source(x)
         out = like.new_empty((sum(recv_splits), *like.shape[1:]))
         outputs.append(out)
         if peers.receive_first:
