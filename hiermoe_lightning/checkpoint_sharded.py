@@ -9,6 +9,7 @@ written on G ranks loads on any other world size: each rank reads the experts it
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -74,12 +75,35 @@ def optimizer_structure(module: nn.Module, optimizers) -> list[dict]:
     return out
 
 
-def save_sharded(path, module: nn.Module, optimizers, meta: dict, is_rank_zero: bool) -> None:
-    """Collective: every rank writes its share with DCP; rank 0 writes the metadata file."""
-    os.makedirs(path, exist_ok=True)
-    dcp.save(sharded_tensors(module, optimizers), checkpoint_id=path)
+def save_sharded(path, module: nn.Module, optimizers, meta: dict, is_rank_zero: bool, barrier) -> None:
+    """Collective: every rank writes its share with DCP; rank 0 writes the metadata file. Atomic: the shares go to
+    ``<path>.partial`` and rank 0 renames it to ``path`` only once every rank has written (``barrier(name)`` is the
+    strategy's barrier), so a job that dies while saving never leaves a half checkpoint under the final name."""
+    path = os.fspath(path)
+    partial = path.rstrip(os.sep) + ".partial"
     if is_rank_zero:
-        torch.save(meta, os.path.join(path, META_FILE))
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
+        os.makedirs(partial)
+    barrier("hiermoe_sharded_save_start")
+    dcp.save(sharded_tensors(module, optimizers), checkpoint_id=partial)
+    if is_rank_zero:
+        torch.save(meta, os.path.join(partial, META_FILE))
+    barrier("hiermoe_sharded_save_written")
+    if is_rank_zero:
+        old = path.rstrip(os.sep) + ".old"
+        if os.path.exists(path):
+            _remove(old)
+            os.replace(path, old)
+        os.replace(partial, path)
+        _remove(old)
+    barrier("hiermoe_sharded_save_done")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def load_meta(path) -> dict:

@@ -81,11 +81,23 @@ class Router(nn.Module):
         self.aux_loss_coef, self.bias_update_rate = float(aux_loss_coef), float(bias_update_rate)
         self.weight = nn.Parameter(_normal((num_experts, hidden_size), hidden_size**-0.5, derive_seed(seed, "router"), torch.float32))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # check_finite: remember whether any logits since the last take_nonfinite() held a NaN/Inf (a 0-dim bool on
+        # the logits' device: no host sync here; HierMoEStrategy reads it once per optimizer step)
+        self.check_finite = False
+        self._nonfinite: torch.Tensor | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[T, M]`` -> fp32 scores ``[T, E]``."""
         logits = x.float() @ self.weight.t()
+        if self.check_finite:
+            bad = ~torch.isfinite(logits.detach()).all()
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         return logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+
+    def take_nonfinite(self) -> torch.Tensor | bool:
+        """Whether logits held a NaN/Inf since the last call (0-dim bool tensor, or False), and reset."""
+        bad, self._nonfinite = self._nonfinite, None
+        return False if bad is None else bad
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         scores = self.scores(x)

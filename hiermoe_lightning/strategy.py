@@ -11,7 +11,11 @@ What it adds to DDPStrategy, so that N ranks train exactly like one process on t
 * clips gradients by the *global* norm (dense norm + every rank's expert norms), so dense replicas never drift;
 * checkpoints hold the full, unsharded model and optimizer state keyed by expert id (portable: loadable into a
   plain single-process model, and resumable on another world size), plus each layer's placement;
-* the fork/spawn launchers hand the parent an unsharded state dict it can load.
+* the fork/spawn launchers hand the parent an unsharded state dict it can load;
+* faults (docs/reliability.md): SIGTERM stops every rank at the same step boundary with a resumable checkpoint and
+  exit status 143; one small all-reduce per optimizer step makes the ranks agree on that and on non-finite losses or
+  router logits (``check_finite``); a rank that dies is named in one line (:mod:`.faults.supervisor`); a broken
+  checkpoint is named in one line on every rank before any collective reads it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -32,6 +37,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from .faults import CheckpointError, NonFiniteError, Preempted
+from .faults.checkpoint_checks import (check_sharded_checkpoint, explain_state_dict_mismatch, hparam_differences,
+                                      load_full_checkpoint)
+from .faults.consensus import agree, local_flags
+from .faults.launchers import SupervisedScriptLauncher, adopt_supervisor, translate_process_failure
+from .faults.reports import report_dir_for, write_report
+from .faults.signals import StopFlag
 from .cost.link_costs import LinkCosts
 from .dispatch.engine import validate_pipeline_chunks
 from .dispatch.spec import validate_dispatch
@@ -60,6 +72,9 @@ class HierMoEStrategy(DDPStrategy):
             intra-node hop with the next chunk's inter-node transfer (1 = off; results are identical).
         shared_memory: between ranks of one host (and network namespace), CPU payloads of gloo groups go through
             shared memory instead of the loopback socket (False = always the process group; results are identical).
+        check_finite: raise :class:`~hiermoe_lightning.faults.NonFiniteError` on every rank, naming the layer and the
+            step, when the loss or a router's logits hold a NaN/Inf, before the optimizer step applies it (one
+            reduction per router forward and one small all-reduce per step, shared with the preemption flag).
         checkpoint_format: ``"full"`` (one portable file: the unsharded model and optimizer state, loadable into a
             plain single-process model) or ``"sharded"`` (a directory written with torch.distributed.checkpoint:
             every rank writes only its experts; for large models). Both resume on any world size.
@@ -78,6 +93,7 @@ class HierMoEStrategy(DDPStrategy):
         pipeline_chunks: int = 1,
         shared_memory: bool = True,
         checkpoint_format: str = "full",
+        check_finite: bool = True,
         accelerator: Optional[Any] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -95,8 +111,12 @@ class HierMoEStrategy(DDPStrategy):
         self._link_costs = link_costs if link_costs == "calibrate" else LinkCosts.resolve(link_costs)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"start_method must be one of 'popen', 'spawn', 'fork', 'forkserver', got {start_method!r}")
-        if isinstance(timeout, (int, float)):
-            timeout = datetime.timedelta(seconds=float(timeout))
+        timeout = _check_timeout(timeout)
+        check_flag(verify_splits, "verify_splits")
+        check_flag(find_unused_parameters, "find_unused_parameters")
+        if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
+            raise ValueError("process_group_backend must be None (chosen from the device), 'gloo', 'nccl', 'mpi', "
+                             f"'ucc' or 'xccl', got {process_group_backend!r}")
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io, precision_plugin=precision_plugin, process_group_backend=process_group_backend,
@@ -110,8 +130,15 @@ class HierMoEStrategy(DDPStrategy):
         if checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")
         self.checkpoint_format = checkpoint_format
+        self._check_finite = check_flag(check_finite, "check_finite")
         self.expert_parallel: ExpertParallel | None = None
         self._grad_hooks: list = []
+        self._stop_flag = StopFlag()
+        self._stop_agreed = 0  # the signal every rank agreed to stop for (0: none), set at an optimizer step
+        self._loading_path: str | None = None
+        # failure reports: set by our launchers (fork/spawn: before the ranks start; popen children: from their
+        # environment, and they then die with the launcher: adopt_supervisor)
+        self._report_dir, self._supervised_child = adopt_supervisor()
 
     # ------------------------------------------------------------------ registry
     @classmethod
@@ -130,6 +157,9 @@ class HierMoEStrategy(DDPStrategy):
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):
             self._launcher = _UnshardedResultLauncher(self, start_method=self._start_method)
+        elif self._start_method == "popen":
+            self._launcher = SupervisedScriptLauncher(self, self.cluster_environment, self.num_processes,
+                                                      self.num_nodes)
 
     def setup(self, trainer) -> None:
         assert self.accelerator is not None and self.model is not None
@@ -159,6 +189,8 @@ class HierMoEStrategy(DDPStrategy):
                                                   verify_splits=self._verify_splits, auto_interval=self._auto_interval,
                                                   pipeline_chunks=self._pipeline_chunks,
                                                   shared_memory=self._shared_memory)
+        for layer in layers:
+            layer.router.check_finite = self._check_finite
         if not layers or all(layer.is_sharded for layer in layers):
             return
         self.expert_parallel.shard_(module)
@@ -182,6 +214,79 @@ class HierMoEStrategy(DDPStrategy):
         for name, t in list(self.lightning_module.state_dict(keep_vars=True).items()):
             if name not in skip and isinstance(t, torch.Tensor):
                 dist.broadcast(t.data, src=0)
+
+    # ------------------------------------------------------------------ preemption and non-finite values
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # after Lightning registered its own SIGTERM handler (whose dist.broadcast inside the handler can mismatch
+        # the ranks' collectives): ours only raises a flag, read at the next optimizer step
+        self._stop_flag.requested = 0
+        self._stop_agreed = 0
+        self._stop_flag.install()
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        """The optimizer step, with one agreement among the ranks after the closure (forward and backward) and before
+        the parameters change: stop for a signal at the next step boundary; raise on a non-finite loss or router."""
+
+        def closure_then_agree():
+            result = closure()
+            self._agree_after_closure(result)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_agree, model=model, **kwargs)
+
+    def _agree_after_closure(self, loss) -> None:
+        layers = ckpt.moe_layers(self.lightning_module)
+        routers = [layer.router.take_nonfinite() for layer in layers.values()] if self._check_finite else []
+        loss_bad = (self._check_finite and isinstance(loss, torch.Tensor)
+                    and not bool(torch.isfinite(loss.detach()).all()))
+        flags = local_flags(self._stop_flag.requested, loss_bad, routers, self.root_device)
+        distributed = dist.is_available() and dist.is_initialized() and self.world_size > 1
+        verdict = agree(flags, list(layers) if routers else [], self.global_rank,
+                        self.world_size if distributed else 1)
+        if verdict.stop_signal:
+            self._stop_agreed = verdict.stop_signal
+        if verdict.nonfinite:
+            step = self.lightning_module.trainer.global_step if self.lightning_module._trainer else None
+            where = "; ".join(("the loss" if name == "loss" else f"the router logits of layer '{name}'")
+                              + f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+                              for name, ranks in verdict.nonfinite.items())
+            raise NonFiniteError(f"non-finite values (NaN/Inf) at step {step}: {where}; the optimizer step was not "
+                                 f"applied (check_finite=True)")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._stop_agreed:
+            self._preempt(self._stop_agreed)
+
+    def _preempt(self, signum: int) -> None:
+        """Every rank is here at the same step boundary: write the resumable checkpoint (collective) and stop."""
+        trainer = self.lightning_module.trainer
+        path = _preemption_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        log.warning("rank %d: preempted by signal %d at step %d; checkpoint %s", self.global_rank, signum,
+                    trainer.global_step, path)
+        raise Preempted(trainer.global_step, path, signum)
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._stop_flag.restore()
+        if self._report_dir is None:
+            return
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        step = trainer.global_step if trainer is not None else None
+        try:
+            write_report(self._report_dir, self.global_rank, exception, step)
+        except OSError:
+            pass  # a full disk must not hide the original error
+        if self._supervised_child:
+            # a rank the supervised launcher started: the launcher names the failure in one line; no traceback here
+            from .faults.supervisor import exit_status_for
+
+            import sys
+
+            sys.stderr.flush()
+            os._exit(exit_status_for(exception))
 
     # ------------------------------------------------------------------ gradient clipping by the global norm
     def _install_global_norm_clipping(self) -> None:
@@ -241,32 +346,53 @@ class HierMoEStrategy(DDPStrategy):
             meta["optimizer_structure"] = optimizer_structure(self.lightning_module, self.optimizers)
             rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
             rest["hiermoe"] = meta
-            save_sharded(filepath, self.lightning_module, self.optimizers, rest, self.is_global_zero)
-            self.barrier("hiermoe_sharded_save")
+            save_sharded(filepath, self.lightning_module, self.optimizers, rest, self.is_global_zero, self.barrier)
             return
         checkpoint["hiermoe"] = meta
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        from .checkpoint_sharded import is_sharded_checkpoint, load_meta
+        from .checkpoint_sharded import META_FILE, is_sharded_checkpoint, load_meta
 
+        self._loading_path = os.fspath(checkpoint_path)
         if is_sharded_checkpoint(checkpoint_path):
+            check_sharded_checkpoint(checkpoint_path, META_FILE)  # same verdict on every rank, before any collective
             checkpoint = load_meta(checkpoint_path)
             checkpoint["hiermoe"]["path"] = os.fspath(checkpoint_path)
             checkpoint["state_dict"], checkpoint["optimizer_states"] = {}, []
-            return checkpoint
-        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        else:
+            checkpoint = load_full_checkpoint(
+                checkpoint_path, lambda p: super(HierMoEStrategy, self).load_checkpoint(p, weights_only=weights_only))
+        self._check_hyperparameters(checkpoint)
+        return checkpoint
+
+    def _check_hyperparameters(self, checkpoint: Mapping[str, Any]) -> None:
+        """A model built with other arguments than the checkpoint's is an error naming them (never silently
+        trained with one or the other)."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        current = getattr(self.lightning_module, "hparams", None) or {}
+        differ = hparam_differences(dict(saved), dict(current))
+        if differ:
+            raise CheckpointError(self._loading_path, "the model was built with other arguments than the checkpoint's: "
+                                  + ", ".join(differ) + "; resume with the checkpoint's values or start a new run")
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         meta = checkpoint.get("hiermoe", {}) or {}
-        ckpt.restore_placements(self.lightning_module, meta.get("placements"))
-        if meta.get("format") == "sharded":
-            from .checkpoint_sharded import load_sharded_model
+        path = meta.get("path") or self._loading_path or "<in memory>"
+        try:
+            ckpt.restore_placements(self.lightning_module, meta.get("placements"))
+            if meta.get("format") == "sharded":
+                from .checkpoint_sharded import load_sharded_model
 
-            load_sharded_model(meta["path"], self.lightning_module, strict=strict)
-            return
-        local = ckpt.local_state_dict(self.lightning_module, checkpoint["state_dict"])
-        self.lightning_module.load_state_dict(local, strict=strict)
+                load_sharded_model(meta["path"], self.lightning_module, strict=strict)
+                return
+            local = ckpt.local_state_dict(self.lightning_module, checkpoint["state_dict"])
+            self.lightning_module.load_state_dict(local, strict=strict)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as e:
+            # the same on every rank (shapes and keys do not depend on the rank): one line naming what differs
+            raise CheckpointError(path, explain_state_dict_mismatch(e)) from None
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         from lightning.fabric.utilities.optimizer import _optimizer_to_device
@@ -283,6 +409,7 @@ class HierMoEStrategy(DDPStrategy):
             _optimizer_to_device(inner, self.root_device)
 
     def teardown(self) -> None:
+        self._stop_flag.restore()
         for h in self._grad_hooks:
             h.remove()
         self._grad_hooks.clear()
@@ -290,7 +417,38 @@ class HierMoEStrategy(DDPStrategy):
 
 
 class _UnshardedResultLauncher(_MultiProcessingLauncher):
-    """fork/spawn: rank 0 returns the *unsharded* state dict, which the parent's unsharded model can load."""
+    """fork/spawn: rank 0 returns the *unsharded* state dict, which the parent's unsharded model can load; a rank
+    that fails is named in one line (:func:`~hiermoe_lightning.faults.launchers.translate_process_failure`)."""
+
+    def launch(self, function, *args: Any, trainer=None, **kwargs: Any) -> Any:
+        from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+        report_dir = report_dir_for(os.getpid())
+        self._strategy._report_dir = report_dir  # the forked (or pickled) ranks inherit it
+        failed = False
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except (ProcessRaisedException, ProcessExitedException) as e:
+            failed = True
+            raise translate_process_failure(e, report_dir) from None
+        finally:
+            self._strategy._report_dir = None
+            if not failed:
+                shutil.rmtree(report_dir, ignore_errors=True)
+
+    def _wrapping_function(self, process_idx: int, trainer, *args: Any, **kwargs: Any) -> None:
+        # in the rank process: Lightning's exception handling (and so Strategy.on_exception) runs in the parent
+        # only, so the rank writes its failure report here
+        try:
+            return super()._wrapping_function(process_idx, trainer, *args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported, then re-raised unchanged
+            if self._strategy._report_dir is not None and not isinstance(e, KeyboardInterrupt):
+                step = trainer.global_step if trainer is not None else None
+                try:
+                    write_report(self._strategy._report_dir, self._strategy.global_rank, e, step)
+                except OSError:
+                    pass
+            raise
 
     def _collect_rank_zero_results(self, trainer, results: Any) -> Optional[_WorkerOutput]:
         checkpoint_callback = trainer.checkpoint_callback
@@ -304,6 +462,28 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
             weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
             self._strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         return _WorkerOutput(best_model_path, weights_path, trainer.state, results, self.get_extra_results(trainer))
+
+
+def _check_timeout(timeout) -> datetime.timedelta:
+    """The process-group timeout as a timedelta; a number of seconds or a timedelta, > 0."""
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds > 0 or a datetime.timedelta, got {timeout!r}")
+    else:
+        seconds = float(timeout)
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _preemption_checkpoint_path(trainer) -> str:
+    """Where a preemption writes: ``last.ckpt`` of the first ModelCheckpoint (so ``--ckpt_path last`` finds it), else
+    ``<default_root_dir>/checkpoints/last.ckpt``."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+    return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
 
 
 def register_strategy() -> None:
