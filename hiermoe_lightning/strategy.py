@@ -264,8 +264,8 @@ class HierMoEStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer
         path = _preemption_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
-        log.warning("rank %d: preempted by signal %d at step %d; checkpoint %s", self.global_rank, signum,
-                    trainer.global_step, path)
+        if self.is_global_zero:
+            log.info("preempted by signal %d at step %d; checkpoint %s", signum, trainer.global_step, path)
         raise Preempted(trainer.global_step, path, signum)
 
     def on_exception(self, exception: BaseException) -> None:
@@ -429,8 +429,9 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         except (ProcessRaisedException, ProcessExitedException) as e:
-            failed = True
-            raise translate_process_failure(e, report_dir) from None
+            error = translate_process_failure(e, report_dir)
+            failed = not isinstance(error, Preempted)  # a failure keeps its reports and logs; a preemption does not
+            raise error from None
         finally:
             self._strategy._report_dir = None
             if not failed:

@@ -1,5 +1,6 @@
 """HierMoEStrategy: N ranks train exactly like one process on the same global batch; checkpoints are portable."""
 
+import datetime
 import importlib
 import json
 import os
@@ -130,6 +131,31 @@ def test_bad_strategy_arguments_raise_at_construction():
         HierMoEStrategy(topology="2x2", pipeline_chunks=0)
     with pytest.raises(ValueError, match="shared_memory must be True or False"):
         HierMoEStrategy(topology="2x2", shared_memory=1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"timeout": -1}, ValueError, "timeout must be a finite number of seconds > 0, got -1"),
+    ({"timeout": 0}, ValueError, "timeout must be"),
+    ({"timeout": float("nan")}, ValueError, "timeout must be"),
+    ({"timeout": datetime.timedelta(seconds=-5)}, ValueError, "timeout must be"),
+    ({"timeout": "60"}, TypeError, "timeout must be a number of seconds > 0 or a datetime.timedelta"),
+    ({"timeout": True}, TypeError, "timeout must be"),
+    ({"check_finite": "yes"}, ValueError, "check_finite must be True or False"),
+    ({"verify_splits": 1}, ValueError, "verify_splits must be True or False"),
+    ({"find_unused_parameters": None}, ValueError, "find_unused_parameters must be True or False"),
+    ({"process_group_backend": "tcp"}, ValueError, "process_group_backend must be None"),
+    ({"checkpoint_format": "zip"}, ValueError, "checkpoint_format must be 'full' or 'sharded'"),
+    ({"auto_interval": 0}, ValueError, "auto_interval"),
+    ({"start_method": "thread"}, ValueError, "start_method must be one of"),
+])
+def test_every_strategy_argument_is_validated(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        HierMoEStrategy(topology="2x2", **kwargs)
+
+
+def test_valid_timeouts_become_timedeltas():
+    assert HierMoEStrategy(timeout=90)._timeout == datetime.timedelta(seconds=90)
+    assert HierMoEStrategy(timeout=datetime.timedelta(minutes=2))._timeout == datetime.timedelta(seconds=120)
 
 
 @pytest.mark.parametrize("resume_world", [4, 2])

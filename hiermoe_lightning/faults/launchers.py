@@ -74,13 +74,17 @@ class SupervisedScriptLauncher(_SubprocessScriptLauncher):
         if isinstance(exc, Preempted):
             watcher.stop()
             watcher.wait_children(timeout=60.0)  # every rank saves the same checkpoint and exits 143
+            shutil.rmtree(report_dir, ignore_errors=True)
             return exc
         root = watcher.root_cause(timeout=5.0 if looks_like_peer_loss(exc) else 0.5)
         watcher.kill_all()
         watcher.wait_children(timeout=5.0)
         log = os.path.join(report_dir, f"rank{self._strategy.global_rank}.log")
         step = trainer.global_step if trainer is not None else None
-        return resolve_failure(exc, root, self._strategy.global_rank, step, log if os.path.exists(log) else None)
+        error = resolve_failure(exc, root, self._strategy.global_rank, step, log if os.path.exists(log) else None)
+        if isinstance(error, RankDied) and error.log is None:
+            error = RankDied(error.rank, error.pid, error.cause, error.step, report_dir)  # the survivors' logs
+        return error
 
 
 def translate_process_failure(exc: BaseException, report_dir: str) -> BaseException:

@@ -1,0 +1,103 @@
+"""Run ``python -m hiermoe_lightning fit`` (Lightning's script launcher: rank 0 here, ranks 1.. re-run the command)
+on a tiny config, as a scheduler or a user would, and look at its processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+TINY_MODEL = {"seq_len": 16, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "ffn_hidden_size": 32,
+              "num_experts": 8, "top_k": 2, "lr": 0.01}
+
+
+def write_config(root: str, *, max_steps: int = 100000, devices: int = 4, every_n_train_steps: int = 10,
+                 checkpoint_format: str = "full") -> str:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": devices, "max_steps": max_steps, "limit_val_batches": 0,
+            "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+            "default_root_dir": os.path.join(root, "run"),
+            "strategy": {"class_path": "hiermoe_lightning.HierMoEStrategy",
+                         "init_args": {"topology": f"{devices // 2}x2", "dispatch": "auto", "timeout": 120,
+                                       "checkpoint_format": checkpoint_format}},
+            "callbacks": [
+                {"class_path": "hiermoe_lightning.HierMoECallback",
+                 "init_args": {"plan_every_n_steps": 5, "print_summary": False, "save_plots": False}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": os.path.join(root, "ckpt"), "save_last": True,
+                               "every_n_train_steps": every_n_train_steps}},
+            ],
+        },
+        "model": {"class_path": "hiermoe_lightning.models.MoEGPT", "init_args": dict(TINY_MODEL)},
+        "data": {"class_path": "hiermoe_lightning.data.ByteTextDataModule",
+                 "init_args": {"seq_len": 16, "batch_size": 2, "max_train_samples": 400}},
+    }
+    path = os.path.join(root, "fit.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
+
+
+def start(root: str, *extra: str) -> subprocess.Popen:
+    """Start ``hiermoe fit`` in its own session (so a test can always kill all of it); stdout/stderr to files."""
+    out = open(os.path.join(root, "stdout.txt"), "w")
+    err = open(os.path.join(root, "stderr.txt"), "w")
+    return subprocess.Popen([sys.executable, "-m", "hiermoe_lightning", "fit", "--config",
+                             os.path.join(root, "fit.yaml"), *extra], cwd=root, stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stderr_lines(root: str) -> list[str]:
+    with open(os.path.join(root, "stderr.txt")) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float, poll: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()
+
+
+def wait_for_file(path: str, timeout: float) -> bool:
+    return wait_for(lambda: os.path.exists(path), timeout)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """Whatever happened, leave nothing of this run behind."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
