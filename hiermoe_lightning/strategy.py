@@ -222,6 +222,11 @@ class HierMoEStrategy(DDPStrategy):
         # the ranks' collectives): ours only raises a flag, read at the next optimizer step
         self._stop_flag.requested = 0
         self._stop_agreed = 0
+        requeue = self._slurm_requeue_signal()
+        if requeue is not None and requeue not in self._stop_flag.signals:
+            # Lightning's SLURM handler saves a checkpoint inside the signal handler (collectives at a random point
+            # on each rank); here the requeue signal stops at the next step boundary like SIGTERM, then requeues
+            self._stop_flag.signals += (requeue,)
         self._stop_flag.install()
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
@@ -266,7 +271,20 @@ class HierMoEStrategy(DDPStrategy):
         trainer.save_checkpoint(path)
         if self.is_global_zero:
             log.info("preempted by signal %d at step %d; checkpoint %s", signum, trainer.global_step, path)
+            if signum == self._slurm_requeue_signal():
+                from .faults.signals import requeue_slurm_job
+
+                log.warning(requeue_slurm_job())
         raise Preempted(trainer.global_step, path, signum)
+
+    def _slurm_requeue_signal(self):
+        """SLURM's requeue signal when Lightning's SLURM environment has auto-requeue on, else None."""
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        env = self.cluster_environment
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            return env.requeue_signal
+        return None
 
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)

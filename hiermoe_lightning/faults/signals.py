@@ -8,10 +8,13 @@ Here the handler sets a flag and nothing else; :mod:`.consensus` makes the ranks
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
 import threading
 
-__all__ = ["StopFlag"]
+__all__ = ["StopFlag", "requeue_slurm_job"]
 
 
 class StopFlag:
@@ -46,3 +49,21 @@ class StopFlag:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+
+def requeue_slurm_job() -> str:
+    """``scontrol requeue`` this SLURM job (array task aware); return what happened, in words.
+
+    Used for SLURM's requeue signal (``#SBATCH --signal=USR1@90`` with Lightning's ``SLURMEnvironment(auto_requeue=
+    True)``) once every rank has written the checkpoint; the job id comes from the scheduler's own environment.
+    """
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID", "")
+    if not re.fullmatch(r"[0-9_]+", job or ""):
+        return "not requeued: no SLURM job id in the environment"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"requeue of SLURM job {job} failed: {e}"
+    return f"requeued SLURM job {job}" if result.returncode == 0 else \
+        f"requeue of SLURM job {job} failed: {result.stderr.strip() or result.returncode}"
