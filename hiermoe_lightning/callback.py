@@ -19,7 +19,7 @@ import time
 import torch
 
 from .checkpoint import moe_layers
-from .metrics import DedupMonitor
+from .metrics import DedupMonitor, check_bool_arg, check_int_arg, check_number_arg
 from .parallel import PendingRoutings
 from .placement import Placement
 from .placement.migrate import expert_state_bytes, migrate_
@@ -27,13 +27,6 @@ from .placement.planner import plan_swaps
 from .placement.window import RoutingWindow
 
 __all__ = ["HierMoECallback"]
-
-
-def _positive_int(name: str, value, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _by_expert_parallel(layers: dict) -> list[tuple]:
@@ -49,15 +42,21 @@ class HierMoECallback(DedupMonitor):
     """Plan and execute expert swaps every ``plan_every_n_steps`` optimizer steps, and log the savings.
 
     Args:
-        plan_every_n_steps: optimizer steps between plans.
+        plan_every_n_steps: optimizer steps between plans (an int >= 1).
         swap: run the planner and migrate (False: statistics and metrics only).
-        max_swaps_per_plan: greedy swaps per layer and plan, at most.
-        gamma: smooth-max exponent used to rank candidates (None: plain max).
-        window_tokens_per_rank / window_decay: the routing window (EMA over recent batches).
-        sample_tokens_per_rank: tokens per rank and batch added to the window (evenly strided).
+        max_swaps_per_plan: greedy swaps per layer and plan, at most (an int >= 0).
+        gamma: smooth-max exponent used to rank candidates, a number >= 1 (None: plain max).
+        window_tokens_per_rank / window_decay: the routing window (EMA over recent batches): an int >= 1 / a number
+            in (0, 1].
+        sample_tokens_per_rank: tokens per rank and batch added to the window (evenly strided; an int >= 1).
         charge_migration: weigh each swap's saving over the next plan interval against its migration time.
-        compute_balance_tolerance: a swap may not push the busiest rank's expert load above this times the mean.
-        log_every_n_steps / print_summary / save_plots: reporting.
+        compute_balance_tolerance: a swap may not push the busiest rank's expert load above this times the mean (a
+            number >= 1; None: no guard).
+        log_every_n_steps / print_summary / save_plots: reporting (an int >= 1 / True or False / True or False).
+
+    Every argument is checked at construction: a ``TypeError`` (wrong type; flags must be real bools) or
+    ``ValueError`` (out of range) names it and what it allows. The state Lightning checkpoints is complete
+    (:meth:`state_dict`): a fit resumed from any checkpoint plans, migrates and logs exactly like the uninterrupted one.
     """
 
     def __init__(
@@ -76,39 +75,37 @@ class HierMoECallback(DedupMonitor):
         save_plots: bool = True,
     ):
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
-        self.plan_every_n_steps = _positive_int("plan_every_n_steps", plan_every_n_steps)
-        self.max_swaps_per_plan = _positive_int("max_swaps_per_plan", max_swaps_per_plan, allow_zero=True)
-        self.window_tokens_per_rank = _positive_int("window_tokens_per_rank", window_tokens_per_rank)
-        self.sample_tokens_per_rank = _positive_int("sample_tokens_per_rank", sample_tokens_per_rank)
-        if not isinstance(swap, bool):
-            raise TypeError(f"swap must be a bool, got {swap!r}")
-        if gamma is not None and (not isinstance(gamma, (int, float)) or gamma < 1):
-            raise ValueError(f"gamma must be None (plain max) or a number >= 1, got {gamma!r}")
-        if not isinstance(window_decay, (int, float)) or not 0 < window_decay <= 1:
-            raise ValueError(f"window_decay must be in (0, 1], got {window_decay!r}")
-        if compute_balance_tolerance is not None and (
-            not isinstance(compute_balance_tolerance, (int, float)) or compute_balance_tolerance < 1
-        ):
-            raise ValueError(
-                f"compute_balance_tolerance must be None (no guard) or a number >= 1, got {compute_balance_tolerance!r}"
-            )
-        self.swap, self.gamma, self.window_decay = swap, gamma, float(window_decay)
-        self.charge_migration = bool(charge_migration)
-        self.compute_balance_tolerance = compute_balance_tolerance
-        self.save_plots = save_plots
+        self.plan_every_n_steps = check_int_arg("plan_every_n_steps", plan_every_n_steps, 1)
+        self.swap = check_bool_arg("swap", swap)
+        self.max_swaps_per_plan = check_int_arg("max_swaps_per_plan", max_swaps_per_plan, 0)
+        self.gamma = check_number_arg("gamma", gamma, low=1.0, allow_none="plain max")
+        self.window_tokens_per_rank = check_int_arg("window_tokens_per_rank", window_tokens_per_rank, 1)
+        self.window_decay = check_number_arg("window_decay", window_decay, low=0.0, low_open=True, high=1.0)
+        self.sample_tokens_per_rank = check_int_arg("sample_tokens_per_rank", sample_tokens_per_rank, 1)
+        self.charge_migration = check_bool_arg("charge_migration", charge_migration)
+        self.compute_balance_tolerance = check_number_arg("compute_balance_tolerance", compute_balance_tolerance,
+                                                          low=1.0, allow_none="no guard")
+        self.save_plots = check_bool_arg("save_plots", save_plots)
         self.windows: dict[str, RoutingWindow] = {}
         self.swaps_total = 0
         self.history: list[dict] = []  # one entry per (plan, layer)
         self.load_history: list[list[list[float]]] = []  # per plan/log point: per layer, per rank expert pairs
         self.plan_seconds = 0.0
         self.migration_seconds = 0.0
-        self._last_step = -1
+        self._last_step = -1  # the optimizer step of the last batch end (gradient accumulation: plan once per step)
+        self._tokens_scale = 1.0  # tokens per rank / sampled tokens of the last batch (the migration horizon)
         # the gather in flight: (layer names in order, [(names of one ExpertParallel, its handle)]); _complete_pending
         self._pending: tuple[list[str], list[tuple[list[str], PendingRoutings]]] | None = None
+        self._module = None  # the LightningModule (setup), whose layers state_dict() reads
+        # restored by load_state_dict, applied to the sharded layers at on_train_start: {name: layer state}
+        self._restore: dict[str, dict] | None = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The windows (with every batch seen so far), the swap count, the history and the timings.
+        """Everything a later plan, migration or metric reads: the windows (with every batch seen so far), the swap
+        count, the history, the timings, the last optimizer step seen (a resume inside a gradient-accumulation cycle
+        must not plan that step again), the migration horizon's token scale, and each sharded layer's placement and
+        ``dispatch="auto"`` state (its chosen depth, the forwards since it chose, its predictions).
 
         Completes the gather still in flight first, so a checkpoint saved right after a step holds that step's
         sample. Lightning calls this on every rank when it saves a checkpoint; even on one rank alone it would only
@@ -121,6 +118,8 @@ class HierMoECallback(DedupMonitor):
             "swaps_total": self.swaps_total, "history": json.dumps(self.history),
             "load_history": json.dumps(self.load_history),
             "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
+            "last_step": self._last_step, "tokens_scale": self._tokens_scale,
+            "layers": self._layer_states(),
         })
         return state
 
@@ -137,6 +136,64 @@ class HierMoECallback(DedupMonitor):
         self.load_history = json.loads(state.get("load_history", "[]"))
         self.plan_seconds = float(state.get("plan_seconds", 0.0))
         self.migration_seconds = float(state.get("migration_seconds", 0.0))
+        self._last_step = int(state.get("last_step", -1))
+        self._tokens_scale = float(state.get("tokens_scale", 1.0))
+        self._restore = state.get("layers") or None
+
+    def _layer_states(self) -> dict[str, dict]:
+        """Each sharded MoE layer's placement and ``auto`` dispatch state (plain tensors, ints and strings); those
+        restored but not applied yet, if a checkpoint is written before training starts."""
+        if self._restore:  # loaded, not applied yet: still the state to carry on
+            return dict(self._restore)
+        layers = {n: m for n, m in moe_layers(self._module).items() if m.is_sharded} if self._module is not None else {}
+        return {name: {"expert_to_rank": m.placement.expert_to_rank.clone(),
+                       "expert_to_slot": m.placement.expert_to_slot.clone(),
+                       "world_size": m.placement.world_size, "num_experts": m.num_experts,
+                       "dispatch": m.dispatch, "auto_calls": m.auto_calls,
+                       "auto_predictions": json.dumps(m.auto_predictions)}
+                for name, m in layers.items()}
+
+    def setup(self, trainer, pl_module, stage):
+        self._module = pl_module
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._module = pl_module
+        restore, self._restore = self._restore, None
+        if restore:
+            self._restore_layers(trainer, pl_module, restore)
+
+    @torch.no_grad()
+    def _restore_layers(self, trainer, pl_module, restore: dict) -> None:
+        """Put every sharded layer back where the checkpoint's run had it: migrate (weights and the optimizer state
+        loaded under another placement move with their experts) to the saved placement, then set the saved ``auto``
+        state, so the next forwards dispatch and the next plans start from exactly the uninterrupted run's state.
+
+        Lightning restores a DDP-style strategy's checkpoint *before* the strategy shards the model, so a placement
+        restored there is lost and the experts come back contiguous. Skipped for a layer resumed on another world
+        size or expert count (its windows start afresh too). Collective: every rank runs it (``on_train_start``)."""
+        layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded}
+        fits = {n: s for n, s in restore.items()
+                if n in layers and int(s["world_size"]) == layers[n].placement.world_size
+                and int(s["num_experts"]) == layers[n].num_experts}
+        changed = []
+        for name, saved in fits.items():
+            layer = layers[name]
+            target = Placement(torch.as_tensor(saved["expert_to_rank"]).long(),
+                               torch.as_tensor(saved["expert_to_slot"]).long(), layer.placement.world_size)
+            if target != layer.placement:
+                changed.append((layer, target))
+        if changed:
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            migrate_([c[0] for c in changed], [c[1] for c in changed], optimizer)
+        for name, saved in fits.items():
+            layer = layers[name]
+            ep = layer.expert_parallel
+            names = {"auto"} | {f"hd{d}" for d in range(1, ep.topology.num_levels + 1)}
+            if ep.dispatch == "auto" and saved.get("dispatch") in names:
+                layer.dispatch = saved["dispatch"]
+                layer.auto_calls = int(saved["auto_calls"])
+                layer.auto_predictions = json.loads(saved.get("auto_predictions") or "{}")
 
     # ------------------------------------------------------------------ per batch
     def _sample(self, ids: torch.Tensor) -> torch.Tensor:
@@ -278,7 +335,7 @@ class HierMoECallback(DedupMonitor):
     def _horizon(self) -> int:
         """All-to-alls until the next plan, in units of the window's one-way step: every training step runs four
         (dispatch and combine, forward and backward) on all tokens, while the window holds a per-rank sample."""
-        return max(1, round(self.plan_every_n_steps * 4 * getattr(self, "_tokens_scale", 1.0)))
+        return max(1, round(self.plan_every_n_steps * 4 * self._tokens_scale))
 
     @staticmethod
     def _rank_load(ids: torch.Tensor, weights: torch.Tensor, placement) -> torch.Tensor:
@@ -297,6 +354,7 @@ class HierMoECallback(DedupMonitor):
 
     def teardown(self, trainer, pl_module, stage):
         self._pending = None
+        self._restore = None  # restored by a validate/test: no later fit without a checkpoint may apply it
 
     def on_fit_end(self, trainer, pl_module):
         self._complete_pending()

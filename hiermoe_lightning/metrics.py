@@ -10,6 +10,7 @@ At the end of ``fit`` rank 0 prints a summary: loss, tokens/s, bytes by level ag
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning.pytorch as pl
@@ -20,6 +21,39 @@ from .checkpoint import moe_layers
 from .layer import MoELayer
 
 __all__ = ["DedupMonitor", "flat_bytes_by_level", "dispatch_depth"]
+
+
+# ---------------------------------------------------------------------------- argument checks (both callbacks)
+def check_int_arg(name: str, value: object, low: int) -> int:
+    """``value`` as an int >= ``low`` (not a bool): TypeError / ValueError naming ``name`` and what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return value
+
+
+def check_bool_arg(name: str, value: object) -> bool:
+    """``value`` as a bool (1 and "yes" are not): TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_number_arg(name: str, value: object, *, low: float, low_open: bool = False, high: float | None = None,
+                     allow_none: str | None = None) -> float | None:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``), or None when
+    ``allow_none`` (its meaning) is given: TypeError / ValueError naming ``name`` and the allowed values."""
+    allowed = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+    allowed = f"a number in {allowed}" + (f" or None ({allow_none})" if allow_none else "")
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < low or (low_open and v == low) or (high is not None and v > high):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
 
 
 def dispatch_depth(name: str) -> int:
@@ -45,25 +79,42 @@ class DedupMonitor(pl.Callback):
     """Log the dedup savings of every sharded MoELayer each training step, and print a summary at the end of fit.
 
     Args:
-        log_every_n_steps: how often to compute and log (the statistics cost one small all-reduce).
-        print_summary: print the end-of-fit summary on rank 0.
+        log_every_n_steps: how often to compute and log (the statistics cost one small all-reduce); an int >= 1.
+        print_summary: print the end-of-fit summary on rank 0 (True or False).
+
+    Its state (``state_dict``) holds everything a later metric or the summary reads: the byte totals, the tokens, the
+    training seconds so far (throughput after a resume counts the earlier runs too), the first loss and the number
+    of losses, so a resumed fit logs and summarises like the uninterrupted one.
     """
 
     def __init__(self, log_every_n_steps: int = 1, print_summary: bool = True):
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}")
-        self.log_every_n_steps, self.print_summary = log_every_n_steps, print_summary
+        self.log_every_n_steps = check_int_arg("log_every_n_steps", log_every_n_steps, 1)
+        self.print_summary = check_bool_arg("print_summary", print_summary)
         self.total_sent = None
         self.total_flat = None
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # this run's (rank 0 batch) losses
         self.tokens = 0
         self._start = None
+        self._seconds_before = 0.0  # training seconds of the runs this one resumed
+        self._first_loss: float | None = None  # the first loss of the whole (resumed) training
+        self._losses_before = 0  # losses recorded by the runs this one resumed
 
     def state_dict(self) -> dict:
-        return {"total_sent": self.total_sent, "total_flat": self.total_flat, "tokens": self.tokens}
+        return {"total_sent": self.total_sent, "total_flat": self.total_flat, "tokens": self.tokens,
+                "train_seconds": self.train_seconds(), "first_loss": self._first_loss,
+                "loss_count": self._losses_before + len(self.losses)}
 
     def load_state_dict(self, state: dict) -> None:
         self.total_sent, self.total_flat, self.tokens = state["total_sent"], state["total_flat"], state["tokens"]
+        self._seconds_before = float(state.get("train_seconds", 0.0))
+        self._first_loss = state.get("first_loss")
+        self._losses_before = int(state.get("loss_count", 0))
+        self.losses = []
+        self._start = None
+
+    def train_seconds(self) -> float:
+        """Seconds of training so far, the resumed runs' included."""
+        return self._seconds_before + (time.perf_counter() - self._start if self._start else 0.0)
 
     def on_train_start(self, trainer, pl_module):
         self._start = time.perf_counter()
@@ -72,6 +123,8 @@ class DedupMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if isinstance(outputs, dict) and "loss" in outputs:
             self.losses.append(float(outputs["loss"]))
+            if self._first_loss is None:
+                self._first_loss = self.losses[0]
         if isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
             self.tokens += batch[0].numel() * trainer.world_size
         layers = [m for m in moe_layers(pl_module).values() if m.is_sharded and m.last_handle is not None]
@@ -108,10 +161,11 @@ class DedupMonitor(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def summary(self, trainer, log_dir: str | None = None) -> str:
-        elapsed = time.perf_counter() - self._start if self._start else float("nan")
+        elapsed = self.train_seconds() if self._start or self._seconds_before else float("nan")
         lines = ["", "hiermoe summary", "---------------"]
         if self.losses:
-            lines.append(f"train loss (rank 0 batch)   {self.losses[0]:.3f} -> {self.losses[-1]:.3f} over {len(self.losses)} steps")
+            count = self._losses_before + len(self.losses)
+            lines.append(f"train loss (rank 0 batch)   {self._first_loss:.3f} -> {self.losses[-1]:.3f} over {count} steps")
         lines.append(f"throughput                  {self.tokens / elapsed:,.0f} tokens/s ({elapsed:.1f} s of training)")
         if self.total_sent is not None:
             lines.append("all-to-all payload bytes    sent (this run)  vs  flat dispatch")

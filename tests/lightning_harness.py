@@ -110,3 +110,77 @@ class CheckReplicas(pl.Callback):
         local = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters() if n in experts])
         if trainer.global_rank == 0:
             json.dump({"dense_identical": bool(same), "expert_numel_per_rank": local.numel()}, open(self.path, "w"))
+
+
+# ------------------------------------------------------------------ resumable fits on the bundled text data
+class RecordSteps(pl.Callback):
+    """After every training batch (and after the callbacks listed before it, e.g. a HierMoECallback's plan and
+    migration): the global loss, each MoE layer's placement (``expert_to_rank`` and ``expert_to_slot``) and, on rank
+    0, the first token of every sample of the global batch. At the end of training rank 0 writes, to ``path`` (a
+    torch file, appended to by a resumed run): those records by step, the full (unsharded) parameters and every
+    other callback's ``state_dict()``."""
+
+    def __init__(self, path: str):
+        self.path, self.steps = path, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from hiermoe_lightning.checkpoint import moe_layers
+
+        loss = outputs["loss"].detach().clone()
+        first = batch[0][:, 0].contiguous()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+            parts = [torch.empty_like(first) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, first)
+            first = torch.stack(parts)
+        placements = {n: (m.placement.expert_to_rank.clone(), m.placement.expert_to_slot.clone())
+                      for n, m in moe_layers(pl_module).items() if m.placement is not None}
+        self.steps[trainer.global_step] = {"loss": float(loss), "placements": placements, "tokens": first.tolist(),
+                                           "epoch": trainer.current_epoch, "batch_idx": batch_idx}
+
+    def on_train_end(self, trainer, pl_module):
+        from hiermoe_lightning.checkpoint import full_state_dict
+
+        params = full_state_dict(pl_module)  # collective
+        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks
+                  if cb is not self and not isinstance(cb, pl.callbacks.Checkpoint)}
+        if trainer.global_rank == 0:
+            old = torch.load(self.path, weights_only=False) if os.path.exists(self.path) else {"steps": {}}
+            torch.save({"steps": {**old["steps"], **self.steps}, "params": params, "callbacks": states}, self.path)
+
+
+class SaveAtBatchStart(pl.Callback):
+    """``trainer.save_checkpoint(path)`` in ``on_train_batch_start`` when ``global_step == step`` (the batch of the
+    next step is fetched and not run: where a preemption saves)."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def fit_text(tmp, world: int, *, max_steps: int, record: str, callbacks=(), ckpt_path=None, shuffle=True,
+             samples=40, topology=None, dispatch="auto", link_costs="paper-a6000", checkpoint_format="full",
+             checkpoint_callbacks=()):
+    """Train MoEGPT (``MODEL``) on the first ``samples`` windows of ByteTextDataModule (its own resumable sampler:
+    each rank its shard, shuffled by (seed, epoch)) for ``max_steps`` optimizer steps; :class:`RecordSteps` writes to
+    ``record``. Returns the parent's model (rank 0's unsharded weights)."""
+    model = MoEGPT(**MODEL, optimizer="adamw")
+    data = ByteTextDataModule(seq_len=MODEL["seq_len"], batch_size=GLOBAL_BATCH // world, val_fraction=0.0,
+                              shuffle=shuffle, seed=3, max_train_samples=samples)
+    if world == 1:
+        strategy = "auto"
+    else:
+        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork",
+                                   timeout=60, link_costs=link_costs, checkpoint_format=checkpoint_format)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=max_steps, logger=False,
+        callbacks=[*callbacks, RecordSteps(record), *checkpoint_callbacks],
+        enable_checkpointing=bool(checkpoint_callbacks), enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model

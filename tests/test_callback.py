@@ -66,15 +66,90 @@ def test_resume_after_swaps_continues_exactly(tmp_path, reference, resume_world)
     torch.testing.assert_close(torch.tensor(first + second), torch.tensor(reference), **TOL)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"plan_every_n_steps": 0}, "plan_every_n_steps"),
-    ({"gamma": 0.5}, "gamma"),
-    ({"window_decay": 1.5}, "window_decay"),
-    ({"swap": "yes"}, "swap"),
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"plan_every_n_steps": 0}, ValueError, "plan_every_n_steps must be an int >= 1"),
+    ({"plan_every_n_steps": 2.0}, TypeError, "plan_every_n_steps must be an int >= 1"),
+    ({"plan_every_n_steps": True}, TypeError, "plan_every_n_steps"),
+    ({"swap": "yes"}, TypeError, "swap must be True or False"),
+    ({"swap": 1}, TypeError, "swap must be True or False"),
+    ({"max_swaps_per_plan": -1}, ValueError, "max_swaps_per_plan must be an int >= 0"),
+    ({"max_swaps_per_plan": None}, TypeError, "max_swaps_per_plan must be an int >= 0"),
+    ({"gamma": 0.5}, ValueError, r"gamma must be a number in \[1, inf\) or None \(plain max\)"),
+    ({"gamma": float("inf")}, ValueError, "gamma"),
+    ({"gamma": "10"}, TypeError, "gamma"),
+    ({"window_tokens_per_rank": 0}, ValueError, "window_tokens_per_rank must be an int >= 1"),
+    ({"window_tokens_per_rank": 1.5}, TypeError, "window_tokens_per_rank"),
+    ({"window_decay": 1.5}, ValueError, r"window_decay must be a number in \(0, 1\]"),
+    ({"window_decay": 0}, ValueError, "window_decay"),
+    ({"window_decay": float("nan")}, ValueError, "window_decay"),
+    ({"window_decay": None}, TypeError, "window_decay"),
+    ({"sample_tokens_per_rank": 0}, ValueError, "sample_tokens_per_rank must be an int >= 1"),
+    ({"sample_tokens_per_rank": "512"}, TypeError, "sample_tokens_per_rank"),
+    ({"charge_migration": "no"}, TypeError, "charge_migration must be True or False"),
+    ({"charge_migration": 0}, TypeError, "charge_migration must be True or False"),
+    ({"compute_balance_tolerance": 0.9}, ValueError, r"compute_balance_tolerance must be .* or None \(no guard\)"),
+    ({"compute_balance_tolerance": float("nan")}, ValueError, "compute_balance_tolerance"),
+    ({"compute_balance_tolerance": True}, TypeError, "compute_balance_tolerance"),
+    ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps must be an int >= 1"),
+    ({"log_every_n_steps": 1.0}, TypeError, "log_every_n_steps must be an int >= 1"),
+    ({"print_summary": "false"}, TypeError, "print_summary must be True or False"),
+    ({"print_summary": None}, TypeError, "print_summary must be True or False"),
+    ({"save_plots": 1}, TypeError, "save_plots must be True or False"),
 ])
-def test_bad_arguments_name_the_parameter(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_arguments_name_the_parameter(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         HierMoECallback(**kwargs)
+
+
+def test_every_argument_is_checked_and_the_edges_are_accepted():
+    """Each constructor argument has a bad-value case above; the allowed edges construct."""
+    import inspect
+
+    checked = {"plan_every_n_steps", "swap", "max_swaps_per_plan", "gamma", "window_tokens_per_rank", "window_decay",
+               "sample_tokens_per_rank", "charge_migration", "compute_balance_tolerance", "log_every_n_steps",
+               "print_summary", "save_plots"}
+    assert set(inspect.signature(HierMoECallback).parameters) == checked
+    cb = HierMoECallback(plan_every_n_steps=1, swap=False, max_swaps_per_plan=0, gamma=None, window_tokens_per_rank=1,
+                         window_decay=1, sample_tokens_per_rank=1, charge_migration=False,
+                         compute_balance_tolerance=None, log_every_n_steps=1, print_summary=False, save_plots=False)
+    assert cb.window_decay == 1.0 and cb.gamma is None and cb.compute_balance_tolerance is None
+    assert HierMoECallback(gamma=1, compute_balance_tolerance=1).gamma == 1.0
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps"),
+    ({"log_every_n_steps": "1"}, TypeError, "log_every_n_steps"),
+    ({"print_summary": "yes"}, TypeError, "print_summary"),
+])
+def test_dedup_monitor_bad_arguments(kwargs, exc, match):
+    from hiermoe_lightning.metrics import DedupMonitor
+
+    with pytest.raises(exc, match=match):
+        DedupMonitor(**kwargs)
+
+
+def test_state_holds_everything_later_plans_and_metrics_read():
+    """The last optimizer step (no second plan of a step inside a gradient-accumulation cycle), the migration
+    horizon's token scale, each layer's placement and auto-dispatch state (to put back once the strategy sharded the
+    model), the training seconds and the loss count survive a round trip."""
+    cb = HierMoECallback(**PLAN_KWARGS, print_summary=False)
+    cb.windows["l0"] = RoutingWindow(64, 0.9)
+    cb.windows["l0"].ingest(_window_ids(0, 2))
+    cb._last_step, cb._tokens_scale, cb.swaps_total, cb.tokens = 6, 2.5, 3, 100
+    cb._restore = {"l0": {"expert_to_rank": torch.tensor([1, 0]), "expert_to_slot": torch.tensor([0, 0]),
+                          "world_size": 2, "num_experts": 2, "dispatch": "hd2", "auto_calls": 7,
+                          "auto_predictions": "{}"}}
+    cb.losses, cb._first_loss, cb._seconds_before = [5.0, 4.0], 5.0, 10.0
+    state = cb.state_dict()
+    other = HierMoECallback(**PLAN_KWARGS, print_summary=False)
+    other.load_state_dict(state)
+    assert (other._last_step, other._tokens_scale, other.swaps_total, other.tokens) == (6, 2.5, 3, 100)
+    assert other._restore["l0"]["auto_calls"] == 7 and torch.equal(other._restore["l0"]["expert_to_rank"],
+                                                                   torch.tensor([1, 0]))
+    assert torch.equal(other.windows["l0"].trace()[0], cb.windows["l0"].trace()[0])
+    assert other.state_dict()["layers"] == state["layers"]  # not applied yet: carried on as loaded
+    assert other.train_seconds() == pytest.approx(10.0) and other.state_dict()["loss_count"] == 2
+    assert other._first_loss == 5.0
 
 
 class _Recording(HierMoECallback):
