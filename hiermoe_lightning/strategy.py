@@ -37,6 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from .checkpoint_files import use_newest_for_last
 from .faults import CheckpointError, NonFiniteError, Preempted
 from .faults.checkpoint_checks import (check_sharded_checkpoint, explain_state_dict_mismatch, hparam_differences,
                                       load_full_checkpoint)
@@ -152,6 +153,13 @@ class HierMoEStrategy(DDPStrategy):
         if self._topology is not None:
             return self._topology
         return Topology([self.num_nodes, len(self.parallel_devices or [None])])
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Restore checkpoints into the *sharded* model: the saved placements then take effect before the weights
+        and the optimizer state are sliced to this rank's experts (restored earlier, a placement was set on layers
+        that were not sharded yet and came back contiguous)."""
+        return True
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
@@ -441,6 +449,8 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
     def launch(self, function, *args: Any, trainer=None, **kwargs: Any) -> Any:
         from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+        if trainer is not None:
+            use_newest_for_last(trainer)  # ckpt_path="last": the newest complete checkpoint
         report_dir = report_dir_for(os.getpid())
         self._strategy._report_dir = report_dir  # the forked (or pickled) ranks inherit it
         failed = False

@@ -26,6 +26,11 @@ class HierMoECLI(LightningCLI):
     nothing. ``--ckpt_path last`` is checked the same way by the strategy once the trainer resolved the path.
     """
 
+    def before_fit(self) -> None:
+        from ..checkpoint_files import use_newest_for_last
+
+        use_newest_for_last(self.trainer)  # --ckpt_path last: the newest complete checkpoint, whatever its name
+
     def _parse_ckpt_path(self) -> None:
         if not self.config.get("subcommand"):
             return

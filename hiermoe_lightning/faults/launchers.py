@@ -43,6 +43,10 @@ class SupervisedScriptLauncher(_SubprocessScriptLauncher):
         from lightning.fabric.strategies.launchers.subprocess_script import _set_num_threads_if_needed
 
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if trainer is not None:
+            from ..checkpoint_files import use_newest_for_last
+
+            use_newest_for_last(trainer)  # ckpt_path="last": the newest complete checkpoint, on every rank
         if self.cluster_environment.creates_processes_externally:
             # torchrun, SLURM, or a rank we started ourselves: whoever started the processes supervises them
             _set_num_threads_if_needed(num_processes=self.num_processes)
