@@ -22,7 +22,7 @@ import time
 
 from hiermoe_lightning import ExpertParallel, LinkCosts
 from hiermoe_lightning.cost.calibrate import DEFAULT_COPY_ROWS, DEFAULT_SIZES
-from hiermoe_lightning.testing import run_ranks
+from hiermoe_lightning.testing import Deadline, run_ranks
 from hiermoe_lightning.topology import Topology
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> LinkCosts:
     copy_rows = None if args.copy_rows.strip().lower() == "none" else [int(v) for v in args.copy_rows.split(",")]
     options = {"sizes": _sizes(args.sizes), "copy_sizes": copy_rows, "duplex": args.duplex, "faults": not args.no_faults,
                "level1_link": args.level1_link or ("node" if emulated else "rank")}
-    launch = dict(timeout=args.timeout, pg_timeout=max(30.0, args.timeout))
+    launch = dict(timeout=Deadline(args.timeout, "--timeout"), pg_timeout=max(30.0, args.timeout))
     t0 = time.perf_counter()
     if not emulated:
         results = run_ranks(_calibrate_on_rank, topo.world_size, args.topology, args.repeats, args.warmup, name,

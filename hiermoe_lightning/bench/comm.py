@@ -47,7 +47,7 @@ from ..dispatch.engine import (DispatchHandle, combine, dispatch_blocks, gather_
 from ..dispatch.spec import parse_dispatch, validate_dispatch
 from ..parallel import ExpertParallel
 from ..placement.placement import Placement
-from ..testing.launch import run_ranks
+from ..testing.launch import Deadline, run_ranks
 from ..topology import Topology
 from ..traces import ALLOWED_ROUTINGS, parse_routing
 from .netem import EmulatedNetwork, EmulationUnavailable
@@ -105,7 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="ranks of one node exchange through the process group's loopback sockets instead of shared "
                         "memory (ExpertParallel(shared_memory=False)), for an A/B")
     p.add_argument("--timeout", type=float, default=900.0,
-                   help="seconds before the spawned ranks are killed (default 900)")
+                   help="seconds for the whole command; when they pass, every rank is stopped and the command "
+                        "exits with status 124 (default 900)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -276,8 +277,11 @@ def _ms_at(num_bytes: int, mbit: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Validate, spawn the ranks, time every dispatch; return the report (contract keys first)."""
+    """Validate, spawn the ranks, time every dispatch; return the report (contract keys first).
+
+    ``--timeout`` bounds the whole command from here on (:class:`~hiermoe_lightning.testing.launch.Deadline`)."""
     topology, link_costs, ids, names = _resolve(args)
+    deadline = Deadline(float(args.timeout), "--timeout")
     G, T, K = ids.shape
     E, M = args.num_experts, args.hidden_size
     row_bytes = M * DTYPE_BYTES[args.dtype]
@@ -294,7 +298,7 @@ def run(args: argparse.Namespace) -> dict:
            "seed": args.seed, "link_costs": link_costs, "names": names, "chosen": chosen,
            "warmup": args.warmup, "iters": args.iters, "pipeline_chunks": args.pipeline_chunks,
            "shared_memory": args.shared_memory}
-    launch = dict(timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
+    launch = dict(timeout=deadline, pg_timeout=min(float(args.timeout), 300.0))
     if args.emulate_inter_mbit is None:
         per_rank = run_ranks(_rank_fn, G, cfg, **launch)
     else:

@@ -57,7 +57,7 @@ from ..cli.flags import int_flag, topology_flag
 from ..cli.main import CLIError
 from ..cost.link_costs import LinkCosts
 from ..dispatch.engine import validate_pipeline_chunks
-from ..testing.launch import run_ranks
+from ..testing.launch import Deadline, run_ranks
 from ..topology import Topology
 from .comm import EMULATION_EXIT_STATUS, parse_dispatch_list
 from .netem import EmulatedNetwork, EmulationUnavailable
@@ -130,7 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="train every variant this many times, round robin (round i starts with the i-th variant), and "
                         "report the median tokens/s: evens out a shared machine's load (default 1)")
     p.add_argument("--timeout", type=float, default=900.0,
-                   help="seconds before one variant's ranks are killed (default 900)")
+                   help="seconds for the whole command (calibration, every variant and repeat); when they pass, "
+                        "every rank is stopped and the command exits with status 124 (default 900)")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON report to FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
@@ -456,7 +457,8 @@ def run(args: argparse.Namespace) -> dict:
     """Validate, then train every variant on freshly forked ranks; return the report (JSON-serialisable)."""
     cfg = _resolve(args)
     topology, world, names = cfg["topology"], cfg["world"], cfg["names"]
-    launch = dict(timeout=float(args.timeout), pg_timeout=min(float(args.timeout), 300.0))
+    # one deadline for every launch (calibration, each variant and repeat): --timeout bounds the whole command
+    launch = dict(timeout=Deadline(float(args.timeout), "--timeout"), pg_timeout=min(float(args.timeout), 300.0))
     root = tempfile.mkdtemp(prefix="hiermoe-e2e-")
     cfg["root_dir"] = root
     raw: dict[str, list[dict]] = {name: [] for name in names}

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..layer import MoELayer
 from ..parallel import ExpertParallel
-from ..testing import run_ranks
+from ..testing import Deadline, run_ranks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -72,9 +72,10 @@ def _unsharded_fn(rank, world, args):
 def run(args) -> dict:
     from ..topology import Topology
 
+    deadline = Deadline(args.timeout, "--timeout")  # bounds both launches together
     args.world_size = Topology.parse(args.topology).world_size
-    per_rank = run_ranks(_rank_fn, args.world_size, args, timeout=args.timeout)
-    unsharded = run_ranks(_unsharded_fn, 1, args, timeout=args.timeout)[0]
+    per_rank = run_ranks(_rank_fn, args.world_size, args, timeout=deadline)
+    unsharded = run_ranks(_unsharded_fn, 1, args, timeout=deadline)[0]
     # the slowest rank sets the step time; report its split
     slowest = max(per_rank, key=lambda r: r["total"])
     other = max(slowest["total"] - slowest["a2a"] - slowest["experts"], 0.0)
@@ -104,7 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds for the whole command; when they pass, every rank is stopped (exit status 124)")
     p.add_argument("--json", action="store_true")
 
 

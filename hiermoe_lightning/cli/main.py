@@ -12,6 +12,11 @@ Errors (contract, "Errors"): bad input (``ValueError`` / ``TypeError``) and argp
 subcommand, or after ``plan`` / ``bench <name>``) re-raises instead. A :class:`CLIError` carries its own exit status
 (e.g. 3 for "network emulation is not available").
 
+Commands that start ranks themselves (``bench ...``) end the same way whatever stops them: SIGTERM / SIGINT print
+``hiermoe: interrupted by SIGTERM; 4 ranks stopped`` and exit with 143 / 130; an expired ``--timeout`` prints one
+line naming it and exits with 124; a failed rank prints ``hiermoe: error: rank 2 (pid 1234) died: killed by SIGKILL
+(tracebacks: <log>)`` and exits with 1 (``--debug``: the traceback instead). In every case no rank is left running.
+
 ``fit|validate|test`` hand everything after the subcommand untouched to
 ``hiermoe_lightning.cli.lightning_cli.run_lightning_cli(subcommand, argv)``; there ``--debug`` is only recognised
 before the subcommand (``hiermoe --debug fit --config ...``).
@@ -23,12 +28,13 @@ import argparse
 import sys
 from typing import Sequence
 
-__all__ = ["main", "build_parser", "CLIError", "LIGHTNING_COMMANDS"]
+__all__ = ["main", "build_parser", "CLIError", "LIGHTNING_COMMANDS", "TIMEOUT_EXIT_STATUS"]
 
 PROG = "hiermoe"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 # options of the top-level parser that may come before the subcommand (anything else there is an error)
 _GLOBAL_FLAGS = ("--debug",)
+TIMEOUT_EXIT_STATUS = 124  # a command's --timeout expired (as coreutils' timeout(1) reports it)
 
 
 class CLIError(Exception):
@@ -147,13 +153,12 @@ def _run_lightning(command: str, rest: list[str], debug: bool) -> int:
     return 0 if status is None else int(status)
 
 
-def _rank_failure_line(err: Exception) -> str:
-    """The last line of a rank's traceback (the exception itself), prefixed by which rank failed."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    if not lines:
-        return "a rank failed"
-    head = lines[0].rstrip(":")
-    return head if len(lines) == 1 else f"{head}: {lines[-1]}"
+def _rank_failure_line(err: Exception, log_holds: str = "tracebacks") -> str:
+    """One line for a failed launch: the launcher's summary (which rank, its pid, what happened) and, when there is
+    one, the report that holds every rank's ``log_holds``."""
+    summary = getattr(err, "summary", None) or (str(err).splitlines() or ["a rank failed"])[0]
+    log_path = getattr(err, "log_path", None)
+    return f"{summary} ({log_holds}: {log_path})" if log_path else summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,10 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = bool(getattr(args, "debug", False)) or debug_flag
 
-    from ..testing.launch import RankFailure
+    from ..testing.launch import RankFailure, RanksInterrupted, RanksTimeout, stop_on_signals
 
     try:
-        status = args.func(args)
+        with stop_on_signals():  # SIGTERM/SIGINT anywhere in the command: ranks stopped, temporary files removed
+            status = args.func(args)
+    except RanksInterrupted as e:
+        print(f"{PROG}: {e}", file=sys.stderr)  # "hiermoe: interrupted by SIGTERM; 4 ranks stopped"
+        return e.code
     except (ValueError, TypeError) as e:
         if debug:
             raise
@@ -186,10 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(str(e))
         return e.status
+    except RanksTimeout as e:
+        if debug:
+            raise
+        _error(_rank_failure_line(e, "stacks"))
+        return TIMEOUT_EXIT_STATUS
     except RankFailure as e:
         if debug:
             raise
-        _error(f"{_rank_failure_line(e)} (rerun with --debug for the rank's traceback)")
+        _error(_rank_failure_line(e))
         return 1
     except KeyboardInterrupt:
         _error("interrupted")
