@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hiermoe_lightning import HierMoEStrategy
+from hiermoe_lightning import HierMoECallback, HierMoEStrategy, MoELayer
+from hiermoe_lightning.data import ByteTextDataModule
 from hiermoe_lightning.faults import Preempted
 from hiermoe_lightning.models import MoEGPT
 from tests.lightning_harness import MODEL, FixedOrderData
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.timeout(240)
 
 
 class StepLosses(pl.Callback):
-    """Rank 0 appends ``[global_step, all-rank mean loss]`` after every step to a JSON-lines file (survives a stop)."""
+    """Rank 0 appends ``[global_step, all-rank mean loss, placements]`` after every step to a JSON-lines file (it
+    survives a stop); placements are each MoE layer's ``expert_to_rank`` after the step's callbacks ran."""
 
     def __init__(self, path: str):
         self.path = path
@@ -30,8 +32,9 @@ class StepLosses(pl.Callback):
         loss = outputs["loss"].detach().clone()
         dist.all_reduce(loss)
         if trainer.global_rank == 0:
+            placements = [m.placement.expert_to_rank.tolist() for m in pl_module.modules() if isinstance(m, MoELayer)]
             with open(self.path, "a") as f:
-                f.write(json.dumps([trainer.global_step, float(loss) / dist.get_world_size()]) + "\n")
+                f.write(json.dumps([trainer.global_step, float(loss) / dist.get_world_size(), placements]) + "\n")
 
 
 class SignalAt(pl.Callback):
@@ -45,23 +48,28 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def _fit(root, *, max_epochs, callbacks=(), ckpt_path=None, tag="run", checkpoint_format="full"):
+def _fit(root, *, max_epochs=None, max_steps=-1, callbacks=(), ckpt_path=None, tag="run", checkpoint_format="full",
+         data=None):
     model = MoEGPT(**MODEL, optimizer="sgd", momentum=0.9)
     strategy = HierMoEStrategy(topology="2x2", dispatch="auto", start_method="fork", timeout=120,
                                checkpoint_format=checkpoint_format)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=4, strategy=strategy, max_epochs=max_epochs, logger=False,
+        accelerator="cpu", devices=4, strategy=strategy, max_epochs=max_epochs, max_steps=max_steps, logger=False,
         callbacks=[StepLosses(os.path.join(root, f"{tag}.jsonl")), *callbacks], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, default_root_dir=root,
-        num_sanity_val_steps=0, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=data is not None,
+        default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0,
     )
-    trainer.fit(model, datamodule=FixedOrderData(4), ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=data or FixedOrderData(4), ckpt_path=ckpt_path)
     return model
 
 
-def _losses(root, tag):
+def _records(root, tag):
     with open(os.path.join(root, f"{tag}.jsonl")) as f:
-        return dict(json.loads(line) for line in f)
+        return {step: (loss, placements) for step, loss, placements in map(json.loads, f)}
+
+
+def _losses(root, tag):
+    return {step: loss for step, (loss, _) in _records(root, tag).items()}
 
 
 @pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
@@ -97,3 +105,33 @@ def test_a_stop_requested_on_every_rank_is_one_stop(tmp_path):
         _fit(root, max_epochs=1, callbacks=[SignalAt(2, rank=r) for r in range(4)], tag="all")
     assert info.value.step == 3
     assert sorted(_losses(root, "all")) == [1, 2, 3]
+
+
+def test_preemption_mid_epoch_with_swaps_resumes_losses_parameters_and_placements(tmp_path):
+    """The bundled data resumes at the exact sample and the swap planner plans exactly as without the stop: a
+    SIGTERM at step 7 of a 10-step epoch (not a plan step), resumed to step 14, equals the uninterrupted run."""
+    root = str(tmp_path)
+
+    def data():
+        return ByteTextDataModule(seq_len=MODEL["seq_len"], batch_size=2, shuffle=True, max_train_samples=80)
+
+    def planner():
+        return HierMoECallback(plan_every_n_steps=3, max_swaps_per_plan=2, charge_migration=False,
+                               compute_balance_tolerance=None, print_summary=False, save_plots=False)
+
+    reference = _fit(root, max_steps=14, callbacks=[planner()], tag="reference", data=data())
+    with pytest.raises(Preempted) as info:
+        _fit(root, max_steps=14, callbacks=[planner(), SignalAt(6, rank=1)], tag="first", data=data())
+    assert info.value.step == 7
+    resumed = _fit(root, max_steps=14, callbacks=[planner()], ckpt_path=info.value.checkpoint, tag="second",
+                   data=data())
+    expected = _records(root, "reference")
+    got = {**_records(root, "first"), **_records(root, "second")}
+    assert sorted(got) == sorted(expected) == list(range(1, 15))
+    swapped = [step for step in expected if expected[step][1] != expected[1][1]]
+    assert swapped, "the planner never swapped: the placement check would be vacuous"
+    for step, (loss, placements) in expected.items():
+        assert got[step][0] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+        assert got[step][1] == placements, f"placements differ after step {step}"
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
