@@ -143,8 +143,18 @@ def _run_lightning(command: str, rest: list[str], debug: bool) -> int:
             raise
         _error(f"'{PROG} {command}' is not available: hiermoe_lightning.cli.lightning_cli could not be imported ({e})")
         return 2
+    from ..faults import NonFiniteError, Preempted, RankDied
+
     try:
         status = run_lightning_cli(command, rest)
+    except Preempted as e:  # every rank checkpointed at one step boundary; 143 tells a scheduler "not finished"
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.code
+    except (RankDied, NonFiniteError) as e:
+        if debug:
+            raise
+        _error(str(e))
+        return 1
     except (ValueError, TypeError) as e:
         if debug:
             raise

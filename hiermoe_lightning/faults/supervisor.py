@@ -37,24 +37,22 @@ _PR_SET_PDEATHSIG = 1
 CHILD_EXIT_STATUS = {"deterministic": 2, "other": 1}
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+def die_with_parent(sig: int = signal.SIGKILL, parent_pid: int | None = None) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies (Linux); False where unsupported.
 
-    Called in the child right after it starts; if the parent is already gone by then (the race the flag cannot
-    cover), the child exits at once.
+    Called in the child right after it starts; if the parent (``parent_pid`` when known, else the current parent) is
+    already gone by then (the race the flag cannot cover), the child exits at once.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
+    parent = os.getppid() if parent_pid is None else parent_pid
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
     if parent == 1 or os.getppid() != parent:
         os._exit(1)
-    return True
+    return armed
 
 
 def exit_status_for(exc: BaseException) -> int:

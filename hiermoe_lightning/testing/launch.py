@@ -261,6 +261,7 @@ def _die_with_parent(parent_pid: int) -> None:
     """
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
+    # the same as faults.supervisor.die_with_parent, written out: this file must load alone (without the package)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

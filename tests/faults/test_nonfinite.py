@@ -44,8 +44,9 @@ def _fit(tmp_path, check_finite: bool):
                          callbacks=[PoisonRouter(step=2, rank=1)], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                          default_root_dir=str(tmp_path), num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(MoEGPT(**MODEL), datamodule=FixedOrderData(2))
-    return trainer
+    model = MoEGPT(**MODEL)
+    trainer.fit(model, datamodule=FixedOrderData(2))
+    return trainer, model
 
 
 def test_nan_router_raises_on_every_rank_with_layer_rank_and_step(tmp_path):
@@ -53,13 +54,15 @@ def test_nan_router_raises_on_every_rank_with_layer_rank_and_step(tmp_path):
         _fit(tmp_path, check_finite=True)
     message = str(info.value)
     assert "at step 2" in message
-    assert "the router logits of layer 'blocks.0.moe' on rank 1" in message
+    assert "the router logits of layer 'blocks.0.ffn' on rank 1" in message
     assert "optimizer step was not applied" in message
 
 
-def test_without_check_finite_the_run_goes_on(tmp_path):
-    trainer = _fit(tmp_path, check_finite=False)
-    assert trainer.global_step == 4
+def test_without_check_finite_the_run_goes_on_and_nan_spreads(tmp_path):
+    trainer, model = _fit(tmp_path, check_finite=False)
+    assert trainer.state.finished
+    # the parent holds rank 0's trained (unsharded) weights: the optimizer steps carried the NaN into them
+    assert any(not torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_agree_reads_every_rank_flags_alone():
