@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.faults.fit_cli import (alive, children, kill_session, start, stderr_lines, wait_for, wait_for_file,
+from hiermoe_lightning.testing.fit_process import (alive, children, kill_session, start, stderr_lines, wait_for, wait_for_file,
                                   write_config)
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,5 +1,6 @@
-"""Run ``python -m hiermoe_lightning fit`` (Lightning's script launcher: rank 0 here, ranks 1.. re-run the command)
-on a tiny config, as a scheduler or a user would, and look at its processes."""
+"""Run ``python -m hiermoe_lightning fit`` (Lightning's script launcher: rank 0 is the command, ranks 1.. re-run it)
+on a tiny config as a scheduler or a user would, and look at its processes: for fault-injection tests and
+``examples/fault_timings.py``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ TINY_MODEL = {"seq_len": 16, "num_layers": 2, "hidden_size": 32, "num_heads": 2,
 
 def write_config(root: str, *, max_steps: int = 100000, devices: int = 4, every_n_train_steps: int = 10,
                  checkpoint_format: str = "full") -> str:
+    """``<root>/fit.yaml``: the tiny MoEGPT on ``devices`` CPU ranks (topology ``"<devices/2>x2"``, dispatch auto,
+    swaps every 5 steps), checkpoints every ``every_n_train_steps`` steps to ``<root>/ckpt`` with ``last.ckpt``."""
     config = {
         "seed_everything": 0,
         "trainer": {
