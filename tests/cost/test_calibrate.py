@@ -72,8 +72,14 @@ def test_fit_clamps_negative_alpha_and_negative_beta():
 
 
 def test_fit_constant_times_and_bad_input():
-    pc = fit_alpha_beta([1, 2, 3], [2.0, 2.0, 2.0])
-    assert (pc.alpha, pc.beta, pc.r2) == (2.0, 0.0, 1.0)
+    sizes, times = [1, 2, 3], [2.0, 2.0, 2.0]
+    pc = fit_alpha_beta(sizes, times)
+    # a least-squares fit, not an exact one: the BLAS in use may leave rounding residue (beta 3.4e-17 was seen); the
+    # tolerances are relative to the data's scale (2 ms; 2 ms / 3 bytes for the slope), far below any real slope
+    scale = max(times)
+    assert pc.alpha == pytest.approx(2.0, rel=1e-9)
+    assert pc.beta >= 0.0 and pc.beta == pytest.approx(0.0, abs=1e-9 * scale / max(sizes))
+    assert pc.r2 == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="two distinct sizes"):
         fit_alpha_beta([5, 5, 5], [1, 2, 3])
     with pytest.raises(ValueError, match="differ in length"):
@@ -115,7 +121,8 @@ def _assert_calibrated(results, phases):
 
 
 def test_calibrate_2x2_identical_on_every_rank_and_yaml_round_trip(tmp_path):
-    results = run_ranks(_calibrate_rank, 4, "2x2", "classmethod", {"name": "cal-2x2"}, timeout=120)
+    results = run_ranks(_calibrate_rank, 4, "2x2", "classmethod", {"name": "cal-2x2"}, timeout=180,
+                        pg_timeout=180)
     _assert_calibrated(results, ["a2a", "inter1", "intra1"])
     costs = results[0]
     assert costs.name == "cal-2x2"
@@ -125,7 +132,10 @@ def test_calibrate_2x2_identical_on_every_rank_and_yaml_round_trip(tmp_path):
     assert costs.copy_beta > 0 and costs.pair_bytes == ENGINE_PAIR_BYTES
     assert (costs.duplex, costs.level1_link) == ("full", "rank")
     if mmap_threshold() > 0:
-        assert costs.fault_threshold == mmap_threshold() and costs.fault_beta >= 0
+        # the fault slope is a difference of two timed touches: on a loaded machine it can fit to 0, and then no
+        # threshold is recorded (nothing to charge above it); otherwise the threshold is the allocator's
+        assert costs.fault_beta >= 0
+        assert costs.fault_threshold == (mmap_threshold() if costs.fault_beta > 0 else 0.0), costs
     path = tmp_path / "cal.yaml"
     costs.to_yaml(path)
     back = LinkCosts.from_yaml(path)
@@ -138,17 +148,18 @@ def test_calibrate_2x2_identical_on_every_rank_and_yaml_round_trip(tmp_path):
 
 
 def test_calibrate_flat_world_of_4():
-    results = run_ranks(_calibrate_rank, 4, "4", "function", {"repeats": 3}, timeout=60)
+    results = run_ranks(_calibrate_rank, 4, "4", "function", {"repeats": 3}, timeout=120, pg_timeout=120)
     _assert_calibrated(results, ["a2a"])
     assert results[0].name == "calibrated"
 
 
 def test_calibrate_payload_only_and_byte_modes():
     """Without the engine terms the result is the plain lines of before; the byte modes are stored. Through the
-    process group: these few small sizes would leave shared memory's slope inside the timing noise."""
-    kwargs = {"repeats": 2, "sync": False, "copy_sizes": None, "faults": False, "duplex": "half",
-              "level1_link": "node", "sizes": [1 << 16, 1 << 19, 1 << 21]}
-    results = run_ranks(_calibrate_rank, 4, "2x2", "function", kwargs, False, timeout=60)
+    process group, up to 16 MiB, median of 5: with a few small sizes (or shared memory) the slope stays inside the
+    timing noise of a loaded machine (beta fitted to 0 beside alpha 7.3 ms was seen at 2 MiB, 2 repeats)."""
+    kwargs = {"repeats": 5, "sync": False, "copy_sizes": None, "faults": False, "duplex": "half",
+              "level1_link": "node", "sizes": [1 << 16, 1 << 21, 1 << 24]}
+    results = run_ranks(_calibrate_rank, 4, "2x2", "function", kwargs, False, timeout=120, pg_timeout=120)
     _assert_calibrated(results, ["a2a", "inter1", "intra1"])
     costs = results[0]
     assert (costs.duplex, costs.level1_link) == ("half", "node")
@@ -207,13 +218,15 @@ def test_example_calibrates_under_emulation(tmp_path, capsys):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     out = tmp_path / "emu.yaml"
-    costs = example.main(["--topology", "2x2", "--emulate-inter-mbit", "1000", "--repeats", "2",
+    costs = example.main(["--topology", "2x2", "--emulate-inter-mbit", "1000", "--repeats", "5",
                           "--sizes", f"{1 << 20},{4 << 20}", "--copy-rows", "64,256", "--out", str(out)])
     assert LinkCosts.from_yaml(out) == costs and costs.name == "calibrated-2x2-1000mbit"
     assert (costs.duplex, costs.level1_link) == ("half", "node")
-    # inter1 n = a node link's bytes per direction / 2 ranks: beta = 2 / (1000 Mbit/s), less TCP/IP headers
+    # inter1 n = a node link's bytes per direction / 2 ranks: beta = 2 / (1000 Mbit/s), less TCP/IP headers.
+    # A slope of medians over 5 interleaved rounds (a delay on one point must repeat in most rounds to bend it);
+    # the upper bound is loose: load slows the big exchanges more than the small ones, a wrong rate is 8x or 1000x
     wire = 2 * 8 / 1000e6 * 1e3
-    assert 0.8 * wire < costs["inter1"].beta < 3 * wire, costs["inter1"]
+    assert 0.8 * wire < costs["inter1"].beta < 6 * wire, costs["inter1"]
     assert "emulated 2 nodes" in capsys.readouterr().out
 
 
