@@ -43,6 +43,7 @@ from .faults.checkpoint_checks import (check_sharded_checkpoint, explain_state_d
                                       load_full_checkpoint)
 from .faults.consensus import agree, local_flags
 from .faults.launchers import SupervisedScriptLauncher, adopt_supervisor, translate_process_failure
+from .faults.supervisor import die_with_parent
 from .faults.reports import report_dir_for, write_report
 from .faults.signals import StopFlag
 from .cost.link_costs import LinkCosts
@@ -464,10 +465,17 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
             self._strategy._report_dir = None
             if not failed:
                 shutil.rmtree(report_dir, ignore_errors=True)
+            # whatever ended the launch (a rank's failure, Ctrl-C, a test's timeout raised in this process), no rank
+            # may outlive it: a leftover rank would keep computing and hold its rendezvous port
+            for proc in getattr(self, "procs", []):
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(5)
 
     def _wrapping_function(self, process_idx: int, trainer, *args: Any, **kwargs: Any) -> None:
         # in the rank process: Lightning's exception handling (and so Strategy.on_exception) runs in the parent
-        # only, so the rank writes its failure report here
+        # only, so the rank writes its failure report here; and it dies with its launcher
+        die_with_parent()
         try:
             return super()._wrapping_function(process_idx, trainer, *args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - reported, then re-raised unchanged
