@@ -454,6 +454,9 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
             use_newest_for_last(trainer)  # ckpt_path="last": the newest complete checkpoint
         report_dir = report_dir_for(os.getpid())
         self._strategy._report_dir = report_dir  # the forked (or pickled) ranks inherit it
+        # Lightning writes the rendezvous port into this process's environment for good: the next launch from this
+        # process (another fit, a test) would meet at the same port, where a store of this launch may still linger
+        master_port = os.environ.get("MASTER_PORT")
         failed = False
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -471,11 +474,17 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
                 if proc.is_alive():
                     proc.kill()
                 proc.join(5)
+            if master_port is None:
+                os.environ.pop("MASTER_PORT", None)
 
     def _wrapping_function(self, process_idx: int, trainer, *args: Any, **kwargs: Any) -> None:
         # in the rank process: Lightning's exception handling (and so Strategy.on_exception) runs in the parent
         # only, so the rank writes its failure report here; and it dies with its launcher
         die_with_parent()
+        if self._start_method == "fork":
+            # libgomp is not fork-safe: if the parent ever ran an OpenMP parallel region, the child's first one hangs
+            # (its thread pool was not forked with it). One intra-op thread never enters one.
+            torch.set_num_threads(1)
         try:
             return super()._wrapping_function(process_idx, trainer, *args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - reported, then re-raised unchanged

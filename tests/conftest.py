@@ -2,6 +2,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+# One intra-op thread for the whole session, module fixtures included: a forked rank whose parent had entered an
+# OpenMP parallel region hangs in libgomp at its own first one (seen: a 2-rank fit stuck in ExpertBank.keep_slots).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_and_single_threaded():

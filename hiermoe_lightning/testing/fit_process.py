@@ -27,7 +27,7 @@ def write_config(root: str, *, max_steps: int = 100000, devices: int = 4, every_
             "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
             "default_root_dir": os.path.join(root, "run"),
             "strategy": {"class_path": "hiermoe_lightning.HierMoEStrategy",
-                         "init_args": {"topology": f"{devices // 2}x2", "dispatch": "auto", "timeout": 120,
+                         "init_args": {"topology": f"{devices // 2}x2", "dispatch": "auto", "timeout": 300,
                                        "checkpoint_format": checkpoint_format}},
             "callbacks": [
                 {"class_path": "hiermoe_lightning.HierMoECallback",
@@ -47,13 +47,21 @@ def write_config(root: str, *, max_steps: int = 100000, devices: int = 4, every_
     return path
 
 
+# what a launcher leaves in its own environment (Lightning's fork launcher sets MASTER_PORT in the parent for good):
+# inherited, a fresh `hiermoe fit` would meet at the port of an earlier run instead of a free one
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+               "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "HIERMOE_SUPERVISOR_DIR")
+
+
 def start(root: str, *extra: str) -> subprocess.Popen:
-    """Start ``hiermoe fit`` in its own session (so a test can always kill all of it); stdout/stderr to files."""
+    """Start ``hiermoe fit`` in its own session (so a test can always kill all of it), with the environment a user's
+    shell would give it (no launcher variables); stdout/stderr to files."""
     out = open(os.path.join(root, "stdout.txt"), "w")
     err = open(os.path.join(root, "stderr.txt"), "w")
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
     return subprocess.Popen([sys.executable, "-m", "hiermoe_lightning", "fit", "--config",
                              os.path.join(root, "fit.yaml"), *extra], cwd=root, stdout=out, stderr=err,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)
 
 
 def stderr_lines(root: str) -> list[str]:

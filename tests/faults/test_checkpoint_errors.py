@@ -14,7 +14,7 @@ from hiermoe_lightning.faults.checkpoint_checks import (check_sharded_checkpoint
                                                         hparam_differences, load_full_checkpoint)
 from tests.lightning_harness import fit
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ import torch
 from hiermoe_lightning.testing.fit_process import (alive, children, kill_session, start, stderr_lines, wait_for, wait_for_file,
                                   write_config)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
 
 
 def _ranks_started(proc, count: int = 3) -> list[int]:
-    assert wait_for(lambda: len(children(proc.pid)) >= count, 120), f"the launcher did not start {count} ranks"
+    assert wait_for(lambda: len(children(proc.pid)) >= count, 300), f"the launcher did not start {count} ranks"
     return children(proc.pid)
 
 
@@ -30,7 +30,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_from_last(tmp_path):
     try:
         ranks = _ranks_started(proc, 1)
         # wait until training runs (the first step checkpoint exists), then preempt as a scheduler would
-        assert wait_for_file(os.path.join(root, "ckpt", "last.ckpt"), 180)
+        assert wait_for_file(os.path.join(root, "ckpt", "last.ckpt"), 300)
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(120)
         assert status == 143, stderr_lines(root)[-5:]
@@ -46,7 +46,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_from_last(tmp_path):
     # resume: two more steps from the preemption checkpoint
     proc = start(root, "--ckpt_path", "last", "--trainer.max_steps", str(stopped_at + 2))
     try:
-        assert proc.wait(240) == 0, stderr_lines(root)[-5:]
+        assert proc.wait(480) == 0, stderr_lines(root)[-5:]
     finally:
         kill_session(proc)
     assert any("Restored all states" in line and "last.ckpt" in line for line in stderr_lines(root))
@@ -60,7 +60,7 @@ def test_sigkill_of_one_rank_is_named_and_ends_the_job(tmp_path):
     proc = start(root)
     try:
         ranks = _ranks_started(proc)
-        assert wait_for_file(os.path.join(root, "ckpt", "last.ckpt"), 180)
+        assert wait_for_file(os.path.join(root, "ckpt", "last.ckpt"), 300)
         victim = sorted(ranks)[1]  # the launcher starts local ranks 1, 2, 3 in order
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
@@ -81,13 +81,13 @@ def test_resuming_with_a_changed_model_argument_is_an_error_naming_it(tmp_path):
     write_config(root, max_steps=3, every_n_train_steps=3, devices=2)
     proc = start(root)
     try:
-        assert proc.wait(240) == 0, stderr_lines(root)[-5:]
+        assert proc.wait(480) == 0, stderr_lines(root)[-5:]
     finally:
         kill_session(proc)
     for ckpt_path in (os.path.join(root, "ckpt", "last.ckpt"), "last"):
         proc = start(root, "--ckpt_path", ckpt_path, "--model.init_args.num_experts", "16")
         try:
-            assert proc.wait(240) == 2
+            assert proc.wait(480) == 2
         finally:
             kill_session(proc)
         line = stderr_lines(root)[-1]
@@ -99,9 +99,9 @@ def test_launcher_killed_by_sigkill_takes_every_rank_with_it(tmp_path):
     write_config(root, devices=2)
     proc = start(root)
     try:
-        assert wait_for(lambda: len(children(proc.pid)) >= 1, 120)
+        assert wait_for(lambda: len(children(proc.pid)) >= 1, 300)
         ranks = children(proc.pid)
-        assert wait_for_file(os.path.join(root, "ckpt", "last.ckpt"), 180)  # the rank is past its start-up
+        assert wait_for_file(os.path.join(root, "ckpt", "last.ckpt"), 300)  # the rank is past its start-up
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         assert wait_for(lambda: not any(alive(p) for p in ranks), 10), "a rank outlived its launcher"

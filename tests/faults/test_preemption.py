@@ -18,7 +18,7 @@ from hiermoe_lightning.faults import Preempted
 from hiermoe_lightning.models import MoEGPT
 from tests.lightning_harness import MODEL, FixedOrderData
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 
 class StepLosses(pl.Callback):
