@@ -342,7 +342,7 @@ def test_sigterm_during_run_ranks_ends_ranks_and_cleans_up(no_leftovers, tmp_pat
         try:
             with open(f"/proc/{pid}/stat") as f:
                 return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
+        except OSError:  # gone, or vanished between open and read (ESRCH)
             return False
 
     pids = []

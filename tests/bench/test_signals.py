@@ -47,7 +47,7 @@ class Command:
         try:
             with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
                 return [int(p) for p in f.read().split()]
-        except FileNotFoundError:
+        except OSError:  # the command is gone (or went between open and read)
             return []
 
     def wait_for_ranks(self, count: int = 4, timeout: float = 150.0) -> list[int]:

@@ -59,7 +59,7 @@ def running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
+    except OSError:  # gone: no /proc entry, or it vanished between open and read (ESRCH)
         return False
 
 
