@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from .errors import Preempted, RankDied
 from .reports import DETERMINISTIC_ERRORS, cause_of, is_peer_loss, read_report
@@ -178,5 +178,3 @@ def resolve_failure(exc: BaseException, root: RankDied | None, rank: int, step: 
 def looks_like_peer_loss(exc: BaseException) -> bool:
     return is_peer_loss(f"{type(exc).__name__}: {exc}")
 
-
-Launch = Callable[..., Any]
