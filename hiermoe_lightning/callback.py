@@ -19,7 +19,8 @@ import time
 import torch
 
 from .checkpoint import moe_layers
-from .metrics import DedupMonitor, check_bool_arg, check_int_arg, check_number_arg
+from .metrics import DedupMonitor
+from .validation import check_bool_arg, check_int_arg, check_number_arg
 from .parallel import PendingRoutings
 from .placement import Placement
 from .placement.migrate import expert_state_bytes, migrate_

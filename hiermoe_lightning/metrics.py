@@ -10,7 +10,6 @@ At the end of ``fit`` rank 0 prints a summary: loss, tokens/s, bytes by level ag
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning.pytorch as pl
@@ -18,42 +17,10 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import moe_layers
+from .validation import check_bool_arg, check_int_arg
 from .layer import MoELayer
 
 __all__ = ["DedupMonitor", "flat_bytes_by_level", "dispatch_depth"]
-
-
-# ---------------------------------------------------------------------------- argument checks (both callbacks)
-def check_int_arg(name: str, value: object, low: int) -> int:
-    """``value`` as an int >= ``low`` (not a bool): TypeError / ValueError naming ``name`` and what is allowed."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return value
-
-
-def check_bool_arg(name: str, value: object) -> bool:
-    """``value`` as a bool (1 and "yes" are not): TypeError naming ``name``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
-
-
-def check_number_arg(name: str, value: object, *, low: float, low_open: bool = False, high: float | None = None,
-                     allow_none: str | None = None) -> float | None:
-    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``), or None when
-    ``allow_none`` (its meaning) is given: TypeError / ValueError naming ``name`` and the allowed values."""
-    allowed = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
-    allowed = f"a number in {allowed}" + (f" or None ({allow_none})" if allow_none else "")
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < low or (low_open and v == low) or (high is not None and v > high):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return v
 
 
 def dispatch_depth(name: str) -> int:
