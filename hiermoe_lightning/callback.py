@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import moe_layers
 from .metrics import DedupMonitor
-from .validation import check_bool_arg, check_int_arg, check_number_arg
+from .validation import check_bool_arg, check_int, check_number_arg
 from .parallel import PendingRoutings
 from .placement import Placement
 from .placement.migrate import expert_state_bytes, migrate_
@@ -76,13 +76,13 @@ class HierMoECallback(DedupMonitor):
         save_plots: bool = True,
     ):
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
-        self.plan_every_n_steps = check_int_arg("plan_every_n_steps", plan_every_n_steps, 1)
+        self.plan_every_n_steps = check_int(plan_every_n_steps, "plan_every_n_steps", 1)
         self.swap = check_bool_arg("swap", swap)
-        self.max_swaps_per_plan = check_int_arg("max_swaps_per_plan", max_swaps_per_plan, 0)
+        self.max_swaps_per_plan = check_int(max_swaps_per_plan, "max_swaps_per_plan", 0)
         self.gamma = check_number_arg("gamma", gamma, low=1.0, allow_none="plain max")
-        self.window_tokens_per_rank = check_int_arg("window_tokens_per_rank", window_tokens_per_rank, 1)
+        self.window_tokens_per_rank = check_int(window_tokens_per_rank, "window_tokens_per_rank", 1)
         self.window_decay = check_number_arg("window_decay", window_decay, low=0.0, low_open=True, high=1.0)
-        self.sample_tokens_per_rank = check_int_arg("sample_tokens_per_rank", sample_tokens_per_rank, 1)
+        self.sample_tokens_per_rank = check_int(sample_tokens_per_rank, "sample_tokens_per_rank", 1)
         self.charge_migration = check_bool_arg("charge_migration", charge_migration)
         self.compute_balance_tolerance = check_number_arg("compute_balance_tolerance", compute_balance_tolerance,
                                                           low=1.0, allow_none="no guard")

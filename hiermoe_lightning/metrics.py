@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import moe_layers
-from .validation import check_bool_arg, check_int_arg
+from .validation import check_bool_arg, check_int
 from .layer import MoELayer
 
 __all__ = ["DedupMonitor", "flat_bytes_by_level", "dispatch_depth"]
@@ -55,7 +55,7 @@ class DedupMonitor(pl.Callback):
     """
 
     def __init__(self, log_every_n_steps: int = 1, print_summary: bool = True):
-        self.log_every_n_steps = check_int_arg("log_every_n_steps", log_every_n_steps, 1)
+        self.log_every_n_steps = check_int(log_every_n_steps, "log_every_n_steps", 1)
         self.print_summary = check_bool_arg("print_summary", print_summary)
         self.total_sent = None
         self.total_flat = None

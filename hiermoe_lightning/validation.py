@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_int", "check_flag", "check_positive_int", "check_int_arg", "check_bool_arg", "check_number_arg"]
+__all__ = ["check_int", "check_flag", "check_positive_int", "check_bool_arg", "check_number_arg"]
 
 
 def check_int(value: object, what: str, low: int) -> int:
-    """``value`` as an int >= ``low``; else a TypeError/ValueError naming ``what``."""
+    """``value`` as an int >= ``low`` (not a bool); else a TypeError (type) or ValueError (value) naming ``what`` and
+    what is allowed."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
+        raise TypeError(f"{what} must be an int >= {low}, got {type(value).__name__} {value!r}")
     if value < low:
-        raise ValueError(f"{what} must be >= {low}, got {value}")
+        raise ValueError(f"{what} must be an int >= {low}, got {value}")
     return value
 
 
@@ -31,15 +32,6 @@ def check_positive_int(value: object, what: str) -> int:
 
 
 # the callbacks' checks (HierMoECallback, DedupMonitor): the type and the allowed values in one message
-def check_int_arg(name: str, value: object, low: int) -> int:
-    """``value`` as an int >= ``low`` (not a bool): TypeError / ValueError naming ``name`` and what is allowed."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return value
-
-
 def check_bool_arg(name: str, value: object) -> bool:
     """``value`` as a bool (1 and "yes" are not): TypeError naming ``name``."""
     if not isinstance(value, bool):
