@@ -143,24 +143,37 @@ def _run_lightning(command: str, rest: list[str], debug: bool) -> int:
             raise
         _error(f"'{PROG} {command}' is not available: hiermoe_lightning.cli.lightning_cli could not be imported ({e})")
         return 2
-    from ..faults import NonFiniteError, Preempted, RankDied
-
     try:
         status = run_lightning_cli(command, rest)
-    except Preempted as e:  # every rank checkpointed at one step boundary; 143 tells a scheduler "not finished"
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.code
-    except (RankDied, NonFiniteError) as e:
-        if debug:
-            raise
-        _error(str(e))
-        return 1
-    except (ValueError, TypeError) as e:
-        if debug:
-            raise
-        _error(str(e))
-        return 2
+    except BaseException as e:  # noqa: BLE001 - mapped to one line and a status, or re-raised
+        return _exit_status(e, debug)
     return 0 if status is None else int(status)
+
+
+def _exit_status(e: BaseException, debug: bool) -> int:
+    """The one line and the exit status of every way a command can end early (the same table for fit|validate|test
+    and plan|bench); anything else, or any error with ``--debug``, is re-raised with its traceback."""
+    from ..faults import NonFiniteError, Preempted, RankDied
+    from ..testing.launch import RankFailure, RanksInterrupted, RanksTimeout
+
+    if isinstance(e, (Preempted, RanksInterrupted)):  # stopped by a signal, as asked: not an error
+        print(f"{PROG}: {e}", file=sys.stderr)  # "hiermoe: preempted by SIGTERM at step 148: ..." / "interrupted ..."
+        return e.code
+    if isinstance(e, KeyboardInterrupt):
+        _error("interrupted")
+        return 130
+    table = [((ValueError, TypeError), lambda: str(e), 2),  # bad input
+             ((CLIError,), lambda: str(e), getattr(e, "status", 1)),
+             ((RanksTimeout,), lambda: _rank_failure_line(e, "stacks"), TIMEOUT_EXIT_STATUS),
+             ((RankFailure,), lambda: _rank_failure_line(e), 1),
+             ((RankDied, NonFiniteError), lambda: str(e), 1)]
+    for types, line, status in table:
+        if isinstance(e, types):
+            if debug:
+                raise e
+            _error(line())
+            return status
+    raise e
 
 
 def _rank_failure_line(err: Exception, log_holds: str = "tracebacks") -> str:
@@ -187,37 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = bool(getattr(args, "debug", False)) or debug_flag
 
-    from ..testing.launch import RankFailure, RanksInterrupted, RanksTimeout, stop_on_signals
+    from ..testing.launch import stop_on_signals
 
     try:
         with stop_on_signals():  # SIGTERM/SIGINT anywhere in the command: ranks stopped, temporary files removed
             status = args.func(args)
-    except RanksInterrupted as e:
-        print(f"{PROG}: {e}", file=sys.stderr)  # "hiermoe: interrupted by SIGTERM; 4 ranks stopped"
-        return e.code
-    except (ValueError, TypeError) as e:
-        if debug:
-            raise
-        _error(str(e))
-        return 2
-    except CLIError as e:
-        if debug:
-            raise
-        _error(str(e))
-        return e.status
-    except RanksTimeout as e:
-        if debug:
-            raise
-        _error(_rank_failure_line(e, "stacks"))
-        return TIMEOUT_EXIT_STATUS
-    except RankFailure as e:
-        if debug:
-            raise
-        _error(_rank_failure_line(e))
-        return 1
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+    except BaseException as e:  # noqa: BLE001 - mapped to one line and a status, or re-raised
+        return _exit_status(e, debug)
     return 0 if status is None else int(status)
 
 
