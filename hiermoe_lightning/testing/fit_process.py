@@ -5,12 +5,12 @@ on a tiny config as a scheduler or a user would, and look at its processes: for 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import yaml
+
+from .processes import wait_for
 
 TINY_MODEL = {"seq_len": 16, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "ffn_hidden_size": 32,
               "num_experts": 8, "top_k": 2, "lr": 0.01}
@@ -69,46 +69,5 @@ def stderr_lines(root: str) -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_for(predicate, timeout: float, poll: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return predicate()
-
-
 def wait_for_file(path: str, timeout: float) -> bool:
     return wait_for(lambda: os.path.exists(path), timeout)
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """Whatever happened, leave nothing of this run behind."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()

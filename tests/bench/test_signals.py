@@ -7,9 +7,7 @@ directory; whatever happens, a ``finally`` block kills every process they starte
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,8 +17,9 @@ import pytest
 from hiermoe_lightning.bench import comm
 from hiermoe_lightning.cli import main as cli
 from hiermoe_lightning.testing.launch import RankFailure, RanksInterrupted, RanksTimeout
+from hiermoe_lightning.testing.processes import SessionCommand, children
 
-from ..testing.test_launch import running, wait_gone
+from ..testing.test_launch import wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 COMM_FOREVER = ["bench", "comm", "--topology", "2x2", "--num-experts", "8", "--top-k", "2", "--hidden-size", "64",
@@ -30,52 +29,23 @@ E2E_FOREVER = ["bench", "e2e", "--topology", "2x2", "--hidden-size", "32", "--nu
                "--warmup-steps", "1", "--dispatch", "flat"]
 
 
-class Command:
+class Command(SessionCommand):
     """``python -m hiermoe_lightning ARGV`` in its own session and temporary directory."""
 
     def __init__(self, tmp_path: Path, argv: list[str]):
-        self.tmp = tmp_path / "tmp"
-        self.tmp.mkdir()
-        self.stderr_path = tmp_path / "stderr.txt"
-        with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hiermoe_lightning", *argv], cwd=ROOT,
-                                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                         env={**os.environ, "TMPDIR": str(self.tmp), "PYTHONWARNINGS": "ignore"})
-        self.rank_pids: list[int] = []
-
-    def children(self) -> list[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:  # the command is gone (or went between open and read)
-            return []
+        super().__init__(tmp_path, [sys.executable, "-m", "hiermoe_lightning", *argv], cwd=ROOT)
 
     def wait_for_ranks(self, count: int = 4, timeout: float = 150.0) -> list[int]:
         """The rank processes, once ``count`` exist and have run for a moment."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            kids = self.children()
-            if len(kids) >= count:
+            if len(children(self.proc.pid)) >= count:
                 time.sleep(1.0)  # inside the ranks' work, not only forked
-                self.rank_pids = self.children()
+                self.rank_pids = children(self.proc.pid)
                 return self.rank_pids
             assert self.proc.poll() is None, f"the command ended early: {self.stderr()}"
             time.sleep(0.05)
         raise AssertionError(f"no {count} ranks within {timeout:.0f} s: {self.stderr()}")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def leftovers(self) -> list[str]:
-        return [name for name in os.listdir(self.tmp) if name.startswith("hiermoe")]
-
-    def kill_everything(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        for pid in self.rank_pids:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(300)

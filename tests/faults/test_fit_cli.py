@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from hiermoe_lightning.testing.fit_process import (alive, children, kill_session, start, stderr_lines, wait_for, wait_for_file,
-                                  write_config)
+from hiermoe_lightning.testing.fit_process import start, stderr_lines, wait_for_file, write_config
+from hiermoe_lightning.testing.processes import alive, children, kill_session, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -23,10 +22,16 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_lightning.testing import launch
+from hiermoe_lightning.testing.processes import SessionCommand, alive, wait_gone as _wait_gone
 from hiermoe_lightning.testing.launch import (Deadline, RankFailure, RanksInterrupted, RanksTimeout,
                                               failure_log_path, run_ranks)
 
 GONE_WITHIN_S = 10.0
+
+
+def wait_gone(pids: list[int], within: float = GONE_WITHIN_S) -> list[int]:
+    """The pids still running after ``within`` seconds (at most) of waiting for them to go."""
+    return _wait_gone(pids, within)
 
 # The launcher program: loads launch.py alone (the package import is slow and beside the point), starts 4 ranks that
 # record their pid and then sleep forever; argv: <pid dir> <"catch" | "raise">.
@@ -54,37 +59,13 @@ LAUNCHER = textwrap.dedent(f"""
 """)
 
 
-def running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie waiting for its reaper counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:  # gone: no /proc entry, or it vanished between open and read (ESRCH)
-        return False
-
-
-def wait_gone(pids: list[int], within: float = GONE_WITHIN_S) -> list[int]:
-    """Poll until every pid is gone or ``within`` seconds passed; return the ones still running."""
-    end = time.monotonic() + within
-    while any(running(p) for p in pids) and time.monotonic() < end:
-        time.sleep(0.02)
-    return [p for p in pids if running(p)]
-
-
-class Launcher:
+class Launcher(SessionCommand):
     """The launcher program in a session of its own, with its own temporary directory (``TMPDIR``)."""
 
     def __init__(self, tmp_path: Path, mode: str = "catch"):
         self.pid_dir = tmp_path / "pids"
-        self.tmp = tmp_path / "tmp"
         self.pid_dir.mkdir()
-        self.tmp.mkdir()
-        self.stderr_path = tmp_path / "stderr.txt"
-        with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(self.pid_dir), mode],
-                                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                         env={**os.environ, "TMPDIR": str(self.tmp), "PYTHONWARNINGS": "ignore"})
-        self.rank_pids: list[int] = []
+        super().__init__(tmp_path, [sys.executable, "-c", LAUNCHER, str(self.pid_dir), mode])
 
     def wait_for_ranks(self, timeout: float = 120.0) -> list[int]:
         """The four ranks' pids, once each has written it (the ranks are then inside their function)."""
@@ -97,22 +78,6 @@ class Launcher:
             assert self.proc.poll() is None, f"the launcher ended early: {self.stderr()}"
             time.sleep(0.05)
         raise AssertionError(f"the ranks did not start within {timeout:.0f} s: {self.stderr()}")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def leftovers(self) -> list[str]:
-        """Files of ours in the launcher's temporary directory."""
-        return [name for name in os.listdir(self.tmp) if name.startswith("hiermoe")]
-
-    def kill_everything(self) -> None:
-        """After a failure only: the launcher's session and every rank, by pid."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        for pid in self.rank_pids:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(240)
@@ -201,7 +166,7 @@ def test_failed_rank_is_named_with_pid_and_cause(tmp_path, monkeypatch, fn, rank
     report = Path(e.log_path).read_text()
     assert e.summary in report and f"==== rank {rank} (pid {pid})" in report
     pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
-    assert not any(running(p) for p in pids)
+    assert not any(alive(p) for p in pids)
     if fn is _raise:
         assert "ValueError: bad thing" in e.traceback and e.traceback in report
         assert e.summary.count("bad thing") == 1
