@@ -137,6 +137,7 @@ class HierMoEStrategy(DDPStrategy):
         self._grad_hooks: list = []
         self._stop_flag = StopFlag()
         self._stop_agreed = 0  # the signal every rank agreed to stop for (0: none), set at an optimizer step
+        self._checked_layers: dict[str, MoELayer] | None = None  # name -> layer, for the per-step agreement
         self._loading_path: str | None = None
         # failure reports: set by our launchers (fork/spawn: before the ranks start; popen children: from their
         # environment, and they then die with the launcher: adopt_supervisor)
@@ -231,6 +232,7 @@ class HierMoEStrategy(DDPStrategy):
         # the ranks' collectives): ours only raises a flag, read at the next optimizer step
         self._stop_flag.requested = 0
         self._stop_agreed = 0
+        self._checked_layers = None
         requeue = self._slurm_requeue_signal()
         if requeue is not None and requeue not in self._stop_flag.signals:
             # Lightning's SLURM handler saves a checkpoint inside the signal handler (collectives at a random point
@@ -250,10 +252,13 @@ class HierMoEStrategy(DDPStrategy):
         return super().optimizer_step(optimizer, closure_then_agree, model=model, **kwargs)
 
     def _agree_after_closure(self, loss) -> None:
-        layers = ckpt.moe_layers(self.lightning_module)
+        if self._checked_layers is None:  # the MoE layers in model order, found once (not a module walk per step)
+            self._checked_layers = ckpt.moe_layers(self.lightning_module)
+        layers = self._checked_layers
         routers = [layer.router.take_nonfinite() for layer in layers.values()] if self._check_finite else []
-        loss_bad = (self._check_finite and isinstance(loss, torch.Tensor)
-                    and not bool(torch.isfinite(loss.detach()).all()))
+        # kept on the device: the all-reduce below is the step's only host sync
+        loss_bad = (~torch.isfinite(loss.detach()).all() if self._check_finite and isinstance(loss, torch.Tensor)
+                    else False)
         flags = local_flags(self._stop_flag.requested, loss_bad, routers, self.root_device)
         distributed = dist.is_available() and dist.is_initialized() and self.world_size > 1
         verdict = agree(flags, list(layers) if routers else [], self.global_rank,

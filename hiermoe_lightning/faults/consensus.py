@@ -27,13 +27,13 @@ class StepVerdict:
     nonfinite: dict[str, list[int]] = field(default_factory=dict)
 
 
-def local_flags(stop_signal: int, loss_nonfinite: bool, layers_nonfinite: list[torch.Tensor | bool],
+def local_flags(stop_signal: int, loss_nonfinite: torch.Tensor | bool, layers_nonfinite: list[torch.Tensor | bool],
                 device: torch.device) -> torch.Tensor:
-    """This rank's flags ``int32 [2 + L]`` (kept on ``device``: no host sync before the all-reduce)."""
-    parts = [torch.tensor([int(stop_signal), int(bool(loss_nonfinite))], dtype=torch.int32, device=device)]
-    if layers_nonfinite:
-        parts.append(torch.stack([torch.as_tensor(f, device=device).reshape(()) for f in layers_nonfinite]).to(torch.int32))
-    return torch.cat(parts)
+    """This rank's flags ``int32 [2 + L]``; the non-finite flags may be 0-dim device tensors and stay on ``device``
+    (no host sync before the all-reduce)."""
+    bad = [torch.as_tensor(f, device=device).reshape(()) for f in (loss_nonfinite, *layers_nonfinite)]
+    signal = torch.tensor([int(stop_signal)], dtype=torch.int32, device=device)
+    return torch.cat([signal, torch.stack(bad).to(torch.int32)])
 
 
 def agree(flags: torch.Tensor, layer_names: list[str], rank: int = 0, world_size: int = 1, group=None) -> StepVerdict:
