@@ -55,7 +55,7 @@ import torch
 
 from ..cost.link_costs import LinkCosts
 from ..cost.traffic import check_expert_ids
-from ..dispatch.spec import parse_dispatch, phase_groups, phase_next_rank
+from ..dispatch.spec import Phase, parse_dispatch, phase_groups, phase_next_rank
 from ..topology import Topology
 from ..validation import check_int
 from .placement import Placement
@@ -173,7 +173,7 @@ def _phase_tables(sizes: tuple[int, ...]) -> tuple[dict[str, _Phase], dict[int, 
         for index, name in enumerate(spec.phases):
             if name in phases:
                 continue
-            L = max(int(p[5:]) if p.startswith("inter") else D for p in spec.phases[: index + 1])
+            L = max(Phase.parse(p).expert_group_level(D) for p in spec.phases[: index + 1])
             U = topology.num_groups(L)
             rep = (torch.arange(U) * (G // U))[None, :].expand(G, U)
             cur = torch.arange(G)[:, None].expand(G, U)
@@ -812,6 +812,225 @@ def _balance_ok(rank_load: torch.Tensor, expert_load: torch.Tensor, expert_rank:
     return new_max <= limit
 
 
+@dataclass(frozen=True)
+class _PlanArgs:
+    """:func:`plan_swaps`' options, checked and normalised by :func:`_check_plan_args`."""
+
+    topology: Topology
+    link_costs: LinkCosts
+    row_bytes: int  # hidden_size x bytes_per_elem: the bytes of one token row
+    max_swaps: int
+    gamma: float | None
+    expert_bytes: float | None
+    horizon_steps: int | None
+    link_bandwidth_bytes_per_ms: float | None
+    compute_balance_tolerance: float | None
+    ranking: str
+
+    @property
+    def horizon(self) -> int:
+        """The steps a saving counts for: ``horizon_steps``, or 1 without a migration charge."""
+        return self.horizon_steps or 1
+
+
+def _check_plan_args(topology: "Topology | str", link_costs: "LinkCosts | str", hidden_size: int,
+                     bytes_per_elem: int, *, max_swaps: int, gamma: float | None, expert_bytes: float | None,
+                     horizon_steps: int | None, link_bandwidth_bytes_per_ms: float | None,
+                     compute_balance_tolerance: float | None, ranking: str) -> _PlanArgs:
+    """Check every option of :func:`plan_swaps` except the routing, the placement and ``candidate_pairs`` (checked
+    with the counts they belong to); ``TypeError`` / ``ValueError`` naming the first bad one."""
+    topology = Topology.parse(topology)
+    link_costs = LinkCosts.resolve(link_costs)
+    hidden_size = check_int(hidden_size, "hidden_size", 1)
+    bytes_per_elem = check_int(bytes_per_elem, "bytes_per_elem", 1)
+    max_swaps = check_int(max_swaps, "max_swaps", 0)
+    gamma = _check_gamma(gamma)
+    if (expert_bytes is None) != (horizon_steps is None):
+        raise ValueError("expert_bytes and horizon_steps must be given together (migration cost needs both) or "
+                         f"not at all; got expert_bytes={expert_bytes!r}, horizon_steps={horizon_steps!r}")
+    if expert_bytes is not None:
+        expert_bytes = _check_positive_number(expert_bytes, "expert_bytes")
+        horizon_steps = check_int(horizon_steps, "horizon_steps", 1)
+    if link_bandwidth_bytes_per_ms is not None:
+        link_bandwidth_bytes_per_ms = _check_positive_number(link_bandwidth_bytes_per_ms, "link_bandwidth_bytes_per_ms")
+    if compute_balance_tolerance is not None:
+        compute_balance_tolerance = _check_positive_number(compute_balance_tolerance, "compute_balance_tolerance")
+    if ranking not in ("plain_first", "smooth"):
+        raise ValueError(f"ranking must be 'plain_first' or 'smooth', got {ranking!r}")
+    return _PlanArgs(topology, link_costs, hidden_size * bytes_per_elem, max_swaps, gamma, expert_bytes,
+                     horizon_steps, link_bandwidth_bytes_per_ms, compute_balance_tolerance, ranking)
+
+
+def _choose_precision(expert_ids: torch.Tensor, placement: Placement, topology: Topology,
+                      token_weights: torch.Tensor | None) -> tuple[GroupCounts, torch.dtype]:
+    """The routing's :class:`GroupCounts`, at the fixed-point scale of :func:`_search_precision`, and the dtype of
+    the pair search: float32 when every number it forms stays an exact float32 integer, else float64."""
+    scale, dtype = _search_precision(token_weights)
+    counts = GroupCounts(expert_ids, placement, topology, token_weights, fixed_point_scale=scale)
+    if (float(counts.weights.sum()) + counts.num_tokens) * 4 >= _FLOAT32_EXACT:
+        dtype = torch.float64
+    return counts, dtype
+
+
+@dataclass(frozen=True)
+class _SearchSpace:
+    """What every round of the pair search reads and no swap changes: the phase tables, the pairs allowed, the
+    migration price of each link level, and each expert's compute load (fixed point)."""
+
+    tables: dict[str, _Phase]
+    by_d: dict[int, tuple[str, ...]]  # the phases of each hd<d>
+    allowed: torch.Tensor  # [E, E] bool: a < b, and in candidate_pairs when given
+    migration_ms: torch.Tensor | None  # [D + 1]: migration_ms_table, or None when migration is free
+    link_level: torch.Tensor  # [G, G]: the level at which two ranks first differ
+    expert_load: torch.Tensor  # [E] float64, fixed point
+
+
+def _search_space(counts: GroupCounts, args: _PlanArgs,
+                  candidate_pairs: Iterable[Sequence[int]] | None) -> _SearchSpace:
+    """The :class:`_SearchSpace` of a plan (checks that the link costs cover every phase and ``candidate_pairs``)."""
+    E = counts.num_experts
+    tables, by_d = _phase_tables(args.topology.sizes)
+    args.link_costs.require(tables)
+    allowed = torch.ones(E, E, dtype=torch.bool).triu(1)
+    cand = _candidate_mask(candidate_pairs, E)
+    if cand is not None:
+        allowed &= cand
+    mig = None
+    if args.expert_bytes is not None:
+        mig = migration_ms_table(args.topology, args.link_costs, args.expert_bytes, args.link_bandwidth_bytes_per_ms)
+    return _SearchSpace(tables, by_d, allowed, mig, args.topology.link_level_table, counts.expert_load_fixed())
+
+
+@dataclass(frozen=True)
+class _Move:
+    """One round's chosen swap: the experts, plain ``t_{d*}`` and the smooth-max objective (without migration) after
+    it, and its migration ms."""
+
+    a: int
+    b: int
+    plain_ms: float
+    objective: float
+    migration_ms: float
+
+
+def _candidates(counts: GroupCounts, best_plain: torch.Tensor, current_ms: float, space: _SearchSpace,
+                args: _PlanArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ia, ib)`` ``[C]`` each: the candidate pairs, ``a < b`` in increasing order: on different ranks, allowed,
+    plain ``t_{d*}`` not above ``current_ms`` (never a slower dispatch) and, with a tolerance, the balance guard."""
+    rank = counts.placement.expert_to_rank
+    ok = space.allowed & (rank[:, None] != rank[None, :]) & (best_plain <= current_ms)
+    if args.compute_balance_tolerance is not None:
+        rank_load = torch.zeros(counts.topology.world_size, dtype=torch.float64).index_add_(0, rank, space.expert_load)
+        ok &= _balance_ok(rank_load, space.expert_load, rank, args.compute_balance_tolerance)
+    return ok.nonzero(as_tuple=True)
+
+
+def _rank_candidates(plain_ab: torch.Tensor, pair_mig: torch.Tensor, current_ms: float, current_obj: float,
+                     smooth_of, args: _PlanArgs) -> tuple[int, float] | None:
+    """The index of the candidate to apply and its smooth-max objective, or None when no candidate pays or is a
+    plateau move (``plain_ab`` / ``pair_mig`` ``[C]``: plain ``t_{d*}`` after each and its migration ms;
+    ``smooth_of(sel)``: the smooth-max objectives of the candidates ``sel``).
+
+    ``plain_first``: among the paying candidates the lowest plain cost (plus amortised migration) wins and the
+    smooth-max objective breaks its ties; without one, the plateau moves by plain cost, then objective. ``smooth``:
+    the lowest smooth-max objective among paying and plateau moves. Remaining ties: the lowest ``(a, b)``."""
+    h = args.horizon
+    plain_cost = plain_ab + pair_mig / h
+    pays = (current_ms - plain_ab) * h - pair_mig > _SAVING_EPS_MS  # faster, by more than migration
+    if args.ranking == "plain_first" and bool(pays.any()):
+        tied = (pays & (plain_cost == plain_cost[pays].min())).nonzero().flatten()
+        smooth_t = smooth_of(tied)
+        j = int(torch.argmin(smooth_t + pair_mig[tied] / h))  # first minimum: lowest (a, b)
+        return int(tied[j]), float(smooth_t[j])
+    smooth_ab = smooth_of(torch.arange(plain_ab.numel()))
+    smooth_cost = smooth_ab + pair_mig / h
+    smoother = smooth_cost < current_obj - _OBJECTIVE_RTOL * abs(current_obj)  # a plateau move
+    better = (pays | smoother).nonzero().flatten()
+    if not better.numel():
+        return None
+    if args.ranking == "smooth":  # the paper: the lowest smooth-max objective
+        j = int(torch.argmin(smooth_cost[better]))
+    else:  # plateau moves only: the lowest plain cost, then the lowest smooth-max objective
+        tied = (plain_cost[better] == plain_cost[better].min()).nonzero().flatten()
+        j = int(tied[torch.argmin(smooth_cost[better][tied])])
+    return int(better[j]), float(smooth_ab[better[j]])
+
+
+def _search_round(counts: GroupCounts, stats: _PairStats, scratch: _Scratch, space: _SearchSpace, args: _PlanArgs,
+                  current_ms: float, current_obj: float) -> _Move | None:
+    """One greedy round: every pair's loads after its swap (:func:`_pair_phase_x`), their plain ``t_d`` and best
+    ``d``, the :func:`_candidates`, and the one :func:`_rank_candidates` picks (None: no candidate)."""
+    x = _pair_phase_x(counts, stats, space.tables, _phase_loads(counts, space.tables), scratch)
+    plain = _hd_times(x, space.by_d, space.tables, args.link_costs, args.row_bytes, counts.scale, None)
+    best_plain, d_idx = torch.stack([plain[d] for d in sorted(plain)]).min(dim=0)  # ties -> smaller d, like choose_hd
+    ia, ib = _candidates(counts, best_plain, current_ms, space, args)
+    if not ia.numel():
+        return None
+
+    def smooth_of(sel: torch.Tensor) -> torch.Tensor:
+        """Smooth-max objective (without migration) of the candidates ``sel``, in float64."""
+        if args.gamma is None:
+            return best_plain[ia[sel], ib[sel]]
+        xs = {name: xp[ia[sel], ib[sel]].to(torch.float64) for name, xp in x.items()}  # [P, G]
+        smooth = _hd_times(xs, space.by_d, space.tables, args.link_costs, args.row_bytes, counts.scale, args.gamma)
+        return torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia[sel], ib[sel]][None])[0]
+
+    rank = counts.placement.expert_to_rank
+    pair_mig = (space.migration_ms[space.link_level[rank[ia], rank[ib]]] if space.migration_ms is not None
+                else torch.zeros(ia.numel(), dtype=torch.float64))
+    picked = _rank_candidates(best_plain[ia, ib], pair_mig, current_ms, current_obj, smooth_of, args)
+    if picked is None:
+        return None
+    best, objective = picked
+    a, b = int(ia[best]), int(ib[best])
+    return _Move(a, b, float(best_plain[a, b]), objective, float(pair_mig[best]))
+
+
+@dataclass
+class _SearchPath:
+    """The swaps the greedy search applied, in order, with plain ``t_{d*}`` and the cumulative migration ms after
+    each, and each round's seconds (the last round may have found nothing)."""
+
+    swaps: list[tuple[int, int]] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+    migration_ms: list[float] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)
+
+
+def _greedy_search(counts: GroupCounts, dtype: torch.dtype, space: _SearchSpace, args: _PlanArgs) -> _SearchPath:
+    """Apply the best move of each :func:`_search_round` to ``counts`` (which ends at the last swap) until
+    ``max_swaps`` swaps or no candidate; return the path taken. One rank (or ``max_swaps=0``): no search."""
+    path = _SearchPath()
+    if args.max_swaps == 0 or args.topology.world_size == 1:
+        return path
+    stats = _PairStats(counts, dtype)
+    scratch = _Scratch()
+    current_ms, current_obj = _current(counts, space.tables, space.by_d, args.link_costs, args.row_bytes, args.gamma)
+    while len(path.swaps) < args.max_swaps:
+        r0 = time.perf_counter()
+        move = _search_round(counts, stats, scratch, space, args, current_ms, current_obj)
+        path.round_seconds.append(time.perf_counter() - r0)
+        if move is None:
+            break
+        stats.swap(counts, move.a, move.b)  # also applies the swap to counts
+        path.swaps.append((move.a, move.b))
+        current_ms, current_obj = move.plain_ms, move.objective
+        path.ms.append(current_ms)
+        path.migration_ms.append((path.migration_ms[-1] if path.migration_ms else 0.0) + move.migration_ms)
+    return path
+
+
+def _best_prefix(path: _SearchPath, ms_before: float, horizon: int) -> int:
+    """How many of the path's swaps to keep: the prefix with the largest net gain ``(t_before - t_k) x horizon -
+    migration``, 0 unless some prefix gains more than float noise (plateau moves that led nowhere are dropped)."""
+    keep, best_net = 0, 0.0
+    for k in range(1, len(path.swaps) + 1):
+        net = (ms_before - path.ms[k - 1]) * horizon - path.migration_ms[k - 1]
+        if net > best_net + _SAVING_EPS_MS:
+            keep, best_net = k, net
+    return keep
+
+
 def plan_swaps(
     expert_ids: torch.Tensor,
     placement: Placement,
@@ -854,137 +1073,32 @@ def plan_swaps(
 
     ``expert_ids`` int ``[G, T, K]`` (``-1`` = dropped); ``token_weights`` optional ``[G, T]`` (e.g.
     :meth:`RoutingWindow.trace`; quantised to fixed point, see :class:`GroupCounts`). Pure and deterministic.
+
+    The steps: :func:`_check_plan_args`, :func:`_choose_precision` (the counts and the search dtype),
+    :func:`_search_space`, :func:`_greedy_search` (rounds of :func:`_search_round`), :func:`_best_prefix`.
     """
     t0 = time.perf_counter()
-    topology = Topology.parse(topology)
-    link_costs = LinkCosts.resolve(link_costs)
-    hidden_size = check_int(hidden_size, "hidden_size", 1)
-    bytes_per_elem = check_int(bytes_per_elem, "bytes_per_elem", 1)
-    max_swaps = check_int(max_swaps, "max_swaps", 0)
-    gamma = _check_gamma(gamma)
-    if (expert_bytes is None) != (horizon_steps is None):
-        raise ValueError("expert_bytes and horizon_steps must be given together (migration cost needs both) or "
-                         f"not at all; got expert_bytes={expert_bytes!r}, horizon_steps={horizon_steps!r}")
-    if expert_bytes is not None:
-        expert_bytes = _check_positive_number(expert_bytes, "expert_bytes")
-        horizon_steps = check_int(horizon_steps, "horizon_steps", 1)
-    if link_bandwidth_bytes_per_ms is not None:
-        link_bandwidth_bytes_per_ms = _check_positive_number(link_bandwidth_bytes_per_ms, "link_bandwidth_bytes_per_ms")
-    if compute_balance_tolerance is not None:
-        compute_balance_tolerance = _check_positive_number(compute_balance_tolerance, "compute_balance_tolerance")
-    if ranking not in ("plain_first", "smooth"):
-        raise ValueError(f"ranking must be 'plain_first' or 'smooth', got {ranking!r}")
-    row_bytes = hidden_size * bytes_per_elem
-
-    scale, dtype = _search_precision(token_weights)
-    counts = GroupCounts(expert_ids, placement, topology, token_weights, fixed_point_scale=scale)
-    if (float(counts.weights.sum()) + counts.num_tokens) * 4 >= _FLOAT32_EXACT:
-        dtype = torch.float64
-    E, G, D = placement.num_experts, topology.world_size, topology.num_levels
-    tables, by_d = _phase_tables(topology.sizes)
-    link_costs.require(tables)
-    cand = _candidate_mask(candidate_pairs, E)
-    mig = None
-    if expert_bytes is not None:
-        mig = migration_ms_table(topology, link_costs, expert_bytes, link_bandwidth_bytes_per_ms)
-    level_table = topology.link_level_table
-    upper = torch.ones(E, E, dtype=torch.bool).triu(1)
-    expert_load = counts.expert_load_fixed()
-
-    before = predict_hd_ms(counts, counts.placement, topology, link_costs, row_bytes)
-    d_before, ms_before = _best(before)
-    swaps: list[tuple[int, int]] = []
-    round_seconds: list[float] = []
-    ms_path = [ms_before]  # plain t_{d*} after each swap
-    mig_path = [0.0]  # cumulative migration ms
-    stats = _PairStats(counts, dtype) if max_swaps > 0 and G > 1 else None
-    scratch = _Scratch()
-    if stats is not None:
-        current_ms, current_obj = _current(counts, tables, by_d, link_costs, row_bytes, gamma)
-    while stats is not None and len(swaps) < max_swaps:
-        r0 = time.perf_counter()
-        base = _phase_loads(counts, tables)
-        x = _pair_phase_x(counts, stats, tables, base, scratch)
-        plain = _hd_times(x, by_d, tables, link_costs, row_bytes, counts.scale, None)
-        plain_t = torch.stack([plain[d] for d in sorted(plain)])  # [D, E, E]
-        best_plain, d_idx = plain_t.min(dim=0)  # ties -> smaller d, like choose_hd
-        rank = counts.placement.expert_to_rank
-        ok = upper & (rank[:, None] != rank[None, :]) & (best_plain <= current_ms)  # never a slower dispatch
-        if compute_balance_tolerance is not None:
-            rank_load = torch.zeros(G, dtype=torch.float64).index_add_(0, rank, expert_load)
-            ok &= _balance_ok(rank_load, expert_load, rank, compute_balance_tolerance)
-        if cand is not None:
-            ok &= cand
-        ia, ib = ok.nonzero(as_tuple=True)  # candidate pairs, (a, b) in increasing order
-        h = horizon_steps or 1
-
-        def smooth_of(sel: torch.Tensor) -> torch.Tensor:
-            """Smooth-max objective (without migration) of the candidates ``sel``, in float64."""
-            if gamma is None:
-                return best_plain[ia[sel], ib[sel]]
-            xs = {name: xp[ia[sel], ib[sel]].to(torch.float64) for name, xp in x.items()}  # [P, G]
-            smooth = _hd_times(xs, by_d, tables, link_costs, row_bytes, counts.scale, gamma)
-            return torch.stack([smooth[d] for d in sorted(smooth)]).gather(0, d_idx[ia[sel], ib[sel]][None])[0]
-
-        best = None
-        if ia.numel():
-            pair_mig = (mig[level_table[rank[ia], rank[ib]]] if mig is not None
-                        else torch.zeros(ia.numel(), dtype=torch.float64))
-            plain_ab = best_plain[ia, ib]
-            plain_cost = plain_ab + pair_mig / h
-            pays = (current_ms - plain_ab) * h - pair_mig > _SAVING_EPS_MS  # faster, by more than migration
-            if ranking == "plain_first" and bool(pays.any()):
-                # the lowest plain cost wins; the smooth-max objective only breaks its ties
-                tied = (pays & (plain_cost == plain_cost[pays].min())).nonzero().flatten()
-                smooth_t = smooth_of(tied)
-                j = int(torch.argmin(smooth_t + pair_mig[tied] / h))  # first minimum: lowest (a, b)
-                best, best_smooth = int(tied[j]), float(smooth_t[j])
-            else:
-                every = torch.arange(ia.numel())
-                smooth_ab = smooth_of(every)
-                smooth_cost = smooth_ab + pair_mig / h
-                smoother = smooth_cost < current_obj - _OBJECTIVE_RTOL * abs(current_obj)  # a plateau move
-                better = (pays | smoother).nonzero().flatten()
-                if better.numel():
-                    if ranking == "smooth":  # the paper: the lowest smooth-max objective
-                        j = int(torch.argmin(smooth_cost[better]))
-                    else:  # plateau moves only: the lowest plain cost, then the lowest smooth-max objective
-                        tied = (plain_cost[better] == plain_cost[better].min()).nonzero().flatten()
-                        j = int(tied[torch.argmin(smooth_cost[better][tied])])
-                    best, best_smooth = int(better[j]), float(smooth_ab[better[j]])
-        del x
-        if best is None:
-            round_seconds.append(time.perf_counter() - r0)
-            break
-        a, b = int(ia[best]), int(ib[best])
-        round_seconds.append(time.perf_counter() - r0)
-        stats.swap(counts, a, b)  # also applies the swap to counts
-        swaps.append((a, b))
-        current_ms, current_obj = float(best_plain[a, b]), best_smooth
-        ms_path.append(current_ms)
-        mig_path.append(mig_path[-1] + float(pair_mig[best]))
-
-    # keep the prefix of swaps with the largest net gain (plateau moves that led nowhere are dropped)
-    keep, best_net = 0, 0.0
-    for k in range(1, len(swaps) + 1):
-        net = (ms_before - ms_path[k]) * (horizon_steps or 1) - mig_path[k]
-        if net > best_net + _SAVING_EPS_MS:
-            keep, best_net = k, net
-    for a, b in reversed(swaps[keep:]):
-        counts.apply_swap(a, b)  # undo
-    swaps = swaps[:keep]
-    after = predict_hd_ms(counts, counts.placement, topology, link_costs, row_bytes)
-    d_after, ms_after = _best(after)
-    moved = int((placement.expert_to_rank != counts.placement.expert_to_rank).sum())
+    args = _check_plan_args(topology, link_costs, hidden_size, bytes_per_elem, max_swaps=max_swaps, gamma=gamma,
+                            expert_bytes=expert_bytes, horizon_steps=horizon_steps,
+                            link_bandwidth_bytes_per_ms=link_bandwidth_bytes_per_ms,
+                            compute_balance_tolerance=compute_balance_tolerance, ranking=ranking)
+    counts, dtype = _choose_precision(expert_ids, placement, args.topology, token_weights)
+    space = _search_space(counts, args, candidate_pairs)
+    d_before, ms_before = _best(predict_hd_ms(counts, placement, args.topology, args.link_costs, args.row_bytes))
+    path = _greedy_search(counts, dtype, space, args)
+    keep = _best_prefix(path, ms_before, args.horizon)
+    for a, b in reversed(path.swaps[keep:]):
+        counts.apply_swap(a, b)  # undo the swaps that did not pay
+    d_after, ms_after = _best(predict_hd_ms(counts, counts.placement, args.topology, args.link_costs, args.row_bytes))
     return SwapPlan(
-        swaps=swaps,
+        swaps=path.swaps[:keep],
         placement_before=placement,
         placement_after=counts.placement,
         predicted_ms_before=ms_before,
         predicted_ms_after=ms_after,
         chosen_before=f"hd{d_before}",
         chosen_after=f"hd{d_after}",
-        moved_experts=moved,
+        moved_experts=int((placement.expert_to_rank != counts.placement.expert_to_rank).sum()),
         seconds=time.perf_counter() - t0,
-        round_seconds=round_seconds,
+        round_seconds=path.round_seconds,
     )
