@@ -9,7 +9,7 @@ from torch import nn
 from .cost.link_costs import LinkCosts
 from .dispatch.comm import PeerGroup
 from .dispatch.engine import PhaseRoute, Route, validate_pipeline_chunks
-from .dispatch.shm import SharedMemoryChannel, open_channel
+from .dispatch.transport import probe_group
 from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
 from .layer import MoELayer
 from .placement import Placement
@@ -147,7 +147,7 @@ class ExpertParallel:
     def _build_groups(self, local_sync: bool) -> dict[str, PeerGroup]:
         phases = ["a2a"] + [f"{k}{i}" for i in range(1, self.topology.num_levels) for k in ("inter", "intra")]
         made: dict[tuple[int, ...], "dist.ProcessGroup | None"] = {}
-        channels: dict[tuple[int, ...], "SharedMemoryChannel | None"] = {}
+        facts: dict[tuple[int, ...], tuple] = {}  # members -> (receive_first, shared-memory channel)
         out: dict[str, PeerGroup] = {}
         for phase in phases:
             for members in phase_groups(self.topology, phase):
@@ -162,13 +162,10 @@ class ExpertParallel:
                         made[key] = dist.new_group([self.global_ranks[m] for m in members])
                 if self.rank in members:
                     pg = made[key]
-                    receive_first = pg is not None and dist.get_backend(pg) == "gloo"
-                    if key not in channels:  # collective over the group's members, in the same order everywhere
-                        channels[key] = (open_channel(pg, len(members), members.index(self.rank))
-                                         if receive_first and self.shared_memory else None)
+                    if key not in facts:  # collective over the group's members, in the same order everywhere
+                        facts[key] = probe_group(pg, len(members), members.index(self.rank), self.shared_memory)
                     out[phase] = PeerGroup(pg, len(members), members.index(self.rank), key,
-                                           tuple(self.global_ranks[m] for m in members), receive_first,
-                                           channels[key])
+                                           tuple(self.global_ranks[m] for m in members), *facts[key])
         return out
 
     def peer_group(self, phase: str) -> PeerGroup:

@@ -225,9 +225,11 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
 
     Whenever a program has advanced, the runner posts the exchanges programs wait for, slowest link first (lowest
     ``level``; ties in chunk order), so bulk inter-node payloads start before the local gathers of intra-node ones.
-    On the outermost links (level 1, the slowest) every waiting exchange is posted at once and they queue back to
-    back, so the link never idles between chunks (each exchange on a group has its own tags, and messages reach a
-    peer in the order posted); on faster links, and on every shared-memory group (which requires it: see
+    How many exchanges may be in flight on one group is the group's transport's answer
+    (:meth:`~hiermoe_lightning.dispatch.transport.Transport.max_in_flight`): on the outermost links (level 1, the
+    slowest) the socket transports take every waiting exchange at once and they queue back to back, so the link
+    never idles between chunks (each exchange on a group has its own tags, and messages reach a peer in the order
+    posted); on faster links, and on every shared-memory group (whose buffers need it: see
     :mod:`~hiermoe_lightning.dispatch.shm`), one exchange is in flight per group, so the one that feeds the slow
     link next is not slowed by the others. The runner waits for the in-flight exchange on the fastest link first (it
     is likely done; ties in chunk order), advances that program's local work and posts again at once: a chunk's
@@ -239,7 +241,6 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     requests: list = [None] * len(programs)
     in_flight: list[tuple] = []  # (level, chunk, group, pending, request); one in flight per program at a time
     posted: dict[int, int] = {}  # group -> exchanges posted on it so far (their tags)
-    payloads_per_exchange = 8  # tag stride: an exchange's payloads use tags seq * 8 + i
 
     def advance(i: int, received) -> None:
         try:
@@ -250,20 +251,22 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
 
     def post_ready() -> None:
         start = time.perf_counter()
-        busy = {id(group) for _, _, group, _, _ in in_flight}
+        busy: dict[int, int] = {}  # group -> exchanges in flight on it
+        for _, _, group, _, _ in in_flight:
+            busy[id(group)] = busy.get(id(group), 0) + 1
         for level, i in sorted((r.level, i) for i, r in enumerate(requests) if r is not None):
-            group = id(requests[i].peers.group)
-            if group in busy and (level != 1 or requests[i].peers.shm is not None):
-                continue  # queue back to back only on the slowest links, never on shared memory (one in flight)
-            busy.add(group)
+            peers = requests[i].peers
+            group = id(peers.group)
+            limit = peers.transport.max_in_flight(level == 1)
+            if limit is not None and busy.get(group, 0) >= limit:
+                continue
+            busy[group] = busy.get(group, 0) + 1
             request, requests[i] = requests[i], None
             seq = posted.get(group, 0)
             posted[group] = seq + 1
-            if len(request.payloads) > payloads_per_exchange:
-                raise ValueError(f"an exchange holds at most {payloads_per_exchange} payloads")
             posted_at = time.perf_counter()
-            pending = start_exchange(request.payloads, request.peers, seq * payloads_per_exchange)
-            in_flight.append((level, i, request.peers.group, pending, request))
+            pending = start_exchange(request.payloads, peers, seq * peers.transport.tags_per_exchange)
+            in_flight.append((level, i, peers.group, pending, request))
             _record(handle, "post", request, posted_at)
         handle.comm_seconds += time.perf_counter() - start
 
