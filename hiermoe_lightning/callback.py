@@ -24,7 +24,8 @@ from .validation import check_bool_arg, check_int, check_number_arg
 from .parallel import PendingRoutings
 from .placement import Placement
 from .placement.migrate import expert_state_bytes, migrate_
-from .placement.planner import plan_swaps
+from .placement.planners import PlannerArg, PlanRequest, check_plan, resolve_planner
+from .placement.records import LayerPlan, PlanRecord
 from .placement.window import RoutingWindow
 
 __all__ = ["HierMoECallback"]
@@ -54,6 +55,11 @@ class HierMoECallback(DedupMonitor):
         compute_balance_tolerance: a swap may not push the busiest rank's expert load above this times the mean (a
             number >= 1; None: no guard).
         log_every_n_steps / print_summary / save_plots: reporting (an int >= 1 / True or False / True or False).
+        planner: who plans each layer: ``"hiermoe"`` (the dedup-aware swap planner, ``plan_swaps``), ``"eplb"``,
+            ``"smartmoe"`` (load-balancing baselines), ``"none"`` (keep the placement), or a callable
+            ``planner(request: PlanRequest) -> SwapPlan`` (:mod:`hiermoe_lightning.placement.planners`), called on
+            one rank per layer with the layer's window, placement, topology, link costs and the options above; it
+            must be deterministic and, with a spawn launcher, picklable.
 
     Every argument is checked at construction: a ``TypeError`` (wrong type; flags must be real bools) or
     ``ValueError`` (out of range) names it and what it allows. The state Lightning checkpoints is complete
@@ -74,6 +80,7 @@ class HierMoECallback(DedupMonitor):
         log_every_n_steps: int = 1,
         print_summary: bool = True,
         save_plots: bool = True,
+        planner: PlannerArg = "hiermoe",
     ):
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
         self.plan_every_n_steps = check_int(plan_every_n_steps, "plan_every_n_steps", 1)
@@ -87,9 +94,11 @@ class HierMoECallback(DedupMonitor):
         self.compute_balance_tolerance = check_number_arg("compute_balance_tolerance", compute_balance_tolerance,
                                                           low=1.0, allow_none="no guard")
         self.save_plots = check_bool_arg("save_plots", save_plots)
+        self.planner = planner
+        self._planner = resolve_planner(planner)  # a bad name or type raises here, before any collective
         self.windows: dict[str, RoutingWindow] = {}
         self.swaps_total = 0
-        self.history: list[dict] = []  # one entry per (plan, layer)
+        self.history: list[PlanRecord] = []  # one entry per (plan, layer)
         self.load_history: list[list[list[float]]] = []  # per plan/log point: per layer, per rank expert pairs
         self.plan_seconds = 0.0
         self.migration_seconds = 0.0
@@ -116,7 +125,7 @@ class HierMoECallback(DedupMonitor):
         state = super().state_dict()
         state.update({
             "windows": {name: w.state_dict() for name, w in self.windows.items()},
-            "swaps_total": self.swaps_total, "history": json.dumps(self.history),
+            "swaps_total": self.swaps_total, "history": json.dumps([r.to_dict() for r in self.history]),
             "load_history": json.dumps(self.load_history),
             "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
             "last_step": self._last_step, "tokens_scale": self._tokens_scale,
@@ -133,7 +142,7 @@ class HierMoECallback(DedupMonitor):
             w.load_state_dict(ws)
             self.windows[name] = w
         self.swaps_total = int(state.get("swaps_total", 0))
-        self.history = json.loads(state.get("history", "[]"))
+        self.history = [PlanRecord.from_dict(r) for r in json.loads(state.get("history", "[]"))]
         self.load_history = json.loads(state.get("load_history", "[]"))
         self.plan_seconds = float(state.get("plan_seconds", 0.0))
         self.migration_seconds = float(state.get("migration_seconds", 0.0))
@@ -263,14 +272,9 @@ class HierMoECallback(DedupMonitor):
         targets, records, loads = [], [], []
         for i, (name, layer) in enumerate(layers.items()):
             out = outcomes[i]
-            targets.append(Placement(torch.tensor(out["expert_to_rank"], dtype=torch.long),
-                                     torch.tensor(out["expert_to_slot"], dtype=torch.long), layer.placement.world_size))
-            loads.append(out["load"])
-            records.append({"step": trainer.global_step, "layer": i, "name": name, "swaps": out["swaps"],
-                            "predicted_ms_before": out["predicted_ms_before"],
-                            "predicted_ms_after": out["predicted_ms_after"],
-                            "chosen_before": out["chosen_before"], "chosen_after": out["chosen_after"],
-                            "placement_after": out["expert_to_rank"]})
+            targets.append(out.placement(layer.placement.world_size))
+            loads.append(list(out.load))
+            records.append(out.record(trainer.global_step, i, name))
         self.plan_seconds += time.perf_counter() - start
         changed = [(layer, target) for layer, target in zip(layers.values(), targets) if target != layer.placement]
         if changed:
@@ -278,17 +282,17 @@ class HierMoECallback(DedupMonitor):
             self.migration_seconds += stats.seconds
             ep = changed[0][0].expert_parallel
             ep.refresh_auto(pl_module)
-        self.swaps_total += sum(len(r["swaps"]) for r in records)
+        self.swaps_total += sum(len(r.swaps) for r in records)
         self.history.extend(records)
         self.load_history.append(loads)
         metrics = {}
         for r in records:
-            metrics[f"hiermoe/plan/layer{r['layer']}/predicted_ms_before"] = r["predicted_ms_before"]
-            metrics[f"hiermoe/plan/layer{r['layer']}/predicted_ms_after"] = r["predicted_ms_after"]
+            metrics[f"hiermoe/plan/layer{r.layer}/predicted_ms_before"] = r.predicted_ms_before
+            metrics[f"hiermoe/plan/layer{r.layer}/predicted_ms_after"] = r.predicted_ms_after
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _plan_layers(self, layers: dict, optimizer) -> dict[int, dict]:
+    def _plan_layers(self, layers: dict, optimizer) -> dict[int, LayerPlan]:
         """Every layer's :meth:`_plan_layer` outcome by layer index, the same on every rank: the ``j``-th layer of an
         ExpertParallel is planned by its rank ``j % world_size`` only, then one ``all_gather_object`` per
         ExpertParallel shares the outcomes. A planning error is shared too and raised on every rank (no hang)."""
@@ -312,26 +316,27 @@ class HierMoECallback(DedupMonitor):
             raise RuntimeError("HierMoECallback: planning failed for " + "; ".join(failed))
         return {i: payload for i, (_, payload) in outcomes.items()}
 
-    def _plan_layer(self, name: str, layer, optimizer) -> dict:
-        """One layer's :func:`plan_swaps` on its window, as plain Python values (small, picklable): swaps, predicted
-        times, chosen dispatches, the placement after (``expert_to_rank`` / ``expert_to_slot``, ``[E]`` each) and the
-        ``[G]`` load per rank under the current placement."""
+    def _plan_request(self, name: str, layer, optimizer) -> PlanRequest:
+        """What the planner sees for one layer: its window (tokens and weights), placement, topology, link costs and
+        row size, and the callback's options (with ``charge_migration``: the bytes one expert's migration moves and
+        the horizon over which a saving counts)."""
         ep = layer.expert_parallel
         ids, weights = self.windows[name].trace()
-        element = layer.experts.w_gate.element_size()
-        plan = plan_swaps(
-            ids, layer.placement, ep.topology, ep.link_costs, layer.hidden_size, element,
-            max_swaps=self.max_swaps_per_plan, token_weights=weights, gamma=self.gamma,
+        return PlanRequest(
+            ids, weights, layer.placement, ep.topology, ep.link_costs, layer.hidden_size,
+            layer.experts.w_gate.element_size(), max_swaps=self.max_swaps_per_plan, gamma=self.gamma,
             expert_bytes=expert_state_bytes(layer, optimizer) if self.charge_migration else None,
             horizon_steps=self._horizon() if self.charge_migration else None,
             compute_balance_tolerance=self.compute_balance_tolerance,
         )
-        return {"swaps": [list(s) for s in plan.swaps],
-                "predicted_ms_before": plan.predicted_ms_before, "predicted_ms_after": plan.predicted_ms_after,
-                "chosen_before": plan.chosen_before, "chosen_after": plan.chosen_after,
-                "expert_to_rank": plan.placement_after.expert_to_rank.tolist(),
-                "expert_to_slot": plan.placement_after.expert_to_slot.tolist(),
-                "load": self._rank_load(ids, weights, layer.placement).tolist()}
+
+    def _plan_layer(self, name: str, layer, optimizer) -> LayerPlan:
+        """One layer's plan by the planner on its window (:meth:`_plan_request`), checked (:func:`check_plan`), as
+        plain values (small, picklable): swaps, predicted times, chosen dispatches, the placement after and the
+        ``[G]`` load per rank under the current placement."""
+        request = self._plan_request(name, layer, optimizer)
+        plan = check_plan(self._planner(request), request)
+        return LayerPlan.of(plan, self._rank_load(request.expert_ids, request.token_weights, layer.placement))
 
     def _horizon(self) -> int:
         """All-to-alls until the next plan, in units of the window's one-way step: every training step runs four
@@ -365,7 +370,8 @@ class HierMoECallback(DedupMonitor):
             return
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, "hiermoe_placement_history.json"), "w") as f:
-            json.dump({"swaps_total": self.swaps_total, "plans": self.history, "load_per_rank": self.load_history,
+            json.dump({"swaps_total": self.swaps_total, "plans": [r.to_dict() for r in self.history],
+                       "load_per_rank": self.load_history,
                        "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds}, f, indent=1)
         if self.save_plots and self.load_history:
             self._heatmap(os.path.join(log_dir, "hiermoe_expert_load.png"))
@@ -397,13 +403,13 @@ class HierMoECallback(DedupMonitor):
     def summary(self, trainer, log_dir: str | None = None) -> str:
         text = super().summary(trainer, log_dir)
         if self.swap:
-            text += (f"\nexpert swaps                {self.swaps_total} in {len({h['step'] for h in self.history})} plans "
+            text += (f"\nexpert swaps                {self.swaps_total} in {len({h.step for h in self.history})} plans "
                      f"(planning {self.plan_seconds:.2f} s, migration {self.migration_seconds:.2f} s)")
             if self.history:
-                first = [h for h in self.history if h["step"] == self.history[0]["step"]]
-                last = [h for h in self.history if h["step"] == self.history[-1]["step"]]
-                before = sum(h["predicted_ms_before"] for h in first)
-                after = sum(h["predicted_ms_after"] for h in last)
+                first = [h for h in self.history if h.step == self.history[0].step]
+                last = [h for h in self.history if h.step == self.history[-1].step]
+                before = sum(h.predicted_ms_before for h in first)
+                after = sum(h.predicted_ms_after for h in last)
                 text += f"\npredicted a2a ms (all layers) {before:.3f} at the first plan -> {after:.3f} after the last"
             if self.load_history:
                 def imbalance(loads):  # mean over layers of max/mean expert load per rank

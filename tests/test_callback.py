@@ -95,6 +95,7 @@ def test_resume_after_swaps_continues_exactly(tmp_path, reference, resume_world)
     ({"print_summary": "false"}, TypeError, "print_summary must be True or False"),
     ({"print_summary": None}, TypeError, "print_summary must be True or False"),
     ({"save_plots": 1}, TypeError, "save_plots must be True or False"),
+    ({"planner": "greedy"}, ValueError, "planner must be one of 'hiermoe', 'eplb', 'smartmoe', 'none' or a callable"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -107,7 +108,7 @@ def test_every_argument_is_checked_and_the_edges_are_accepted():
 
     checked = {"plan_every_n_steps", "swap", "max_swaps_per_plan", "gamma", "window_tokens_per_rank", "window_decay",
                "sample_tokens_per_rank", "charge_migration", "compute_balance_tolerance", "log_every_n_steps",
-               "print_summary", "save_plots"}
+               "print_summary", "save_plots", "planner"}
     assert set(inspect.signature(HierMoECallback).parameters) == checked
     cb = HierMoECallback(plan_every_n_steps=1, swap=False, max_swaps_per_plan=0, gamma=None, window_tokens_per_rank=1,
                          window_decay=1, sample_tokens_per_rank=1, charge_migration=False,

@@ -699,10 +699,12 @@ def _receive_at_group(x: torch.Tensor, got: torch.Tensor, recv_cur: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------- planner
-@dataclass
+@dataclass(frozen=True)
 class SwapPlan:
-    """The result of :func:`plan_swaps`. ``swaps`` are applied in order; times are one-way plain-max predictions of
-    ``chosen_before`` / ``chosen_after`` (``hd<d>``)."""
+    """The result of :func:`plan_swaps`, and of every planner (:mod:`hiermoe_lightning.placement.planners`).
+    ``swaps`` applied in order to ``placement_before`` (:meth:`Placement.swapped`) give ``placement_after``; times
+    are one-way plain-max predictions of ``chosen_before`` / ``chosen_after`` (``hd<d>``); ``seconds``: the time the
+    plan took."""
 
     swaps: list[tuple[int, int]]
     placement_before: Placement
