@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .experts import _normal, derive_seed
+from .validation import check_choice, check_int, check_number
 
 __all__ = ["Router", "RouterOutput", "SCORE_FUNCS"]
 
@@ -56,25 +57,21 @@ class Router(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        if score_func not in SCORE_FUNCS:
-            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-        if isinstance(num_expert_groups, bool) or not isinstance(num_expert_groups, int) or num_expert_groups < 1:
-            raise ValueError(f"num_expert_groups must be a positive int, got {num_expert_groups!r}")
+        check_choice(score_func, "score_func", SCORE_FUNCS)
+        check_int(num_expert_groups, "num_expert_groups", 1)
         if num_experts % num_expert_groups != 0:
             raise ValueError(
                 f"num_expert_groups ({num_expert_groups}) must divide num_experts ({num_experts})"
             )
         topk_groups = num_expert_groups if topk_groups is None else topk_groups
-        if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_expert_groups:
-            raise ValueError(f"topk_groups must be in 1..num_expert_groups ({num_expert_groups}), got {topk_groups!r}")
+        check_int(topk_groups, "topk_groups (at most num_expert_groups)", 1, num_expert_groups)
         if topk_groups * (num_experts // num_expert_groups) < top_k:
             raise ValueError(
                 f"topk_groups ({topk_groups}) x experts per group ({num_experts // num_expert_groups}) "
                 f"must be >= top_k ({top_k})"
             )
-        for name, value in (("aux_loss_coef", aux_loss_coef), ("bias_update_rate", bias_update_rate)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_number(aux_loss_coef, "aux_loss_coef", low=0.0)
+        check_number(bias_update_rate, "bias_update_rate", low=0.0)
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.norm_topk_prob = score_func, norm_topk_prob
         self.num_expert_groups, self.topk_groups = num_expert_groups, topk_groups

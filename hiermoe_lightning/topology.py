@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from .validation import check_int
+
 __all__ = ["Topology"]
 
 _TOPOLOGY_RE = re.compile(r"^\s*\d+(\s*x\s*\d+)*\s*$", re.IGNORECASE)
@@ -89,13 +91,14 @@ class Topology:
         self._check_level(level, 0)
         return math.prod(self.sizes[:level])
 
+    # the fast test first: the message (which formats the topology) is built only for a bad argument
     def _check_level(self, level: int, low: int = 1) -> None:
-        if not low <= level <= self.num_levels:
-            raise ValueError(f"level must be in {low}..{self.num_levels} for topology {self}, got {level}")
+        if type(level) is not int or not low <= level <= self.num_levels:
+            check_int(level, f"level (topology {self})", low, self.num_levels)
 
     def _check_rank(self, rank: int) -> None:
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank must be in 0..{self.world_size - 1} for topology {self}, got {rank}")
+        if type(rank) is not int or not 0 <= rank < self.world_size:
+            check_int(rank, f"rank (topology {self})", 0, self.world_size - 1)
 
     # ------------------------------------------------------------------ coordinates
     @cached_property

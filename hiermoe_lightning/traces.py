@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import check_int
+
 __all__ = ["RoutingSpec", "parse_routing", "generate_routing", "load_trace", "check_trace"]
 
 ALLOWED_ROUTINGS = "'uniform', 'zipf:S' (S a number >= 0, e.g. 'zipf:1.2') or 'trace:PATH' (a .pt or .npy file)"
@@ -70,14 +72,6 @@ def parse_routing(text: "str | RoutingSpec") -> RoutingSpec:
     raise ValueError(f"routing {text!r} is not valid; allowed: {ALLOWED_ROUTINGS}")
 
 
-def _check_positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{what} must be >= 1, got {value}")
-    return value
-
-
 def generate_routing(
     spec: "str | RoutingSpec",
     world_size: int,
@@ -92,14 +86,11 @@ def generate_routing(
     Deterministic in ``seed``.
     """
     routing = parse_routing(spec)
-    G = _check_positive_int(world_size, "world_size")
-    T = _check_positive_int(tokens_per_rank, "tokens_per_rank")
-    E = _check_positive_int(num_experts, "num_experts")
-    K = _check_positive_int(top_k, "top_k")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if K > E:
-        raise ValueError(f"top_k ({K}) must be <= num_experts ({E}): each token picks distinct experts")
+    G = check_int(world_size, "world_size", 1)
+    T = check_int(tokens_per_rank, "tokens_per_rank", 1)
+    E = check_int(num_experts, "num_experts", 1)
+    K = check_int(top_k, "top_k (distinct experts per token, at most num_experts)", 1, E)
+    check_int(seed, "seed")
     if routing.kind == "trace":
         raise ValueError(f"routing {str(routing)!r} is a file: load it with load_trace, generate_routing takes "
                          "'uniform' or 'zipf:S'")

@@ -12,6 +12,7 @@ import hiermoe_lightning  # noqa: F401  (registers the "hiermoe" strategy)
 
 from ..data import ByteTextDataModule
 from ..models import MoEGPT
+from ..validation import check_choice
 
 __all__ = ["run_lightning_cli", "HierMoECLI"]
 
@@ -69,8 +70,7 @@ def _checkpoint_hparams(path) -> dict:
 
 
 def run_lightning_cli(subcommand: str, argv: list[str]) -> int:
-    if subcommand not in ("fit", "validate", "test"):
-        raise ValueError(f"subcommand must be one of 'fit', 'validate', 'test', got {subcommand!r}")
+    check_choice(subcommand, "subcommand", ("fit", "validate", "test"))
     HierMoECLI(
         MoEGPT, ByteTextDataModule,
         subclass_mode_model=True, subclass_mode_data=True,

@@ -21,6 +21,7 @@ from ..dispatch.spec import dispatch_names, parse_dispatch
 from ..placement.placement import Placement
 from ..topology import Topology
 from ..traces import ALLOWED_ROUTINGS, generate_routing, load_trace, parse_routing
+from ..validation import check_choice, check_int, check_number
 from .flags import topology_flag
 
 __all__ = ["add_arguments", "run", "build_report", "format_report", "DTYPE_BYTES"]
@@ -65,24 +66,14 @@ def _flag_error(flag: str, err: Exception) -> Exception:
     return type(err)(f"{flag}: {err}")
 
 
-def _positive(value: object, flag: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{flag} must be an int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{flag} must be >= 1, got {value}")
-    return value
-
-
 def _resolve_inputs(args: argparse.Namespace):
     """Validate the flags; return (topology, link_costs, bytes_per_elem, expert_ids [G, T, K])."""
     topology = topology_flag(args.topology)
     G = topology.world_size
-    E = _positive(args.num_experts, "--num-experts")
-    _positive(args.hidden_size, "--hidden-size")
-    if isinstance(args.seed, bool) or not isinstance(args.seed, int):
-        raise TypeError(f"--seed must be an int, got {args.seed!r}")
-    if args.dtype not in DTYPE_BYTES:
-        raise ValueError(f"--dtype {args.dtype!r} is not valid; allowed: {', '.join(DTYPE_BYTES)}")
+    E = check_int(args.num_experts, "--num-experts", 1)
+    check_int(args.hidden_size, "--hidden-size", 1)
+    check_int(args.seed, "--seed")
+    check_choice(args.dtype, "--dtype", DTYPE_BYTES)
     if E % G != 0:
         raise ValueError(f"--num-experts ({E}) must be divisible by the topology's world size ({G}, topology {topology})")
     try:
@@ -98,9 +89,9 @@ def _resolve_inputs(args: argparse.Namespace):
     if routing.kind == "trace":
         ids = _trace_ids(routing.path, args, G, E)
     else:
-        top_k = _positive(DEFAULT_TOP_K if args.top_k is None else args.top_k, "--top-k")
-        tokens = _positive(DEFAULT_TOKENS_PER_RANK if args.tokens_per_rank is None else args.tokens_per_rank,
-                           "--tokens-per-rank")
+        top_k = check_int(DEFAULT_TOP_K if args.top_k is None else args.top_k, "--top-k", 1)
+        tokens = check_int(DEFAULT_TOKENS_PER_RANK if args.tokens_per_rank is None else args.tokens_per_rank,
+                           "--tokens-per-rank", 1)
         if top_k > E:
             raise ValueError(f"--top-k ({top_k}) must be <= --num-experts ({E})")
         ids = generate_routing(routing, G, tokens, E, top_k, args.seed)
@@ -127,20 +118,14 @@ def _trace_ids(path: str, args: argparse.Namespace, world_size: int, num_experts
 def _swap_options(args: argparse.Namespace) -> "dict | None":
     """Validate ``--swaps``, ``--expert-bytes``, ``--horizon-steps`` and ``--gamma``; None when ``--swaps`` is 0."""
     swaps = getattr(args, "swaps", 0)
-    if isinstance(swaps, bool) or not isinstance(swaps, int):
-        raise TypeError(f"--swaps must be an int, got {swaps!r}")
-    if swaps < 0:
-        raise ValueError(f"--swaps must be >= 0, got {swaps}")
+    check_int(swaps, "--swaps", 0)
     expert_bytes = getattr(args, "expert_bytes", None)
     horizon = getattr(args, "horizon_steps", None)
     if (expert_bytes is None) != (horizon is None):
         raise ValueError("--expert-bytes and --horizon-steps must be given together (migration cost needs both)")
     if expert_bytes is not None:
-        if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, (int, float)):
-            raise TypeError(f"--expert-bytes must be a number, got {expert_bytes!r}")
-        if not math.isfinite(expert_bytes) or expert_bytes <= 0:
-            raise ValueError(f"--expert-bytes must be a number > 0, got {expert_bytes}")
-        _positive(horizon, "--horizon-steps")
+        check_number(expert_bytes, "--expert-bytes", low=0.0, low_open=True)
+        check_int(horizon, "--horizon-steps", 1)
     gamma_text = getattr(args, "gamma", "10")
     if gamma_text is None or (isinstance(gamma_text, str) and gamma_text.strip().lower() in ("none", "max")):
         gamma = None

@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..validation import check_bool, check_int, check_number
+
 __all__ = ["ByteTextDataModule", "ByteWindowDataset", "ResumableDataLoader", "ResumableSampler",
            "default_corpus_bytes"]
 
@@ -59,13 +61,6 @@ class ByteWindowDataset(Dataset):
         return window[:-1], window[1:]
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-
-
 _STATE_KEYS = ("epoch", "samples", "batches", "world_size", "batch_size", "dataset_len", "shuffle", "seed")
 
 
@@ -93,18 +88,15 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset, batch_size: int, *, num_replicas: Optional[int] = None, rank: Optional[int] = None,
                  shuffle: bool = False, seed: int = 0):
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        if not isinstance(shuffle, bool):
-            raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
+        check_int(batch_size, "batch_size", 1)
+        check_int(seed, "seed", 0)
+        check_bool(shuffle, "shuffle")
         if (num_replicas is None) != (rank is None):
             raise ValueError(f"num_replicas and rank must be given together (or both None), got num_replicas="
                              f"{num_replicas!r}, rank={rank!r}")
         if num_replicas is not None:
-            _check_int("num_replicas", num_replicas, 1)
-            _check_int("rank", rank, 0)
-            if rank >= num_replicas:
-                raise ValueError(f"rank must be in [0, num_replicas - 1 = {num_replicas - 1}], got {rank}")
+            check_int(num_replicas, "num_replicas", 1)
+            check_int(rank, "rank (below num_replicas)", 0, num_replicas - 1)
         self.dataset = dataset
         self.batch_size = batch_size
         self._world = (num_replicas, rank)
@@ -295,18 +287,14 @@ class ByteTextDataModule(pl.LightningDataModule):
         max_train_samples: int | None = None,
     ):
         super().__init__()
-        _check_int("seq_len", seq_len, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, 0)
+        check_int(seq_len, "seq_len", 1)
+        check_int(batch_size, "batch_size", 1)
+        check_int(num_workers, "num_workers", 0)
+        check_int(seed, "seed", 0)
         if max_train_samples is not None:
-            _check_int("max_train_samples", max_train_samples, 1)
-        if not isinstance(shuffle, bool):
-            raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
-            raise TypeError(f"val_fraction must be a number in [0, 0.5), got {val_fraction!r}")
-        if not 0 <= val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+            check_int(max_train_samples, "max_train_samples", 1)
+        check_bool(shuffle, "shuffle")
+        check_number(val_fraction, "val_fraction", low=0.0, high=0.5, high_open=True)
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str path or None, got {type(path).__name__} ({path!r})")
         self.save_hyperparameters()

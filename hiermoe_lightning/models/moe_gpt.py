@@ -25,6 +25,7 @@ from torch import nn
 
 from ..experts import SwiGLU, derive_seed
 from ..layer import MoELayer
+from ..validation import check_choice, check_int, check_number
 
 __all__ = ["MoEGPT", "PRESETS", "OPTIMIZERS"]
 
@@ -59,20 +60,6 @@ def _seeded_normal(shape: tuple[int, ...], std: float, seed: int) -> torch.Tenso
     """A ``shape`` tensor of N(0, std^2) drawn from its own generator (the global RNG is untouched)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g) * std
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-
-
-def _check_number(name: str, value: object, minimum: float, *, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
 
 
 class RMSNorm(nn.Module):
@@ -175,20 +162,18 @@ class MoEGPT(pl.LightningModule):
             ("hidden_size", hidden_size, 1), ("num_heads", num_heads, 1), ("ffn_hidden_size", ffn_hidden_size, 1),
             ("dense_layers", dense_layers, 0), ("warmup_steps", warmup_steps, 0), ("seed", seed, 0),
         ):
-            _check_int(name, value, minimum)
+            check_int(value, name, minimum)
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be num_heads ({num_heads}) x an even head size (rotary positions)"
             )
-        if dense_layers > num_layers:
-            raise ValueError(f"dense_layers must be in 0..num_layers ({num_layers}), got {dense_layers}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        _check_number("lr", lr, 0.0, strict=True)
-        _check_number("weight_decay", weight_decay, 0.0)
-        _check_number("momentum", momentum, 0.0)
+        check_int(dense_layers, "dense_layers (at most num_layers)", 0, num_layers)
+        check_choice(optimizer, "optimizer", OPTIMIZERS)
+        check_number(lr, "lr", low=0.0, low_open=True)
+        check_number(weight_decay, "weight_decay", low=0.0)
+        check_number(momentum, "momentum", low=0.0)
         if dense_ffn_hidden_size is not None:
-            _check_int("dense_ffn_hidden_size", dense_ffn_hidden_size, 1)
+            check_int(dense_ffn_hidden_size, "dense_ffn_hidden_size", 1)
         self.save_hyperparameters()
 
         out_std = hidden_size**-0.5 / math.sqrt(2 * num_layers)  # residual projections shrink with depth
