@@ -1,6 +1,7 @@
 """``hiermoe bench placement``: the expert-swap planner against other placements, on the same routing.
 
-Methods (each starts from the contiguous placement and sees the whole routing):
+Methods: the planners of :mod:`hiermoe_lightning.placement.planners` by name (the ones ``HierMoECallback(planner=...)``
+takes), each starting from the contiguous placement and seeing the whole routing:
 
 * ``none``: no swap, the contiguous placement.
 * ``hiermoe``: :func:`hiermoe_lightning.placement.planner.plan_swaps` (up to ``max_swaps`` swaps).
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from typing import Sequence
 
 import torch
@@ -36,7 +36,9 @@ from ..cli.plan import DTYPE_BYTES
 from ..cost.link_costs import LinkCosts
 from ..cost.model import predict
 from ..dispatch.spec import dispatch_names, parse_dispatch
+from ..placement.baselines import moved_experts
 from ..placement.placement import Placement
+from ..placement.planners import PlanRequest, resolve_planner
 from ..topology import Topology
 from ..traces import ALLOWED_ROUTINGS, generate_routing, load_trace, parse_routing
 
@@ -54,7 +56,7 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("none", "hiermoe", "eplb", "smartmoe")
+METHODS = ("none", "hiermoe", "eplb", "smartmoe")  # planner names (placement.planners.PLANNERS)
 DEFAULT_IN_CLUSTER = 0.75
 DEFAULT_MAX_SWAPS = 16
 ROUTINGS_HELP = f"{ALLOWED_ROUTINGS}, or 'clusters:C[:F]' (C clusters, share F of each token's experts in one, default 0.75)"
@@ -228,35 +230,18 @@ def compare_placements(
     if unknown or not methods:
         raise ValueError(f"--methods {','.join(methods)!r} is not valid; allowed (comma-separated): {', '.join(METHODS)}")
     start_placement = Placement.contiguous(num_experts, G)
-    load = expert_load(expert_ids, num_experts)
+    request = PlanRequest(expert_ids, None, start_placement, topology, link_costs, hidden_size, bytes_per_elem,
+                          max_swaps=max_swaps, gamma=gamma, expert_bytes=expert_bytes,
+                          horizon_steps=horizon_steps if expert_bytes is not None else None)
     placements: dict[str, tuple[Placement, float, dict]] = {}
     for name in methods:
+        plan = resolve_planner(name)(request)
         extra: dict = {}
-        t0 = time.perf_counter()
-        if name == "none":
-            placement = start_placement
-        elif name == "hiermoe":
-            from ..placement.planner import plan_swaps
-
-            kwargs = dict(max_swaps=max_swaps, gamma=gamma)
-            if expert_bytes is not None:
-                kwargs.update(expert_bytes=expert_bytes, horizon_steps=horizon_steps)
-            plan = plan_swaps(expert_ids, start_placement, topology, link_costs, hidden_size, bytes_per_elem, **kwargs)
-            placement = plan.placement_after
+        if name == "hiermoe":  # the swap planner's own view (the baselines' swaps only restate their placement)
             extra = {"swaps": [[int(a), int(b)] for a, b in plan.swaps],
                      "planner_predicted_ms_before": float(plan.predicted_ms_before),
                      "planner_predicted_ms_after": float(plan.predicted_ms_after)}
-        elif name == "eplb":
-            from ..placement.baselines import eplb_balanced_placement
-
-            placement = eplb_balanced_placement(load, G)
-        else:  # smartmoe
-            from ..placement.baselines import smartmoe_greedy_placement
-
-            placement = smartmoe_greedy_placement(load, start_placement)
-        placements[name] = (placement, time.perf_counter() - t0, extra)
-
-    from ..placement.baselines import moved_experts
+        placements[name] = (plan.placement_after, plan.seconds, extra)
 
     names = ["flat"] + [f"hd{d}" for d in range(1, D + 1)]
     results: dict[str, dict] = {}
