@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -57,12 +58,13 @@ from ..cli.flags import int_flag, topology_flag
 from ..cli.main import CLIError
 from ..cost.link_costs import LinkCosts
 from ..dispatch.engine import validate_pipeline_chunks
+from ..placement.records import PlanRecord
 from ..testing.launch import Deadline, run_ranks
 from ..topology import Topology
 from .comm import EMULATION_EXIT_STATUS, parse_dispatch_list
 from .netem import EmulatedNetwork, EmulationUnavailable
 
-__all__ = ["add_arguments", "run", "main", "format_report", "variant_names", "ExternalRankEnvironment",
+__all__ = ["add_arguments", "run", "main", "format_report", "variant_names", "ExternalRankEnvironment", "E2EConfig",
            "SWAPS_VARIANT", "EMULATION_EXIT_STATUS", "RESULT_KEYS", "BYTES_NOTE"]
 
 DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
@@ -171,7 +173,30 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
                 num_experts=args.num_experts, top_k=args.top_k, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
 
 
-def _resolve(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class E2EConfig:
+    """What the ranks of every variant need, from the checked flags (:func:`_resolve`, in the parent)."""
+
+    topology: Topology
+    world: int  # ranks: topology.world_size
+    names: tuple[str, ...]  # the variants, in --dispatch order, then auto+swaps with --swaps
+    link_costs: LinkCosts | None  # None: --link-costs calibrate, measured by run() on the ranks first
+    model: dict  # MoEGPT's keyword arguments (the report's "model")
+    data: str | None  # --data (None: the default corpus)
+    seq_len: int
+    batch_size: int  # samples per rank and step
+    steps: int  # timed optimizer steps
+    warmup: int  # optimizer steps before the timed ones
+    auto_interval: int
+    pipeline_chunks: int
+    shared_memory: bool
+    plan_every_n_steps: int  # auto+swaps: HierMoECallback's options
+    max_swaps_per_plan: int
+    charge_migration: bool
+    root_dir: str | None = None  # the Trainers' default_root_dir (a temporary directory run() makes)
+
+
+def _resolve(args: argparse.Namespace) -> E2EConfig:
     """Validate every flag in the parent (before any namespace or rank exists); return the ranks' configuration."""
     from ..data.text import ByteTextDataModule
     from ..models.moe_gpt import MoEGPT
@@ -223,12 +248,12 @@ def _resolve(args: argparse.Namespace) -> dict:
     if data.num_train_samples < world * args.batch_size:
         raise ValueError(f"--data: {data.num_train_samples} training windows of {args.seq_len + 1} bytes are fewer "
                          f"than one global batch ({world} ranks x --batch-size {args.batch_size})")
-    return {"topology": topology, "world": world, "names": names, "link_costs": link_costs, "model": model_kwargs,
-            "data": args.data, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-            "warmup": args.warmup_steps, "auto_interval": args.auto_interval, "pipeline_chunks": args.pipeline_chunks,
-            "shared_memory": bool(getattr(args, "shared_memory", True)),
-            "plan_every_n_steps": args.plan_every_n_steps, "max_swaps_per_plan": args.max_swaps_per_plan,
-            "charge_migration": bool(getattr(args, "charge_migration", True))}
+    return E2EConfig(topology=topology, world=world, names=tuple(names), link_costs=link_costs, model=model_kwargs,
+                     data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+                     warmup=args.warmup_steps, auto_interval=args.auto_interval,
+                     pipeline_chunks=args.pipeline_chunks, shared_memory=bool(getattr(args, "shared_memory", True)),
+                     plan_every_n_steps=args.plan_every_n_steps, max_swaps_per_plan=args.max_swaps_per_plan,
+                     charge_migration=bool(getattr(args, "charge_migration", True)))
 
 
 # ---------------------------------------------------------------------------- Lightning on already-forked ranks
@@ -346,14 +371,14 @@ def _make_timer(warmup: int, monitor):
 
             from ..checkpoint import moe_layers
 
-            history = getattr(monitor, "history", [])
-            plan_steps = sorted({h["step"] for h in history})
+            history: list[PlanRecord] = getattr(monitor, "history", [])
+            plan_steps = sorted({h.step for h in history})
             plans = {"count": len(plan_steps)}
             if plan_steps:
-                first = [h for h in history if h["step"] == plan_steps[0]]
-                last = [h for h in history if h["step"] == plan_steps[-1]]
-                plans["predicted_ms_before_first"] = sum(h["predicted_ms_before"] for h in first)
-                plans["predicted_ms_after_last"] = sum(h["predicted_ms_after"] for h in last)
+                first = [h for h in history if h.step == plan_steps[0]]
+                last = [h for h in history if h.step == plan_steps[-1]]
+                plans["predicted_ms_before_first"] = sum(h.predicted_ms_before for h in first)
+                plans["predicted_ms_after_last"] = sum(h.predicted_ms_after for h in last)
             self.result = {
                 "plans": plans,
                 "step_seconds": steps.tolist(), "elapsed_s": float(elapsed), "losses": losses.tolist(),
@@ -365,7 +390,7 @@ def _make_timer(warmup: int, monitor):
     return _StepTimer()
 
 
-def _rank_fn(rank: int, world: int, cfg: dict, variant: str) -> dict:
+def _rank_fn(rank: int, world: int, cfg: E2EConfig, variant: str) -> dict:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -376,28 +401,27 @@ def _rank_fn(rank: int, world: int, cfg: dict, variant: str) -> dict:
     from ..strategy import HierMoEStrategy
 
     _quiet_child()
-    torch.manual_seed(cfg["model"]["seed"])
+    torch.manual_seed(cfg.model["seed"])
     swaps = variant == SWAPS_VARIANT
     dispatch = "auto" if swaps else variant
-    model = MoEGPT(**cfg["model"])
-    dataset = ByteTextDataModule(cfg["data"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"]).train_dataset
+    model = MoEGPT(**cfg.model)
+    dataset = ByteTextDataModule(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size).train_dataset
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
     if swaps:
-        monitor = HierMoECallback(plan_every_n_steps=cfg["plan_every_n_steps"],
-                                  max_swaps_per_plan=cfg["max_swaps_per_plan"], charge_migration=cfg["charge_migration"],
-                                  print_summary=False, save_plots=False)
+        monitor = HierMoECallback(plan_every_n_steps=cfg.plan_every_n_steps, max_swaps_per_plan=cfg.max_swaps_per_plan,
+                                  charge_migration=cfg.charge_migration, print_summary=False, save_plots=False)
     else:
         monitor = DedupMonitor(print_summary=False)
-    timer = _make_timer(cfg["warmup"], monitor)
-    strategy = HierMoEStrategy(topology=str(cfg["topology"]), dispatch=dispatch, link_costs=cfg["link_costs"],
-                               auto_interval=cfg["auto_interval"], pipeline_chunks=cfg["pipeline_chunks"],
-                               shared_memory=cfg["shared_memory"])
+    timer = _make_timer(cfg.warmup, monitor)
+    strategy = HierMoEStrategy(topology=str(cfg.topology), dispatch=dispatch, link_costs=cfg.link_costs,
+                               auto_interval=cfg.auto_interval, pipeline_chunks=cfg.pipeline_chunks,
+                               shared_memory=cfg.shared_memory)
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, plugins=[ExternalRankEnvironment(rank, world)],
-        max_steps=cfg["warmup"] + cfg["steps"], max_epochs=-1, callbacks=[monitor, timer], logger=False,
+        max_steps=cfg.warmup + cfg.steps, max_epochs=-1, callbacks=[monitor, timer], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=cfg["root_dir"],
+        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=cfg.root_dir,
     )
     trainer.fit(model, train_dataloaders=loader)
     if timer.result is None:
@@ -456,18 +480,19 @@ def _summarise(runs: list[dict], tokens_per_step: int, steps: int, num_levels: i
 def run(args: argparse.Namespace) -> dict:
     """Validate, then train every variant on freshly forked ranks; return the report (JSON-serialisable)."""
     cfg = _resolve(args)
-    topology, world, names = cfg["topology"], cfg["world"], cfg["names"]
+    topology, world, names = cfg.topology, cfg.world, list(cfg.names)
     # one deadline for every launch (calibration, each variant and repeat): --timeout bounds the whole command
     launch = dict(timeout=Deadline(float(args.timeout), "--timeout"), pg_timeout=min(float(args.timeout), 300.0))
     root = tempfile.mkdtemp(prefix="hiermoe-e2e-")
-    cfg["root_dir"] = root
+    cfg = replace(cfg, root_dir=root)
     raw: dict[str, list[dict]] = {name: [] for name in names}
 
     def train_all(net=None):
+        nonlocal cfg
         extra = {} if net is None else {"netns": net, "ranks_per_node": world // topology.sizes[0]}
-        if cfg["link_costs"] is None:
+        if cfg.link_costs is None:
             phases = run_ranks(_calibrate_fn, world, topology, **launch, **extra)[0]
-            cfg["link_costs"] = LinkCosts(phases, name="calibrated (bench e2e)")
+            cfg = replace(cfg, link_costs=LinkCosts(phases, name="calibrated (bench e2e)"))
         for i in range(args.repeats):
             for name in names[i % len(names):] + names[:i % len(names)]:  # each round starts one variant later
                 raw[name].append(run_ranks(_rank_fn, world, cfg, name, **launch, **extra)[0])
@@ -499,7 +524,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "topology": str(topology),
         "world_size": world,
-        "model": {k: v for k, v in cfg["model"].items()},
+        "model": {k: v for k, v in cfg.model.items()},
         "seq_len": args.seq_len,
         "batch_size_per_rank": args.batch_size,
         "tokens_per_step": tokens_per_step,
@@ -508,11 +533,11 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "variants": names,
         "results": results,
-        "link_costs": cfg["link_costs"].name,
+        "link_costs": cfg.link_costs.name,
         "link_cost_phases": {k: {"alpha": pc.alpha, "beta": pc.beta, "r2": pc.r2}
-                             for k, pc in cfg["link_costs"].phases.items()},
+                             for k, pc in cfg.link_costs.phases.items()},
         "auto_interval": args.auto_interval, "pipeline_chunks": args.pipeline_chunks,
-        "shared_memory": cfg["shared_memory"],
+        "shared_memory": cfg.shared_memory,
         "data": args.data or "default corpus (pydoc topics)",
         "bytes_note": BYTES_NOTE,
         "cpu_count": os.cpu_count(),
@@ -520,7 +545,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.swaps:
         report["swaps"] = {"plan_every_n_steps": args.plan_every_n_steps,
                            "max_swaps_per_plan": args.max_swaps_per_plan,
-                           "charge_migration": cfg["charge_migration"]}
+                           "charge_migration": cfg.charge_migration}
     if args.emulate_inter_mbit is not None:
         report["emulation"] = {"inter_mbit": args.emulate_inter_mbit, "latency_ms": float(args.emulate_latency_ms),
                                "num_nodes": topology.sizes[0], "ranks_per_node": world // topology.sizes[0],
