@@ -1,7 +1,9 @@
-"""MoELayer = router + dispatcher + experts (+ optional shared experts).
+"""MoELayer = router + token dispatcher + experts (+ optional shared experts).
 
 Unsharded, the layer holds every expert and is the exact single-process reference. ``ExpertParallel.shard_`` keeps
-only this rank's experts and routes rows with the chosen dispatch; the function computed does not change.
+only this rank's experts (:meth:`MoELayer.become_expert_parallel`) and gives the layer a dispatcher that routes rows
+with the chosen dispatch; the function computed does not change. The layer talks to its dispatcher only through the
+:class:`~hiermoe_lightning.dispatch.dispatcher.TokenDispatcher` calls (layout, dispatch, combine).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .dispatch.engine import DispatchHandle, Route, apply_experts, combine, dispatch_blocks
-from .dispatch.spec import DispatchSpec
+from .dispatch.dispatcher import HopDispatcher, TokenDispatcher
+from .dispatch.engine import DispatchHandle, apply_experts
 from .experts import ExpertBank, SwiGLU
 from .placement import Placement
 from .routing import Router
+from .validation import check_choice, check_int, check_number
 
 if TYPE_CHECKING:
     from .parallel import ExpertParallel
@@ -25,15 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["MoELayer", "DROP_POLICIES"]
 
 DROP_POLICIES = ("probs", "position")
-_LOCAL_ROUTE = Route(DispatchSpec("local", (), False), (), 1)
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
 
 
 class MoELayer(nn.Module):
@@ -68,16 +62,11 @@ class MoELayer(nn.Module):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
                             ("num_experts", num_experts), ("top_k", top_k)):
-            _check_positive_int(name, value)
-        if top_k > num_experts:
-            raise ValueError(f"top_k must be in 1..num_experts ({num_experts}), got {top_k}")
-        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
-        if capacity_factor is not None and (isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
-                                            or not math.isfinite(capacity_factor) or capacity_factor <= 0):
-            raise ValueError(f"capacity_factor must be None (dropless) or a number > 0, got {capacity_factor!r}")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+            check_int(value, name, 1)
+        check_int(top_k, "top_k", 1, num_experts)
+        check_int(num_shared_experts, "num_shared_experts", 0)
+        check_number(capacity_factor, "capacity_factor", low=0.0, low_open=True, allow_none="dropless")
+        check_choice(drop_policy, "drop_policy", DROP_POLICIES)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
@@ -93,9 +82,8 @@ class MoELayer(nn.Module):
         )
         self.placement: Placement = Placement.contiguous(num_experts, 1)
         self.expert_parallel: "ExpertParallel | None" = None
-        self.dispatch: str = "local"  # the concrete dispatch in use; set by ExpertParallel
-        self.auto_calls: int = 0  # training forwards seen by dispatch="auto"
-        self.auto_predictions: dict[str, float] = {}  # hd<d> -> predicted ms at the last auto choice
+        self.dispatcher: TokenDispatcher = HopDispatcher(self)  # unsharded: no hop
+        self._slot_of_expert: tuple = (None, None)  # (placement, expert_to_slot on the input's device)
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_handle: DispatchHandle | None = None
         self.last_expert_ids: torch.Tensor | None = None  # [T, K] of the last forward, -1 = dropped
@@ -120,33 +108,28 @@ class MoELayer(nn.Module):
         if self.training:
             self.routed_tokens += routed.tokens_per_expert
 
-        T, K = expert_ids.shape
-        flat_ids = expert_ids.reshape(-1)
-        pair_row = torch.arange(T, device=x.device).repeat_interleave(K)
-        pair_weight = weights.reshape(-1)
-        if self.capacity_factor is not None:
-            kept = flat_ids >= 0
-            pair_row, flat_ids, pair_weight = pair_row[kept], flat_ids[kept], pair_weight[kept]
-
-        if self.expert_parallel is not None:
-            self.expert_parallel.before_dispatch(self, expert_ids)
-            route = self.expert_parallel.route(self)
-        else:
-            route = _LOCAL_ROUTE
-        handle = DispatchHandle(route.spec.name, route.num_levels, self.hidden_size * x.element_size())
-        rows, pair_weight, pair_row, pair_expert = dispatch_blocks(x2, pair_weight, pair_row, flat_ids, route, handle)
-        pair_slot = self.placement.expert_to_slot.to(x.device)[pair_expert]
-        one_pair_per_row = bool(route.phases) and not route.spec.dedup
+        layout = self.dispatcher.layout(expert_ids, weights)
+        expert_input, handle = self.dispatcher.dispatch(x2, layout)
+        pair_slot = self._expert_to_slot(x.device)[expert_input.pair_expert]
         start = time.perf_counter()
-        y = apply_experts(self.experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_row)
+        y = apply_experts(self.experts, expert_input.rows, expert_input.pair_row, pair_slot, expert_input.pair_weight,
+                          expert_input.one_pair_per_row)
         if self.expert_timings is not None:
-            self._time_expert_backward(y, rows, time.perf_counter() - start)
-        out = combine(y, handle, x.dtype)
+            self._time_expert_backward(y, expert_input.rows, time.perf_counter() - start)
+        out = self.dispatcher.combine(y, handle, x.dtype)
         self.last_handle = handle
         self.last_local_slots = pair_slot.detach()  # [P] local slot of every pair this rank's experts processed
         if self.shared_experts is not None:
             out = out + self.shared_experts(x2)
         return out.reshape(shape)
+
+    def _expert_to_slot(self, device: torch.device) -> torch.Tensor:
+        """``[E]`` local slot of each expert of the current placement, on ``device`` (copied once per placement)."""
+        placement, table = self._slot_of_expert
+        if placement is not self.placement or table.device != device:
+            table = self.placement.expert_to_slot.to(device)
+            self._slot_of_expert = (self.placement, table)
+        return table
 
     def _time_expert_backward(self, y: torch.Tensor, rows: tuple[torch.Tensor, ...], forward_seconds: float) -> None:
         """Benchmarks only (``expert_timings`` a dict): expert forward time, and backward from y's grad to the grad of
@@ -198,6 +181,53 @@ class MoELayer(nn.Module):
         if self.expert_parallel is not None and placement.world_size != self.expert_parallel.world_size:
             raise ValueError(f"placement is for {placement.world_size} ranks, the layer runs on {self.expert_parallel.world_size}")
         self.placement = placement
+
+    # ------------------------------------------------------------------ the dispatcher
+    def use_dispatcher(self, dispatcher: TokenDispatcher) -> None:
+        """Route tokens with ``dispatcher`` from the next forward on (a :class:`TokenDispatcher`: layout, dispatch,
+        combine). It must serve this layer's placement; :meth:`become_expert_parallel` installs the hop engine."""
+        if not isinstance(dispatcher, TokenDispatcher):
+            raise TypeError(f"dispatcher must implement TokenDispatcher (name, layout, dispatch, combine), "
+                            f"got {type(dispatcher).__name__}")
+        self.dispatcher = dispatcher
+
+    def become_expert_parallel(self, expert_parallel: "ExpertParallel", placement: Placement,
+                               dispatcher: TokenDispatcher) -> None:
+        """Keep only the experts ``placement`` puts on this rank and route with ``dispatcher`` over
+        ``expert_parallel`` (what :meth:`ExpertParallel.shard_ <hiermoe_lightning.parallel.ExpertParallel.shard_>`
+        does to every layer)."""
+        if self.is_sharded:
+            raise ValueError("MoELayer is already sharded")
+        self.experts.keep_slots(placement.experts_of(expert_parallel.rank))
+        self.placement, self.expert_parallel = placement, expert_parallel
+        self.use_dispatcher(dispatcher)
+
+    @property
+    def dispatch(self) -> str:
+        """The concrete dispatch in use (``"local"`` unsharded; ``"auto"`` until the first forward chose one)."""
+        return self.dispatcher.name
+
+    @dispatch.setter
+    def dispatch(self, value: str) -> None:
+        self.dispatcher.name = value
+
+    @property
+    def auto_calls(self) -> int:
+        """Training forwards seen by ``dispatch="auto"`` (0 for a dispatcher without an automatic choice)."""
+        return getattr(self.dispatcher, "auto_calls", 0)
+
+    @auto_calls.setter
+    def auto_calls(self, value: int) -> None:
+        self.dispatcher.auto_calls = value
+
+    @property
+    def auto_predictions(self) -> dict[str, float]:
+        """``hd<d>`` -> predicted ms at the last automatic choice (empty without one)."""
+        return getattr(self.dispatcher, "auto_predictions", {})
+
+    @auto_predictions.setter
+    def auto_predictions(self, value: dict[str, float]) -> None:
+        self.dispatcher.auto_predictions = value
 
     # ------------------------------------------------------------------ facts for users and the callback
     @property

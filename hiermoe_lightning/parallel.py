@@ -8,6 +8,7 @@ from torch import nn
 
 from .cost.link_costs import LinkCosts
 from .dispatch.comm import PeerGroup
+from .dispatch.dispatcher import HopDispatcher
 from .dispatch.engine import PhaseRoute, Route, validate_pipeline_chunks
 from .dispatch.transport import probe_group
 from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
@@ -172,17 +173,19 @@ class ExpertParallel:
         return self._peer_groups[phase]
 
     # ------------------------------------------------------------------ routes
-    def route(self, layer: MoELayer) -> Route:
-        """The route of ``layer``'s current dispatch and placement on this rank (cached)."""
-        key = (layer.dispatch, id(layer.placement))
+    def route(self, dispatch: str, placement: Placement, device: "torch.device | str" = "cpu") -> Route:
+        """The route of a concrete ``dispatch`` for ``placement`` on this rank, its tables on ``device`` (cached per
+        dispatch, placement object and device, so a GPU forward never copies them)."""
+        device = torch.device(device)
+        key = (dispatch, id(placement), device)
         cached = self._routes.get(key)
-        if cached is not None and cached[0] is layer.placement:
+        if cached is not None and cached[0] is placement:
             return cached[1]
-        route = self.build_route(layer.dispatch, layer.placement)
-        self._routes[key] = (layer.placement, route)
+        route = self.build_route(dispatch, placement, device)
+        self._routes[key] = (placement, route)
         return route
 
-    def build_route(self, dispatch: str, placement: Placement) -> Route:
+    def build_route(self, dispatch: str, placement: Placement, device: "torch.device | str" = "cpu") -> Route:
         spec = parse_dispatch(dispatch, self.topology.num_levels)
         phases = []
         here = torch.tensor(self.rank)
@@ -191,7 +194,7 @@ class ExpertParallel:
             if peers.is_local:
                 continue
             nxt = phase_next_rank(self.topology, phase, here.expand_as(placement.expert_to_rank), placement.expert_to_rank)
-            peer_of_expert = phase_peer_index(self.topology, phase, nxt)
+            peer_of_expert = phase_peer_index(self.topology, phase, nxt).to(device)
             levels = tuple(self.topology.link_level(self.rank, r) for r in peers.ranks)
             phases.append(PhaseRoute(phase, peers, peer_of_expert, levels))
         return Route(spec, tuple(phases), self.topology.num_levels, self.verify_splits, self.pipeline_chunks)
@@ -248,16 +251,6 @@ class ExpertParallel:
         layer.auto_predictions = {name: pred.dispatch[name].predicted_ms for name in names}
         return pred.chosen
 
-    def before_dispatch(self, layer: MoELayer, expert_ids: torch.Tensor) -> None:
-        """Called by a sharded layer each forward: with ``auto``, re-choose its depth when due (collective)."""
-        if self.dispatch != "auto":
-            return
-        due = layer.dispatch == "auto" or (layer.training and layer.auto_calls % self.auto_interval == 0)
-        if layer.training:
-            layer.auto_calls += 1
-        if due:
-            layer.dispatch = self.choose_dispatch(layer, expert_ids)
-
     def refresh_auto(self, module: nn.Module) -> None:
         """Force every ``auto`` layer to re-choose at its next forward (e.g. after a placement change)."""
         for m in module.modules():
@@ -265,13 +258,10 @@ class ExpertParallel:
                 m.auto_calls = 0
 
     # ------------------------------------------------------------------ sharding
-    def initial_dispatch(self, layer: MoELayer) -> str:
-        """A concrete dispatch, or ``"auto"`` until the layer's first forward has routing to choose from."""
-        return self.dispatch
-
     def shard_(self, module: nn.Module) -> nn.Module:
         """In place: every MoELayer inside keeps only this rank's experts (contiguous placement) and routes with the
-        chosen dispatch. Checks every layer before changing any."""
+        chosen dispatch (a :class:`~hiermoe_lightning.dispatch.dispatcher.HopDispatcher`). Checks every layer before
+        changing any."""
         layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
         for name, layer in layers:
             if layer.is_sharded:
@@ -282,9 +272,6 @@ class ExpertParallel:
                     f"expert-parallel world size ({self.world_size})"
                 )
         for _, layer in layers:
-            placement = Placement.contiguous(layer.num_experts, self.world_size)
-            layer.experts.keep_slots(placement.experts_of(self.rank))
-            layer.placement = placement
-            layer.expert_parallel = self
-            layer.dispatch = self.initial_dispatch(layer)
+            layer.become_expert_parallel(self, Placement.contiguous(layer.num_experts, self.world_size),
+                                         HopDispatcher(layer, self))
         return module

@@ -29,8 +29,8 @@ from .comm import Gathered, PeerGroup, SplitMismatchError, num_rows, sizes_ride_
 from .spec import DispatchSpec
 
 __all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle",
-           "TraceEvent", "pack_pairs", "unpack_pairs",
-           "plan_hop", "dispatch", "dispatch_blocks", "total_rows", "gather_rows", "combine", "apply_experts"]
+           "TraceEvent", "pack_pairs", "unpack_pairs", "HopPlan", "HopCounts", "plan_hop_counts", "plan_hop", "dispatch",
+           "dispatch_blocks", "total_rows", "gather_rows", "combine", "apply_experts"]
 
 
 @dataclass(frozen=True)
@@ -76,26 +76,71 @@ class HopPlan:
     pair_local_row: torch.Tensor  # [P] (send order) row index within the block sent to the pair's peer
 
 
-def plan_hop(pair_row: torch.Tensor, pair_peer: torch.Tensor, num_rows: int, num_peers: int, dedup: bool) -> HopPlan:
-    """Which rows go to which peer. ``pair_row``/``pair_peer`` ``[P]`` int64.
+@dataclass
+class HopCounts:
+    """A hop planned up to what needs no host synchronisation: every tensor here has a size known in advance
+    (``[peers]`` or ``[P]``), so on a GPU nothing waits for the device. :meth:`finish` takes the number of rows sent
+    (known on the host once the hop's counts are, the hop's one synchronisation) and gives the :class:`HopPlan`."""
 
-    With ``dedup`` a row goes once to each distinct peer of its pairs; without, once per pair. Vectorised: one sort
-    of ``peer * n + source`` keys.
+    send_splits: torch.Tensor  # [peers] rows to each peer
+    pair_splits: torch.Tensor  # [peers] pairs to each peer
+    pair_order: torch.Tensor  # [P] previous pairs in send order (by peer, stable)
+    pair_local_row: torch.Tensor  # [P] (send order) row index within the block sent to the pair's peer
+    sorted_key: torch.Tensor  # [P] keys peer * n + source, ascending
+    key_index: torch.Tensor  # [P] (key order) index of each key among the distinct keys
+    key_base: int  # n
+    source_row: torch.Tensor | None  # [P] without dedup: each pair's row (the key's source is the pair); else None
+
+    def send_counts(self) -> torch.Tensor:
+        """``[peers, 2]`` rows and pairs this rank sends each peer: what the hop's count exchange announces."""
+        return torch.stack([self.send_splits, self.pair_splits], dim=1)
+
+    def finish(self, num_sent: int) -> HopPlan:
+        """The plan, given ``num_sent = sum(send_splits)`` as a host int (no synchronisation of its own)."""
+        distinct = self.sorted_key.new_zeros(num_sent).scatter_(0, self.key_index, self.sorted_key)
+        source = distinct % self.key_base
+        send_src_row = source if self.source_row is None else self.source_row[source]
+        return HopPlan(send_src_row, self.send_splits, self.pair_order, self.pair_splits, self.pair_local_row)
+
+
+def plan_hop_counts(pair_row: torch.Tensor, pair_peer: torch.Tensor, num_rows: int, num_peers: int,
+                    dedup: bool) -> HopCounts:
+    """Which rows go to which peer, without a host synchronisation. ``pair_row``/``pair_peer`` ``[P]`` int64.
+
+    With ``dedup`` a row goes once to each distinct peer of its pairs; without, once per pair. Vectorised: one
+    stable sort of the keys ``peer * n + source``; the first of each run of equal keys is a row to send. Sizes
+    that depend on the data (the rows sent) are left to :meth:`HopCounts.finish`.
     """
     P = pair_row.numel()
     n = max(num_rows if dedup else P, 1)
-    src = pair_row if dedup else torch.arange(P, device=pair_row.device)
-    key = pair_peer * n + src
-    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-    send_peer = uniq // n
-    send_src_row = uniq % n if dedup else pair_row[uniq % n]
-    send_splits = torch.bincount(send_peer, minlength=num_peers)
+    device = pair_row.device
+    src = pair_row if dedup else torch.arange(P, device=device)
+    sorted_key, by_key = torch.sort(pair_peer * n + src, stable=True)
+    first = torch.ones(P, dtype=torch.bool, device=device)
+    first[1:] = sorted_key[1:] != sorted_key[:-1]
+    key_index = torch.cumsum(first, 0) - 1  # [P] key order
+    inverse = torch.empty_like(key_index)
+    inverse[by_key] = key_index  # [P] pair order: the distinct key (row to send) of each pair
+    send_splits = torch.zeros(num_peers, dtype=torch.long, device=device).index_add_(
+        0, torch.div(sorted_key, n, rounding_mode="floor"), first.long())
     row_offsets = torch.cumsum(send_splits, 0) - send_splits
     pair_order = torch.argsort(pair_peer, stable=True)
     sorted_peer = pair_peer[pair_order]
-    pair_splits = torch.bincount(pair_peer, minlength=num_peers)
+    pair_splits = torch.zeros(num_peers, dtype=torch.long, device=device).index_add_(
+        0, pair_peer, torch.ones_like(pair_peer))
     pair_local_row = inverse[pair_order] - row_offsets[sorted_peer]
-    return HopPlan(send_src_row, send_splits, pair_order, pair_splits, pair_local_row)
+    return HopCounts(send_splits, pair_splits, pair_order, pair_local_row, sorted_key, key_index, n,
+                     None if dedup else pair_row)
+
+
+def plan_hop(pair_row: torch.Tensor, pair_peer: torch.Tensor, num_rows: int, num_peers: int, dedup: bool) -> HopPlan:
+    """Which rows go to which peer. ``pair_row``/``pair_peer`` ``[P]`` int64.
+
+    With ``dedup`` a row goes once to each distinct peer of its pairs; without, once per pair. Vectorised: one
+    sort of ``peer * n + source`` keys (:func:`plan_hop_counts`, then :meth:`HopCounts.finish`).
+    """
+    counts = plan_hop_counts(pair_row, pair_peer, num_rows, num_peers, dedup)
+    return counts.finish(int(counts.send_splits.sum()))
 
 
 @dataclass
@@ -285,15 +330,16 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     return results
 
 
-def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]], level: int = 0):
+def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]], level: int = 0,
+                   device: torch.device | None = None):
     """Sub-program: every rank re-announces its send splits; any disagreement with what a rank expects to receive
     raises ``SplitMismatchError`` on every rank of the group (after a flag exchange, so none waits forever)."""
     ones = [1] * peers.size
-    announced_send = torch.tensor(send, dtype=torch.long).t().contiguous()  # [peers, n]
+    announced_send = torch.tensor(send, dtype=torch.long, device=device).t().contiguous()  # [peers, n]
     (announced,) = yield _Exchange(peers, [(announced_send, ones, ones)], level)
-    expected = torch.tensor(recv, dtype=torch.long).t()
+    expected = torch.tensor(recv, dtype=torch.long, device=announced.device).t()
     ok = torch.equal(announced, expected)
-    flags = torch.full((peers.size, 1), 0 if ok else 1, dtype=torch.long)
+    flags = torch.full((peers.size, 1), 0 if ok else 1, dtype=torch.long, device=device)
     (flags,) = yield _Exchange(peers, [(flags, ones, ones)], level)
     bad = int(flags.sum())
     if bad > 0:
@@ -302,22 +348,17 @@ def _verify_splits(peers: PeerGroup, send: list[list[int]], recv: list[list[int]
         raise SplitMismatchError(f"all-to-all split sizes disagree on {bad} rank(s) of the group{mine}")
 
 
-def _plan_phase(route: Route, handle: DispatchHandle, pr: PhaseRoute, rows, pair_row, pair_expert) -> HopPlan:
-    """:func:`plan_hop` for phase ``pr`` of ``route`` (its time counted in ``handle.plan_seconds``)."""
+def _plan_phase(route: Route, handle: DispatchHandle, pr: PhaseRoute, rows, pair_row, pair_expert) -> HopCounts:
+    """:func:`plan_hop_counts` for phase ``pr`` of ``route`` (its time counted in ``handle.plan_seconds``)."""
     start = time.perf_counter()
-    plan = plan_hop(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
+    plan = plan_hop_counts(pair_row, pr.peer_of_expert[pair_expert], rows.shape[0], pr.peers.size, route.spec.dedup)
     handle.plan_seconds += time.perf_counter() - start
     return plan
 
 
-def _send_counts(plan: HopPlan) -> torch.Tensor:
-    """``[peers, 2]`` rows and pairs this rank sends each peer in a hop: what its count exchange announces."""
-    return torch.stack([plan.send_splits, plan.pair_splits], dim=1)
-
-
-def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list[tuple[HopPlan, torch.Tensor]]:
+def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list[tuple[HopCounts, torch.Tensor]]:
     """Plan every chunk's first hop and exchange all their counts at once: ``inputs`` ``[(rows, pair_row,
-    pair_expert)]`` per chunk -> ``[(plan, counts [peers, 2])]``.
+    pair_expert)]`` per chunk -> ``[(counts of the plan, received counts [peers, 2])]``.
 
     The first hop's counts depend on nothing received, so one exchange serves every chunk: no later chunk waits
     for a count message queued behind the previous chunk's bulk payload on the slow link.
@@ -326,7 +367,7 @@ def _plan_first_hops(route: Route, handle: DispatchHandle, inputs: list) -> list
     plans = [_plan_phase(route, handle, pr, rows, pair_row, pair_expert) for rows, pair_row, pair_expert in inputs]
     start = time.perf_counter()
     ones = [1] * pr.peers.size
-    counts = torch.cat([_send_counts(p) for p in plans], dim=1)  # [peers, 2 * chunks]
+    counts = torch.cat([p.send_counts() for p in plans], dim=1)  # [peers, 2 * chunks]
     request = _Exchange(pr.peers, [(counts, ones, ones)], _link_level(pr.peer_level))
     pending = start_exchange(request.payloads, pr.peers)
     _record(handle, "post", request, start)
@@ -359,38 +400,49 @@ def unpack_pairs(meta: torch.Tensor, weight_dtype: torch.dtype) -> tuple[torch.T
 
 
 def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, weight, pair_row, pair_expert,
-                      first_hop: tuple[HopPlan, torch.Tensor] | None = None):
+                      first_hop: tuple[HopCounts, torch.Tensor] | None = None):
     """One program's dispatch over the phases from ``chunk.first_phase`` on, hop by hop: plan, exchange counts (or
     take ``first_hop``, planned and exchanged by :func:`_plan_first_hops`), then rows and pair metadata together.
     On a shared-memory group the counts ride with the rows (:func:`~hiermoe_lightning.dispatch.comm.sizes_ride_along`):
-    one exchange per hop instead of two."""
+    one exchange per hop instead of two.
+
+    Host synchronisation: one per hop, the ``[peers, 4]`` sent and received counts brought to the host together
+    (the transports need split sizes as host ints; every other size here is known in advance), so on a GPU the
+    planning, the packing and the unpacking never wait for the device."""
     rows = x
     for i, pr in enumerate(route.phases[chunk.first_phase:]):
         level = _link_level(pr.peer_level)
         ones = [1] * pr.peers.size
         if i == 0 and first_hop is not None:
-            plan, counts = first_hop
+            planned, counts = first_hop
         else:
-            plan = _plan_phase(route, handle, pr, rows, pair_row, pair_expert)
+            planned = _plan_phase(route, handle, pr, rows, pair_row, pair_expert)
             counts = None
-        send_splits, pair_send = plan.send_splits.tolist(), plan.pair_splits.tolist()
-        # pair metadata rides with the rows: (row within the block sent to that peer, expert id, weight bits)
-        meta = pack_pairs(plan.pair_local_row, pair_expert[plan.pair_order], weight[plan.pair_order])
-        sent = Gathered(rows, plan.send_src_row)
+        send_counts = planned.send_counts()  # [peers, 2]
         if counts is None and sizes_ride_along(pr.peers, rows):  # shared memory: the counts come with the rows
+            send_splits, pair_send = (list(c) for c in zip(*send_counts.tolist()))
+            plan = planned.finish(sum(send_splits))
+            sent, meta = _hop_payloads(plan, rows, pair_expert, weight)
             new_rows, meta, counts = yield _Exchange(pr.peers, [(sent, send_splits, None), (meta, pair_send, None)],
                                                      level)
-            recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
+            recv_splits, pair_recv = (list(c) for c in zip(*counts.tolist()))
         else:
             if counts is None:
-                (counts,) = yield _Exchange(pr.peers, [(_send_counts(plan), ones, ones)], level)
-            recv_splits, pair_recv = counts[:, 0].tolist(), counts[:, 1].tolist()
+                (counts,) = yield _Exchange(pr.peers, [(send_counts, ones, ones)], level)
+            # the hop's one host synchronisation: what this rank sends and receives, per peer
+            send_splits, pair_send, recv_splits, pair_recv = (
+                list(c) for c in zip(*torch.cat([send_counts, counts.to(send_counts.device)], dim=1).tolist()))
+            plan = planned.finish(sum(send_splits))
             if route.verify_splits:
-                yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv], level)
+                yield from _verify_splits(pr.peers, [send_splits, pair_send], [recv_splits, pair_recv], level,
+                                          send_counts.device)
+            sent, meta = _hop_payloads(plan, rows, pair_expert, weight)
             new_rows, meta = yield _Exchange(pr.peers, [(sent, send_splits, recv_splits), (meta, pair_send, pair_recv)],
                                              level)
-        recv_offsets = torch.cumsum(counts[:, 0], 0) - counts[:, 0]
-        src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=counts.device), counts[:, 1])
+        received = counts.to(pair_row.device)
+        recv_offsets = torch.cumsum(received[:, 0], 0) - received[:, 0]
+        src_peer = torch.repeat_interleave(torch.arange(pr.peers.size, device=pair_row.device), received[:, 1],
+                                           output_size=sum(pair_recv))
         chunk.hops.append(Hop(pr.phase, pr.peers, pr.peer_level, plan.send_src_row, send_splits, recv_splits,
                               plan.pair_order, pair_send, pair_recv, rows.shape[0], pair_row.numel()))
         rows = new_rows
@@ -398,6 +450,13 @@ def _dispatch_program(route: Route, handle: DispatchHandle, chunk: Chunk, x, wei
         pair_row = local_row + recv_offsets[src_peer]
     chunk.num_rows, chunk.num_pairs = rows.shape[0], pair_row.numel()
     return rows, weight, pair_row, pair_expert
+
+
+def _hop_payloads(plan: HopPlan, rows, pair_expert, weight) -> tuple[Gathered, torch.Tensor]:
+    """The rows a hop sends (gathered by the exchange itself) and its pair metadata, which rides with them: (row
+    within the block sent to that peer, expert id, weight bits) per pair, in send order."""
+    meta = pack_pairs(plan.pair_local_row, pair_expert[plan.pair_order], weight[plan.pair_order])
+    return Gathered(rows, plan.send_src_row), meta
 
 
 def _sum_copies(h: Hop, received: torch.Tensor) -> torch.Tensor:
