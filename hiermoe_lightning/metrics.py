@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import moe_layers
+from .dispatch.spec import level_key
 from .validation import check_bool_arg, check_int
 from .layer import MoELayer
 
@@ -104,7 +105,7 @@ class DedupMonitor(pl.Callback):
         predicted = 0.0
         for layer in layers:
             by_level = layer.last_handle.bytes_by_level()
-            sent += torch.tensor([by_level[f"level{i}"] for i in range(1, D + 1)], dtype=torch.float64)
+            sent += torch.tensor([by_level[level_key(i)] for i in range(1, D + 1)], dtype=torch.float64)
             flat += flat_bytes_by_level(layer)
             pairs[layer.expert_parallel.rank] += layer.last_local_slots.numel()
             predicted += layer.auto_predictions.get(layer.dispatch, 0.0)

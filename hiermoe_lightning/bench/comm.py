@@ -34,17 +34,19 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..cli.flags import int_flag
 from ..cli.main import CLIError
+from ..cost.link_costs import LinkCosts
 from ..cost.model import predict
 from ..cost.traffic import check_expert_ids, dispatch_rows, lower_bound_level1_bytes
 from ..dispatch.engine import (DispatchHandle, combine, dispatch_blocks, gather_rows, total_rows,
                                validate_pipeline_chunks)
-from ..dispatch.spec import parse_dispatch, validate_dispatch
+from ..dispatch.spec import level_key, parse_dispatch, parse_level_key, validate_dispatch
 from ..parallel import ExpertParallel
 from ..placement.placement import Placement
 from ..testing.launch import Deadline, run_ranks
@@ -167,13 +169,49 @@ def _resolve(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------- ranks
-def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
-    topology, ids_all, M = cfg["topology"], cfg["ids"], cfg["hidden_size"]
-    dtype, D = DTYPES[cfg["dtype"]], topology.num_levels
-    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg["link_costs"], pipeline_chunks=cfg["pipeline_chunks"],
-                        shared_memory=cfg["shared_memory"])
-    placement = Placement.contiguous(cfg["num_experts"], world)
-    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+@dataclass(frozen=True)
+class _RankConfig:
+    """What the launcher hands every rank: the validated flags, the routing and the resolved ``auto``."""
+
+    topology: Topology
+    ids: torch.Tensor  # int [G, T, K] expert of each (rank, token, slot); -1 = dropped pair
+    hidden_size: int
+    dtype: str  # a key of DTYPES
+    num_experts: int
+    seed: int
+    link_costs: LinkCosts
+    names: tuple[str, ...]  # dispatch values to time, "auto" included
+    chosen: str  # the hd<d> that "auto" resolves to
+    warmup: int
+    iters: int
+    pipeline_chunks: int
+    shared_memory: bool
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """One dispatch as a rank measured it (already all-reduced: every rank holds the same values).
+
+    Per timed iteration (seconds, the slowest rank): ``dispatch``, ``combine``, ``iteration`` windows and the
+    handle's ``comm`` / ``plan`` seconds; ``bytes_by_level`` summed over ranks; ``max_abs_err`` over ranks.
+    """
+
+    dispatch: list[float]
+    combine: list[float]
+    iteration: list[float]
+    comm: list[float]
+    plan: list[float]
+    bytes_by_level: dict[str, int]
+    max_abs_err: float
+
+
+def _rank_fn(rank: int, world: int, cfg: _RankConfig) -> dict[str, _Measured]:
+    topology, ids_all, M = cfg.topology, cfg.ids, cfg.hidden_size
+    dtype, D = DTYPES[cfg.dtype], topology.num_levels
+    ep = ExpertParallel(topology, dispatch="flat", link_costs=cfg.link_costs, pipeline_chunks=cfg.pipeline_chunks,
+                        shared_memory=cfg.shared_memory)
+    placement = Placement.contiguous(cfg.num_experts, world)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     ids = ids_all[rank]  # [T, K]
     T, K = ids.shape
@@ -184,12 +222,12 @@ def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
     pair_expert = ids.reshape(-1)[valid]
     pair_weight = w.reshape(-1)[valid]
     expected = x.float() * (w * (ids >= 0)).sum(1, keepdim=True)
-    row_bytes = M * DTYPE_BYTES[cfg["dtype"]]
+    row_bytes = M * DTYPE_BYTES[cfg.dtype]
 
-    out = {}
-    n = cfg["warmup"] + cfg["iters"]
-    for name in cfg["names"]:
-        concrete = cfg["chosen"] if name == "auto" else name
+    out: dict[str, _Measured] = {}
+    n = cfg.warmup + cfg.iters
+    for name in cfg.names:
+        concrete = cfg.chosen if name == "auto" else name
         route = ep.build_route(concrete, placement)
         disp, comb, iters, comms, plans = [], [], [], [], []
         handle = None
@@ -212,20 +250,20 @@ def _rank_fn(rank: int, world: int, cfg: dict) -> dict:
             iters.append(end - start)
             comms.append(handle.comm_seconds)
             plans.append(handle.plan_seconds)
-        stats = torch.tensor([disp, comb, iters, comms, plans], dtype=torch.float64)[:, cfg["warmup"]:].contiguous()
+        stats = torch.tensor([disp, comb, iters, comms, plans], dtype=torch.float64)[:, cfg.warmup:].contiguous()
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # per iteration: the slowest rank
         by_level = handle.bytes_by_level()
-        level_names = [f"level{i}" for i in range(1, D + 1)]
+        level_names = [level_key(i) for i in range(1, D + 1)]
         nbytes = torch.tensor([by_level[k] for k in level_names], dtype=torch.int64)
         dist.all_reduce(nbytes, op=dist.ReduceOp.SUM)
         err = torch.tensor([float((back.float() - expected).abs().max()) if T else 0.0], dtype=torch.float64)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
-        out[name] = {
-            "dispatch": stats[0].tolist(), "combine": stats[1].tolist(), "iteration": stats[2].tolist(),
-            "comm": stats[3].tolist(), "plan": stats[4].tolist(),
-            "bytes_by_level": {k: int(v) for k, v in zip(level_names, nbytes.tolist())},
-            "max_abs_err": float(err),
-        }
+        out[name] = _Measured(
+            dispatch=stats[0].tolist(), combine=stats[1].tolist(), iteration=stats[2].tolist(),
+            comm=stats[3].tolist(), plan=stats[4].tolist(),
+            bytes_by_level={k: int(v) for k, v in zip(level_names, nbytes.tolist())},
+            max_abs_err=float(err),
+        )
     dist.barrier()
     return out
 
@@ -294,10 +332,9 @@ def run(args: argparse.Namespace) -> dict:
     if "auto" in names:
         one_way["auto"] = pred.chosen_ms
 
-    cfg = {"topology": topology, "ids": ids, "hidden_size": M, "dtype": args.dtype, "num_experts": E,
-           "seed": args.seed, "link_costs": link_costs, "names": names, "chosen": chosen,
-           "warmup": args.warmup, "iters": args.iters, "pipeline_chunks": args.pipeline_chunks,
-           "shared_memory": args.shared_memory}
+    cfg = _RankConfig(topology=topology, ids=ids, hidden_size=M, dtype=args.dtype, num_experts=E, seed=args.seed,
+                      link_costs=link_costs, names=tuple(names), chosen=chosen, warmup=args.warmup, iters=args.iters,
+                      pipeline_chunks=args.pipeline_chunks, shared_memory=args.shared_memory)
     launch = dict(timeout=deadline, pg_timeout=min(float(args.timeout), 300.0))
     if args.emulate_inter_mbit is None:
         per_rank = run_ranks(_rank_fn, G, cfg, **launch)
@@ -313,26 +350,26 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     for name in names:
         m = measured[name]
-        times = [d + c for d, c in zip(m["dispatch"], m["combine"])]
+        times = [d + c for d, c in zip(m.dispatch, m.combine)]
         entry = {
             "median_ms": statistics.median(times) * 1e3,
             "p90_ms": _p90(times) * 1e3,
             "predicted_ms": 2.0 * one_way[name],
-            "bytes_by_level": m["bytes_by_level"],
-            "plan_ms": statistics.median(m["plan"]) * 1e3,
-            "comm_ms": statistics.median(m["comm"]) * 1e3,
+            "bytes_by_level": m.bytes_by_level,
+            "plan_ms": statistics.median(m.plan) * 1e3,
+            "comm_ms": statistics.median(m.comm) * 1e3,
             "predicted_one_way_ms": one_way[name],
-            "dispatch_ms": statistics.median(m["dispatch"]) * 1e3,
-            "combine_ms": statistics.median(m["combine"]) * 1e3,
-            "iteration_ms": statistics.median(m["iteration"]) * 1e3,
-            "max_abs_err": m["max_abs_err"],
+            "dispatch_ms": statistics.median(m.dispatch) * 1e3,
+            "combine_ms": statistics.median(m.combine) * 1e3,
+            "iteration_ms": statistics.median(m.iteration) * 1e3,
+            "max_abs_err": m.max_abs_err,
         }
         if entry["median_ms"] > 0:
             entry["predicted_vs_measured"] = entry["predicted_ms"] / entry["median_ms"]
         if name == "auto":
             entry["resolved"] = chosen
         results[name] = entry
-    lower_bound = {"bytes_by_level": {"level1": lower_bound_level1_bytes(topology, placement, ids, row_bytes)}}
+    lower_bound = {"bytes_by_level": {level_key(1): lower_bound_level1_bytes(topology, placement, ids, row_bytes)}}
     emulation = {}
     if args.emulate_inter_mbit is not None:
         mbit = float(args.emulate_inter_mbit)
@@ -390,11 +427,11 @@ def format_report(report: dict) -> str:
             + ("" if report.get("shared_memory", True) else ", no shared memory")
             + "; times are the slowest rank's dispatch + the slowest rank's combine (expert step not timed)")
     results = report["results"]
-    levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=lambda s: int(s[5:]))
+    levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=parse_level_key)
     flat_ms = results["flat"]["median_ms"] if "flat" in results else None
     emulated = "emulation" in report
     cols = ["dispatch", "median ms", "p90 ms", "vs flat", "predicted ms", "pred/meas", "plan ms", "plan %", "comm ms",
-            *[f"L{lv[5:]} MiB" for lv in levels], *(["wire ms", "vs bound"] if emulated else [])]
+            *[f"L{parse_level_key(lv)} MiB" for lv in levels], *(["wire ms", "vs bound"] if emulated else [])]
     rows = [cols]
     for name, r in results.items():
         label = f"{name} ({r['resolved']})" if "resolved" in r else name
@@ -412,7 +449,7 @@ def format_report(report: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lb = report["lower_bound"]["bytes_by_level"]["level1"]
+    lb = report["lower_bound"]["bytes_by_level"][level_key(1)]
     if emulated:
         em = report["emulation"]
         head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "

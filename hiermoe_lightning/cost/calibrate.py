@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..dispatch.comm import all_to_all_rows, exchange_counts, sizes_ride_along
-from ..dispatch.spec import phase_groups
+from ..dispatch.spec import all_phases, phase_groups
 from .link_costs import DUPLEX_MODES, LEVEL1_LINK_MODES, LinkCosts, PhaseCost
 from .model import phase_load_bytes
 
@@ -112,7 +112,7 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], times_ms: Sequence[float]) -> P
 
 
 def _phase_names(num_levels: int) -> list[str]:
-    return ["a2a"] + [f"{k}{i}" for k in ("inter", "intra") for i in range(1, num_levels)]
+    return [str(p) for p in all_phases(num_levels)]  # plain str: they key the fitted LinkCosts
 
 
 def _payload_ms(x: torch.Tensor, splits: list[int], peers, counts: torch.Tensor) -> float:

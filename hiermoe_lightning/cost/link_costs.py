@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
 import yaml
+
+from ..dispatch.spec import Phase
 
 __all__ = ["LinkCosts", "PhaseCost", "PRESETS", "DUPLEX_MODES", "LEVEL1_LINK_MODES"]
 
 DUPLEX_MODES = ("full", "half")
 LEVEL1_LINK_MODES = ("rank", "node")
 
-_PHASE_RE = re.compile(r"^(a2a|inter[1-9]\d*|intra[1-9]\d*)$")
 
 # Fitted on 4 nodes x 8 RTX A6000 ("4x2x2x2") in the HierMoE paper (arXiv 2508.09591), r^2 >= 0.997.
 PRESETS: dict[str, dict[str, tuple[float, float]]] = {
@@ -86,7 +86,7 @@ class LinkCosts:
             raise TypeError("link cost phases must be a non-empty mapping of phase name -> (alpha, beta)")
         parsed: dict[str, PhaseCost] = {}
         for key, value in phases.items():
-            if not isinstance(key, str) or not _PHASE_RE.match(key):
+            if not _is_phase(key):
                 raise ValueError(f"link cost phase {key!r} is not valid: allowed 'a2a', 'inter<i>', 'intra<i>' (i >= 1)")
             sync, shared = 0.0, False
             if isinstance(value, PhaseCost):
@@ -106,7 +106,7 @@ class LinkCosts:
                 raise TypeError(f"r2 of phase {key!r} must be a number or null, got {r2!r}")
             if not isinstance(shared, bool):
                 raise TypeError(f"shared_memory of phase {key!r} must be true or false, got {shared!r}")
-            parsed[key] = PhaseCost(
+            parsed[str(key)] = PhaseCost(  # a plain str key: yaml.safe_dump writes no str subclass
                 _check_number(alpha, f"alpha of phase {key!r}"),
                 _check_number(beta, f"beta of phase {key!r}"),
                 None if r2 is None else float(r2),
@@ -264,6 +264,13 @@ class LinkCosts:
 
 
 def _phase_sort_key(name: str) -> tuple[int, int]:
-    if name == "a2a":
-        return (0, 0)
-    return (1 if name.startswith("inter") else 2, int(name[5:]))
+    return Phase.parse(name).sort_key
+
+
+def _is_phase(key: object) -> bool:
+    """Whether ``key`` names a phase (``a2a``, ``inter<i>``, ``intra<i>``)."""
+    try:
+        Phase.parse(key)
+    except ValueError:
+        return False
+    return True

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from ..dispatch.spec import DispatchSpec, dispatch_names, parse_dispatch, phase_groups
+from ..dispatch.spec import DispatchSpec, Phase, dispatch_names, parse_dispatch, phase_groups
 from ..placement.placement import Placement
 from ..topology import Topology
 from .link_costs import LinkCosts
@@ -304,7 +304,7 @@ def phase_predictions(
             n = float(real)
         # with node links a phase that crosses level 1 waits on the link; the receive buffers fill (and fault) as
         # the bytes arrive, so their first touch hides behind the exchange instead of adding to it
-        hide = lc.level1_link == "node" and (p.name == "a2a" or p.name.startswith("inter"))
+        hide = lc.level1_link == "node" and Phase.parse(p.name).kind != "intra"
         # one count exchange per hop per round trip (the dispatch's): half of it one way; none on shared memory,
         # where the counts ride with the rows
         sync = 0.0 if cost.shared_memory else cost.sync_ms / 2

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..dispatch.spec import DispatchSpec, phase_next_rank
+from ..dispatch.spec import DispatchSpec, Phase, level_key, phase_next_rank
 from ..placement.placement import Placement
 from ..topology import Topology
 
@@ -46,7 +46,7 @@ class PhaseTraffic:
     The diagonal holds rows that stay on their rank (kept for bookkeeping, never traffic).
     """
 
-    name: str
+    name: Phase
     rows: torch.Tensor
 
     def off_diagonal(self) -> torch.Tensor:
@@ -123,16 +123,6 @@ def _route_counts(topology: Topology, placement: Placement, ids: torch.Tensor, l
     return _RouteCounts(pairs, hits)
 
 
-def _phase_level(topology: Topology, phase: str) -> int:
-    """The level whose group of the expert decides a pair's hop in ``phase``: ``i`` for ``inter{i}``, else ``D``."""
-    return int(phase[len("inter"):]) if phase.startswith("inter") else topology.num_levels
-
-
-def _spec_level(topology: Topology, spec: DispatchSpec, index: int) -> int:
-    """The deepest level the phases ``0 .. index`` of ``spec`` read: a pair's hop there depends on that group only."""
-    return max(_phase_level(topology, p) for p in spec.phases[: index + 1])
-
-
 def _phase_matrix(
     topology: Topology, spec: DispatchSpec, index: int, counts: _RouteCounts
 ) -> torch.Tensor:
@@ -146,7 +136,7 @@ def _phase_matrix(
     """
     G = topology.world_size
     if spec.dedup:
-        L = _spec_level(topology, spec, index)
+        L = spec.expert_group_level(index, topology.num_levels)
         weight = counts.hits[L]
     else:
         L, weight = topology.num_levels, counts.pairs
@@ -180,7 +170,8 @@ def dispatch_rows(
 ) -> dict[str, list[PhaseTraffic]]:
     """:func:`phase_rows` of several dispatches at once, ``{spec.name: [PhaseTraffic, ...]}``; counts the routing once."""
     ids = check_expert_ids(topology, placement, expert_ids)
-    levels = [_spec_level(topology, spec, i) for spec in specs if spec.dedup for i in range(spec.depth)]
+    D = topology.num_levels
+    levels = [spec.expert_group_level(i, D) for spec in specs if spec.dedup for i in range(spec.depth)]
     counts = _route_counts(topology, placement, ids, levels)
     return {
         spec.name: [PhaseTraffic(p, _phase_matrix(topology, spec, i, counts)) for i, p in enumerate(spec.phases)]
@@ -211,7 +202,7 @@ def bytes_by_level(topology: Topology, phases: Sequence[PhaseTraffic], row_bytes
     for p in phases:
         total += p.rows
     return {
-        f"level{L}": 2 * int(row_bytes) * int(total[level == L].sum())
+        level_key(L): 2 * int(row_bytes) * int(total[level == L].sum())
         for L in range(1, topology.num_levels + 1)
     }
 

@@ -35,7 +35,7 @@ import torch
 from ..topology import Topology
 
 __all__ = ["Phase", "DispatchSpec", "parse_dispatch", "dispatch_names", "phase_groups", "phase_next_rank",
-           "phase_peer_index", "level_key", "parse_level_key"]
+           "phase_peer_index", "all_phases", "level_key", "parse_level_key"]
 
 _HD_RE = re.compile(r"^hd([1-9]\d*)$")
 _PHASE_RE = re.compile(r"^(inter|intra)([1-9]\d*)$")
@@ -99,6 +99,11 @@ class Phase(str):
     def sort_key(self) -> tuple[int, int]:
         """Canonical order: ``a2a``, then ``inter1, inter2, ..``, then ``intra1, intra2, ..``."""
         return (_PHASE_KINDS.index(self.kind), self.level)
+
+
+def all_phases(num_levels: int) -> tuple[Phase, ...]:
+    """Every phase of a ``num_levels``-level topology in :attr:`Phase.sort_key` order: a2a, inter1.., intra1.."""
+    return (Phase("a2a"),) + tuple(Phase(k, i) for k in ("inter", "intra") for i in range(1, num_levels))
 
 
 def level_key(level: int) -> str:
