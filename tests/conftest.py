@@ -19,3 +19,14 @@ def _deterministic_and_single_threaded():
     torch.set_num_threads(threads)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA GPU (``scripts/gpu-check.sh`` runs them on one); without one they are
+    skipped, with the reason in the summary."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu-check.sh on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

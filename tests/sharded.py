@@ -59,26 +59,34 @@ def reference(case: Case):
     return out.detach(), x.grad.detach(), _grads(layer)
 
 
-def _rank_fn(rank, world, cases):
+def _rank_fn(rank, world, cases, device="cpu"):
     results = []
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     for case in cases:
         layer = case.build()
         ExpertParallel(case.topology, dispatch=case.dispatch, **case.parallel_kwargs).shard_(layer)
+        layer.to(device)
         x_all, probe_all = case.inputs()
         start = sum(case.tokens[:rank])
         sl = slice(start, start + case.tokens[rank])
-        x = x_all[sl].clone().requires_grad_(True)
+        x = x_all[sl].clone().to(device).requires_grad_(True)
         out = layer(x)
-        (out.float() * probe_all[sl].float()).sum().backward()
+        (out.float() * probe_all[sl].to(device).float()).sum().backward()
         results.append({
-            "out": out.detach(), "x_grad": x.grad.detach(), "grads": _grads(layer),
+            "out": out.detach().cpu(), "x_grad": x.grad.detach().cpu(),
+            "grads": {n: g.cpu() for n, g in _grads(layer).items()},
             "experts": layer.local_expert_ids(), "bytes": layer.last_handle.bytes_by_level(),
             "phases": layer.last_handle.phase_bytes(), "num_chunks": len(layer.last_handle.chunks),
         })
     return results
 
 
-def run_sharded(world: int, cases: list[Case], timeout: float = 90.0):
+def run_sharded(world: int, cases: list[Case], timeout: float = 90.0, backend: str = "gloo"):
+    """Every case on ``world`` ranks; ``backend="nccl"``: each rank on its own GPU (layer, tokens and collectives on
+    CUDA), results brought back to the CPU."""
+    if backend == "nccl":  # spawned: CUDA may already be initialised in this process, and forks cannot use it then
+        return run_ranks(_rank_fn, world, cases, "cuda", timeout=timeout, backend=backend, start_method="spawn")
     return run_ranks(_rank_fn, world, cases, timeout=timeout)
 
 

@@ -296,7 +296,7 @@ def _send(fd: int, message: tuple) -> None:
 
 
 def _child(fn, rank, world_size, port, pg_timeout, args, kwargs, result_conn, stack_conn, parent_pid,
-           netns=None, ranks_per_node=None):
+           netns=None, ranks_per_node=None, *, backend="gloo"):
     _die_with_parent(parent_pid)
     _watch_stacks(stack_conn.fileno())
     code = 0
@@ -308,8 +308,11 @@ def _child(fn, rank, world_size, port, pg_timeout, args, kwargs, result_conn, st
             netns.enter(node)  # this process's sockets now live in node `node`'s namespace
             os.environ["GLOO_SOCKET_IFNAME"] = netns.interface(node)  # this child's own environment only
             host = netns.node_address(0)  # rank 0 (node 0) hosts the rendezvous store
+        if backend == "nccl":  # one GPU per rank; CPU tensors (routing gathers, objects) still go through gloo
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
+            "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo", init_method=f"tcp://{host}:{port}", rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         buffer = io.BytesIO()
@@ -396,7 +399,8 @@ def _read_available(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _start(ranks: list[_Rank], ctx, fn, world_size, port, pg_timeout, args, kwargs, child_extra, trap) -> None:
+def _start(ranks: list[_Rank], ctx, fn, world_size, port, pg_timeout, args, kwargs, child_extra, trap,
+           backend: str = "gloo") -> None:
     """Fork the ranks into ``ranks`` (one by one: whatever goes wrong, the caller knows every process started), each
     with a result pipe and a stack pipe; stop starting more once a signal came."""
     parent = os.getpid()
@@ -406,7 +410,8 @@ def _start(ranks: list[_Rank], ctx, fn, world_size, port, pg_timeout, args, kwar
         result_read, result_write = ctx.Pipe(duplex=False)
         stack_read, stack_write = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(fn, r, world_size, port, pg_timeout, args, kwargs, result_write,
-                                                stack_write, parent, *child_extra), daemon=True)
+                                                stack_write, parent, *child_extra),
+                           kwargs={"backend": backend}, daemon=True)
         proc.start()
         rank = _Rank(r, proc, result_read.fileno(), stack_read.fileno(), pid=proc.pid, conns=(result_read, stack_read))
         ranks.append(rank)
@@ -556,13 +561,15 @@ def _check_netns(world_size, netns, ranks_per_node) -> tuple:
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: "float | Deadline" = 60.0,
               pg_timeout: float = 30.0, start_method: str = "fork", netns: "EmulatedNetwork | None" = None,
-              ranks_per_node: int | None = None, **kwargs) -> list[Any]:
+              ranks_per_node: int | None = None, backend: str = "gloo", **kwargs) -> list[Any]:
     """Run ``fn`` on ``world_size`` ranks; return each rank's return value (torch.save-able), rank order.
 
     ``timeout``: seconds, or a :class:`Deadline` shared with other launches. Raises (always after every rank is gone):
     :class:`RankFailure` naming the root-cause rank, its pid and cause (full report: :func:`failure_log_path`);
     :class:`RanksTimeout` when the timeout passes; :class:`RanksInterrupted` on SIGTERM / SIGINT (main thread).
     ``start_method``: ``"fork"`` (default) or ``"spawn"`` (``fn`` and the arguments must then be picklable).
+    ``backend``: ``"gloo"`` (default) or ``"nccl"``: rank ``r`` uses GPU ``r % device_count`` and a process group
+    with NCCL for CUDA tensors and gloo for CPU ones (the parent must not have initialised CUDA before a fork).
 
     With ``netns`` (an active :class:`~hiermoe_lightning.bench.netem.EmulatedNetwork`) rank ``r`` first joins node
     ``r // ranks_per_node``'s network namespace, binds gloo to that node's interface and meets the others at
@@ -572,6 +579,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: "float | 
     child_extra = _check_netns(world_size, netns, ranks_per_node)
     if start_method not in ("fork", "spawn"):
         raise ValueError(f"start_method must be 'fork' or 'spawn', got {start_method!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     deadline = timeout if isinstance(timeout, Deadline) else Deadline(timeout)
     if deadline.remaining() <= 0:
         raise RanksTimeout(f"{deadline.describe()} expired before the ranks started", seconds=deadline.seconds,
@@ -580,7 +589,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: "float | 
     ranks: list[_Rank] = []
     with _SignalTrap(raise_now=False) as trap:
         try:
-            _start(ranks, ctx, fn, world_size, free_port(), pg_timeout, args, kwargs, child_extra, trap)
+            _start(ranks, ctx, fn, world_size, free_port(), pg_timeout, args, kwargs, child_extra, trap, backend)
             outcome = _supervise(ranks, deadline, trap) if trap.signum is None else "signal"
             if outcome == "timeout":
                 _ask_for_stacks(ranks)
