@@ -67,23 +67,26 @@ class SaveAtEnd(pl.Callback):
 def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimizer="adamw", clip=None,
         accumulate=1, ckpt_path=None, save_path=None, tag="run", samples=40, model_kwargs=None, check_replicas=False,
         checkpoint_format="full", extra_callbacks=(), link_costs="paper-a6000", logger=False, pipeline_chunks=1,
-        shared_memory=True):
-    """Train; return the recorded global losses."""
+        shared_memory=True, accelerator="cpu"):
+    """Train; return the recorded global losses. ``accelerator="gpu"``: ``world`` GPUs under HierMoEStrategy (even
+    one), started with spawn (CUDA may already be initialised in this process)."""
     losses_path = os.path.join(tmp, f"{tag}.json")
     callbacks = [RecordLosses(losses_path)] + ([SaveAtEnd(save_path)] if save_path else [])
     callbacks += list(extra_callbacks)
     if check_replicas:
         callbacks.append(CheckReplicas(os.path.join(tmp, f"{tag}.replicas.json")))
     model = MoEGPT(**{**MODEL, **(model_kwargs or {})}, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0)
-    if world == 1:
+    if world == 1 and accelerator == "cpu":
         strategy, devices = "auto", 1
     else:
-        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60,
+        start_method = "spawn" if accelerator == "gpu" else "fork"
+        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method=start_method,
+                                   timeout=60,
                                    checkpoint_format=checkpoint_format, link_costs=link_costs,
                                    pipeline_chunks=pipeline_chunks, shared_memory=shared_memory)
         devices = world
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs, logger=logger, callbacks=callbacks,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=max_epochs, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, gradient_clip_val=clip, gradient_clip_algorithm="norm",
         accumulate_grad_batches=accumulate, default_root_dir=tmp, num_sanity_val_steps=0, limit_val_batches=0,

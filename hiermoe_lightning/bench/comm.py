@@ -106,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                    help="ranks of one node exchange through the process group's loopback sockets instead of shared "
                         "memory (ExpertParallel(shared_memory=False)), for an A/B")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (gloo; default) or cuda: one GPU per rank, payloads and collectives on the GPU (NCCL)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds for the whole command; when they pass, every rank is stopped and the command "
                         "exits with status 124 (default 900)")
@@ -154,6 +156,7 @@ def _resolve(args: argparse.Namespace):
     _int(args.warmup, "--warmup", 0)
     args.pipeline_chunks = getattr(args, "pipeline_chunks", 1)
     args.shared_memory = getattr(args, "shared_memory", True)
+    args.device = getattr(args, "device", "cpu")
     validate_pipeline_chunks(args.pipeline_chunks, "--pipeline-chunks")
     if isinstance(args.timeout, bool) or not isinstance(args.timeout, (int, float)) or not args.timeout > 0:
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
@@ -186,6 +189,7 @@ class _RankConfig:
     iters: int
     pipeline_chunks: int
     shared_memory: bool
+    device: str = "cpu"  # "cuda": one GPU per rank, NCCL
 
 
 @dataclass(frozen=True)
@@ -213,37 +217,48 @@ def _rank_fn(rank: int, world: int, cfg: _RankConfig) -> dict[str, _Measured]:
     placement = Placement.contiguous(cfg.num_experts, world)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     ids = ids_all[rank]  # [T, K]
     T, K = ids.shape
     x = torch.randn(T, M, generator=gen).to(dtype)
     w = torch.rand(T, K, generator=gen)
     valid = ids.reshape(-1) >= 0  # -1 in a trace = dropped pair: it travels nowhere
-    pair_row = torch.arange(T).repeat_interleave(K)[valid]
-    pair_expert = ids.reshape(-1)[valid]
-    pair_weight = w.reshape(-1)[valid]
-    expected = x.float() * (w * (ids >= 0)).sum(1, keepdim=True)
+    pair_row = torch.arange(T).repeat_interleave(K)[valid].to(device)
+    pair_expert = ids.reshape(-1)[valid].to(device)
+    pair_weight = w.reshape(-1)[valid].to(device)
+    expected = (x.float() * (w * (ids >= 0)).sum(1, keepdim=True)).to(device)
+    x = x.to(device)
+
+    def barrier():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
     row_bytes = M * DTYPE_BYTES[cfg.dtype]
 
     out: dict[str, _Measured] = {}
     n = cfg.warmup + cfg.iters
     for name in cfg.names:
         concrete = cfg.chosen if name == "auto" else name
-        route = ep.build_route(concrete, placement)
+        route = ep.route(concrete, placement, device)
         disp, comb, iters, comms, plans = [], [], [], [], []
         handle = None
         back = None
         for _ in range(n):
             handle = DispatchHandle(concrete, D, row_bytes)
             with torch.no_grad():
-                dist.barrier()
+                barrier()
                 start = time.perf_counter()
                 rows, pw, prow, _pexp = dispatch_blocks(x, pair_weight, pair_row, pair_expert, route, handle)
+                if device.type == "cuda":  # the dispatch's last collective may still be running on its stream
+                    torch.cuda.synchronize(device)
                 t_disp = time.perf_counter() - start
-                y = torch.zeros(total_rows(rows), M, dtype=torch.float32).index_add_(
+                y = torch.zeros(total_rows(rows), M, dtype=torch.float32, device=device).index_add_(
                     0, prow, gather_rows(rows, prow).float() * pw[:, None])  # stand-in experts: not timed
-                dist.barrier()
+                barrier()
                 start_comb = time.perf_counter()
                 back = combine(y, handle, dtype)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 end = time.perf_counter()
             disp.append(t_disp)
             comb.append(end - start_comb)
@@ -334,8 +349,10 @@ def run(args: argparse.Namespace) -> dict:
 
     cfg = _RankConfig(topology=topology, ids=ids, hidden_size=M, dtype=args.dtype, num_experts=E, seed=args.seed,
                       link_costs=link_costs, names=tuple(names), chosen=chosen, warmup=args.warmup, iters=args.iters,
-                      pipeline_chunks=args.pipeline_chunks, shared_memory=args.shared_memory)
+                      pipeline_chunks=args.pipeline_chunks, shared_memory=args.shared_memory, device=args.device)
     launch = dict(timeout=deadline, pg_timeout=min(float(args.timeout), 300.0))
+    if args.device == "cuda":
+        launch.update(backend="nccl", start_method="spawn")
     if args.emulate_inter_mbit is None:
         per_rank = run_ranks(_rank_fn, G, cfg, **launch)
     else:
@@ -411,6 +428,7 @@ def run(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "pipeline_chunks": args.pipeline_chunks,
         "shared_memory": args.shared_memory,
+        "device": args.device,
         "link_costs": link_costs.name,
         "predicted_note": PREDICTED_NOTE,
     }

@@ -36,18 +36,37 @@ def _layer(args) -> MoELayer:
                     dtype=DTYPES[args.dtype], aux_loss_coef=0.0)
 
 
+def _device(args) -> torch.device:
+    """This rank's device: the CPU, or its own GPU (``run_ranks(backend="nccl")`` has set it)."""
+    return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mib(device: torch.device) -> float:
+    """Peak memory of this rank: GPU memory allocated on CUDA, resident memory on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
+
+
 def _rank_fn(rank, world, args):
     torch.manual_seed(args.seed + rank)
+    device = _device(args)
     layer = _layer(args)
     ExpertParallel(args.topology, dispatch=args.dispatch).shard_(layer)
-    x = torch.randn(args.tokens_per_rank, args.hidden_size, dtype=DTYPES[args.dtype], requires_grad=True)
+    layer.to(device)
+    x = torch.randn(args.tokens_per_rank, args.hidden_size, dtype=DTYPES[args.dtype]).to(device).requires_grad_(True)
     totals, comms, plans, experts = [], [], [], []
     for i in range(args.warmup + args.iters):
+        _sync(device)
         dist.barrier()
         layer.expert_timings = {}
         start = time.perf_counter()
         out = layer(x)
         out.float().sum().backward()
+        _sync(device)
         elapsed = time.perf_counter() - start
         if i >= args.warmup:
             totals.append(elapsed)
@@ -58,15 +77,17 @@ def _rank_fn(rank, world, args):
         x.grad = None
     dist.barrier()
     return {"total": statistics.median(totals), "a2a": statistics.median(comms), "plan": statistics.median(plans),
-            "experts": statistics.median(experts), "peak_rss_mib": peak_rss_mib()}
+            "experts": statistics.median(experts), "peak_rss_mib": _peak_mib(device)}
 
 
 def _unsharded_fn(rank, world, args):
-    layer = _layer(args)
-    x = torch.randn(args.tokens_per_rank * args.world_size, args.hidden_size, dtype=DTYPES[args.dtype], requires_grad=True)
+    device = _device(args)
+    layer = _layer(args).to(device)
+    x = torch.randn(args.tokens_per_rank * args.world_size, args.hidden_size, dtype=DTYPES[args.dtype])
+    x = x.to(device).requires_grad_(True)
     out = layer(x)
     out.float().sum().backward()
-    return {"peak_rss_mib": peak_rss_mib()}
+    return {"peak_rss_mib": _peak_mib(device)}
 
 
 def run(args) -> dict:
@@ -74,15 +95,16 @@ def run(args) -> dict:
 
     deadline = Deadline(args.timeout, "--timeout")  # bounds both launches together
     args.world_size = Topology.parse(args.topology).world_size
-    per_rank = run_ranks(_rank_fn, args.world_size, args, timeout=deadline)
-    unsharded = run_ranks(_unsharded_fn, 1, args, timeout=deadline)[0]
+    launch = dict(backend="nccl", start_method="spawn") if args.device == "cuda" else {}
+    per_rank = run_ranks(_rank_fn, args.world_size, args, timeout=deadline, **launch)
+    unsharded = run_ranks(_unsharded_fn, 1, args, timeout=deadline, **launch)[0]
     # the slowest rank sets the step time; report its split
     slowest = max(per_rank, key=lambda r: r["total"])
     other = max(slowest["total"] - slowest["a2a"] - slowest["experts"], 0.0)
     return {
         "topology": args.topology, "dispatch": args.dispatch, "num_experts": args.num_experts, "top_k": args.top_k,
         "hidden_size": args.hidden_size, "ffn_hidden_size": args.ffn_hidden_size, "tokens_per_rank": args.tokens_per_rank,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "device": args.device,
         "step_ms": slowest["total"] * 1e3,
         "split_ms": {"a2a": slowest["a2a"] * 1e3, "experts": slowest["experts"] * 1e3, "other": other * 1e3,
                      "of_which_planning": slowest["plan"] * 1e3},
@@ -105,6 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (gloo) or cuda (one GPU per rank, NCCL; peak memory is then GPU memory allocated)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds for the whole command; when they pass, every rank is stopped (exit status 124)")
     p.add_argument("--json", action="store_true")
@@ -122,5 +146,6 @@ def main(args) -> int:
             print(f"  {k:<8} {s[k]:9.1f} ms  {100 * res['split_share'][k]:5.1f}%")
         print(f"  planning (inside other) {s['of_which_planning']:.1f} ms")
         m = res["peak_rss_mib"]
-        print(f"  peak RSS per rank {m['sharded_per_rank_max']:.0f} MiB vs unsharded layer {m['unsharded']:.0f} MiB")
+        what = "GPU memory" if res["device"] == "cuda" else "RSS"
+        print(f"  peak {what} per rank {m['sharded_per_rank_max']:.0f} MiB vs unsharded layer {m['unsharded']:.0f} MiB")
     return 0

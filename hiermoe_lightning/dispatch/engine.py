@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .comm import Gathered, PeerGroup, SplitMismatchError, num_rows, sizes_ride_along, start_exchange
-from .spec import DispatchSpec
+from .spec import DispatchSpec, level_key
 
 __all__ = ["MAX_PIPELINE_CHUNKS", "validate_pipeline_chunks", "PhaseRoute", "Route", "Hop", "Chunk", "DispatchHandle",
            "TraceEvent", "pack_pairs", "unpack_pairs", "HopPlan", "HopCounts", "plan_hop_counts", "plan_hop", "dispatch",
@@ -232,12 +232,12 @@ class DispatchHandle:
 
         The combine sends back exactly the rows it received, so the combine's sends equal this rank's receives.
         """
-        out = {f"level{i}": 0 for i in range(1, self.num_levels + 1)}
+        out = {level_key(i): 0 for i in range(1, self.num_levels + 1)}
         for h in self.hops:
             for p, (s, r) in enumerate(zip(h.send_splits, h.recv_splits)):
                 lvl = h.peer_level[p]
                 if lvl > 0:
-                    out[f"level{lvl}"] += (s + r) * self.row_bytes
+                    out[level_key(lvl)] += (s + r) * self.row_bytes
         return out
 
 
