@@ -26,6 +26,7 @@ planner need only be deterministic for a resumed run to plan like the uninterrup
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import time
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from .baselines import _keep_slots, eplb_balanced_placement, smartmoe_greedy_pla
 from .placement import Placement
 from .planner import GroupCounts, SwapPlan, _best, _choose_precision, plan_swaps, predict_hd_ms
 
-__all__ = ["PlanRequest", "Planner", "PLANNERS", "resolve_planner", "check_plan", "plan_from_placement",
+__all__ = ["PlanRequest", "Planner", "SwapPlan", "PLANNERS", "resolve_planner", "check_plan", "plan_from_placement",
            "swaps_between", "hiermoe_planner", "eplb_planner", "smartmoe_planner", "keep_planner"]
 
 
@@ -192,20 +193,25 @@ def keep_planner(request: PlanRequest) -> SwapPlan:
 
 PLANNERS: dict[str, Planner] = {"hiermoe": hiermoe_planner, "eplb": eplb_planner, "smartmoe": smartmoe_planner,
                                 "none": keep_planner}
-_ALLOWED = (f"one of {', '.join(repr(n) for n in PLANNERS)} or a callable (request: PlanRequest) -> SwapPlan")
+_ALLOWED = (f"one of {', '.join(repr(n) for n in PLANNERS)} or a callable (request: PlanRequest) -> SwapPlan "
+            f"(or its import path, 'package.module.function')")
 
 PlannerArg = Union[str, Callable[[PlanRequest], SwapPlan]]
 
 
 def resolve_planner(planner: PlannerArg) -> Planner:
-    """A planner name (:data:`PLANNERS`) or a callable taking one :class:`PlanRequest` -> the planner.
+    """A planner name (:data:`PLANNERS`), a callable taking one :class:`PlanRequest`, or the import path of one
+    (``"package.module.function"``, as a LightningCLI config gives it) -> the planner.
 
-    ``ValueError`` for an unknown name, ``TypeError`` for anything else (or a callable that cannot be called with one
-    argument), each naming ``planner`` and what it allows. Pure: run it before any collective."""
+    ``ValueError`` for an unknown name or a path that does not import, ``TypeError`` for anything else (or a callable
+    that cannot be called with one argument), each naming ``planner`` and what it allows. Run it before any
+    collective."""
     if isinstance(planner, str):
-        if planner not in PLANNERS:
+        if planner in PLANNERS:
+            return PLANNERS[planner]
+        if "." not in planner.strip(". "):
             raise ValueError(f"planner must be {_ALLOWED}, got {planner!r}")
-        return PLANNERS[planner]
+        planner = _import_path(planner)
     if not callable(planner):
         raise TypeError(f"planner must be {_ALLOWED}, got {type(planner).__name__} {planner!r}")
     try:
@@ -218,6 +224,15 @@ def resolve_planner(planner: PlannerArg) -> Planner:
         raise TypeError(f"planner must be {_ALLOWED}; {planner!r} cannot be called with one argument "
                         f"{signature}") from None
     return planner
+
+
+def _import_path(path: str) -> object:
+    """The object ``"package.module.name"`` names; ``ValueError`` naming ``planner`` when it does not import."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"planner must be {_ALLOWED}; {path!r} does not import: {e}") from None
 
 
 def check_plan(plan: object, request: PlanRequest) -> SwapPlan:
