@@ -3,9 +3,10 @@
 Every training batch it samples each sharded MoELayer's routing on every rank and posts one fixed-size asynchronous
 gather of it (no count exchange, no wait in that step); the next batch end completes it and adds it to an
 exponentially decayed window, so every rank holds the same statistics. After every ``plan_every_n_steps``-th
-optimizer step (never per micro-batch) it completes the gather of that step and plans swaps with the cost model,
-each layer on one rank (round robin; pure functions, so the owner's plan is everyone's plan), shares the plans,
-migrates the experts with their gradients and optimizer state, and lets ``dispatch="auto"`` re-choose its depth.
+optimizer step (never per micro-batch) it completes the gather of that step and plans each layer with its planner
+(``planner=``: the dedup-aware swap planner by default, or EPLB, SmartMoE, a custom callable), each layer on one rank
+(round robin; deterministic functions, so the owner's plan is everyone's plan), shares the plans, migrates the
+experts with their gradients and optimizer state, and lets ``dispatch="auto"`` re-choose its depth.
 Metrics go to every logger (see :class:`~hiermoe_lightning.metrics.DedupMonitor` plus ``hiermoe/swaps``); at the end
 of fit a heatmap of expert load per rank over time and the placement history are written to the log directory.
 """
