@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -10,7 +13,7 @@ from .cost.link_costs import LinkCosts
 from .dispatch.comm import PeerGroup
 from .dispatch.dispatcher import HopDispatcher
 from .dispatch.engine import PhaseRoute, Route, validate_pipeline_chunks
-from .dispatch.transport import probe_group
+from .dispatch.transport import Transport, probe_group
 from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
 from .layer import MoELayer
 from .placement import Placement
@@ -108,12 +111,19 @@ class ExpertParallel:
             of a gloo group, move CPU payloads through shared memory instead of the loopback socket (one copy in,
             one copy out; :mod:`~hiermoe_lightning.dispatch.shm`). False = always through the process group.
             Results are identical either way.
+        transport: None (default: each group's transport follows its facts, :func:`~hiermoe_lightning.dispatch.
+            transport.transport_for`), or a callable ``transport(peers: PeerGroup) -> Transport`` called once per
+            phase group at setup (``peers.transport`` is the default one, to wrap or replace): the seam for another
+            way of moving rows (:mod:`~hiermoe_lightning.dispatch.transport`).
     """
 
     def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
                  verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1,
-                 shared_memory: bool = True):
+                 shared_memory: bool = True, transport: "Callable[[PeerGroup], Transport] | None" = None):
         check_positive_int(auto_interval, "auto_interval")
+        if transport is not None and not callable(transport):
+            raise TypeError(f"transport must be None or a callable (PeerGroup) -> Transport, got {transport!r}")
+        self._transport_factory = transport
         self.shared_memory = check_flag(shared_memory, "shared_memory")
         self.pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
         self.auto_interval = auto_interval
@@ -139,6 +149,7 @@ class ExpertParallel:
         self.verify_splits = bool(verify_splits)
         self.rank = ranks.index(dist.get_rank())
         self.world_size = len(ranks)
+        self._transports: dict[tuple[int, ...], Transport] = {}
         self._peer_groups = self._build_groups(group is not None and len(ranks) != dist.get_world_size())
         self._routes: dict[tuple, tuple[Placement, Route]] = {}  # (dispatch, id(placement)) -> (placement, route)
         if calibrate:
@@ -165,9 +176,23 @@ class ExpertParallel:
                     pg = made[key]
                     if key not in facts:  # collective over the group's members, in the same order everywhere
                         facts[key] = probe_group(pg, len(members), members.index(self.rank), self.shared_memory)
-                    out[phase] = PeerGroup(pg, len(members), members.index(self.rank), key,
-                                           tuple(self.global_ranks[m] for m in members), *facts[key])
+                    out[phase] = self._with_transport(PeerGroup(
+                        pg, len(members), members.index(self.rank), key, tuple(self.global_ranks[m] for m in members),
+                        *facts[key]))
         return out
+
+    def _with_transport(self, peers: PeerGroup) -> PeerGroup:
+        """``peers`` with the user's transport, when one was given (once per group object: phases that share a
+        group share it)."""
+        if self._transport_factory is None or peers.is_local:
+            return peers
+        made = self._transports.get(peers.ranks)
+        if made is None:
+            made = self._transports[peers.ranks] = self._transport_factory(peers)
+            if not isinstance(made, Transport):
+                raise TypeError(f"transport(peers) must return a Transport (name, tags_per_exchange, max_payloads, "
+                                f"max_in_flight, counts_ride_along, start), got {type(made).__name__}")
+        return dataclasses.replace(peers, custom_transport=made)
 
     def peer_group(self, phase: str) -> PeerGroup:
         return self._peer_groups[phase]
