@@ -62,44 +62,10 @@ class Transport(Protocol):
         """Post every payload (splits already checked against the rows), return without waiting."""
 
 
-class CollectiveTransport:
-    """One asynchronous ``all_to_all_single`` per payload (NCCL, or any backend without gloo's split caveat).
+class _PayloadByPayload:
+    """A transport that posts each payload on its own (the socket and collective ones): several exchanges may queue
+    back to back on the slowest links; receivers need the counts first."""
 
-    On CUDA the collective runs on the backend's own stream and ``wait()`` only makes the current stream wait for
-    it: the host does not block. Tags are not used; several exchanges may queue on the slowest links."""
-
-    name = "collective"
-    tags_per_exchange = 8
-    max_payloads = 8
-
-    def max_in_flight(self, slowest_link: bool) -> int | None:
-        return None if slowest_link else 1
-
-    def counts_ride_along(self, *tensors: torch.Tensor) -> bool:
-        return False
-
-    def start(self, payloads: list, peers: "PeerGroup", tag: int) -> PendingExchange:
-        outputs, works = [], []
-        for x, send_splits, recv_splits in payloads:
-            like = source_of(x)
-            out = like.new_empty((sum(recv_splits), *like.shape[1:]))
-            rows = x.materialize() if isinstance(x, Gathered) else x
-            works.append(dist.all_to_all_single(out, rows, output_split_sizes=recv_splits,
-                                                input_split_sizes=send_splits, group=peers.group, async_op=True))
-            outputs.append(out)
-        return PendingExchange(outputs, works)
-
-
-class PointToPointTransport:
-    """gloo: each payload as point-to-point messages with every receive posted before any send.
-
-    gloo's ``all_to_all_single`` posts each send before the matching receive; on a slow link a peer's "ready to
-    receive" message then queues behind bulk payload and the two directions serialise. Posting all receives first
-    lets both directions stream at once (measured on the emulated 2-node network: flat 1.15x, 2dh 1.35x faster).
-    Zero-row messages are skipped on both sides (their sizes are agreed beforehand); payload ``i`` uses tag
-    ``tag + i``, so exchanges posted together (or queued back to back) stay apart."""
-
-    name = "p2p"
     tags_per_exchange = 8
     max_payloads = 8
 
@@ -114,9 +80,41 @@ class PointToPointTransport:
         for i, (x, send_splits, recv_splits) in enumerate(payloads):
             like = source_of(x)
             out = like.new_empty((sum(recv_splits), *like.shape[1:]))
-            works += _post_receive_first(out, x, send_splits, recv_splits, peers, tag + i)
+            works += self._post(out, x, send_splits, recv_splits, peers, tag + i)
             outputs.append(out)
         return PendingExchange(outputs, works)
+
+    def _post(self, out, x, send_splits, recv_splits, peers: "PeerGroup", tag: int) -> list:
+        raise NotImplementedError
+
+
+class CollectiveTransport(_PayloadByPayload):
+    """One asynchronous ``all_to_all_single`` per payload (NCCL, or any backend without gloo's split caveat).
+
+    On CUDA the collective runs on the backend's own stream and ``wait()`` only makes the current stream wait for
+    it: the host does not block. Tags are not used; several exchanges may queue on the slowest links."""
+
+    name = "collective"
+
+    def _post(self, out, x, send_splits, recv_splits, peers: "PeerGroup", tag: int) -> list:
+        rows = x.materialize() if isinstance(x, Gathered) else x
+        return [dist.all_to_all_single(out, rows, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                                       group=peers.group, async_op=True)]
+
+
+class PointToPointTransport(_PayloadByPayload):
+    """gloo: each payload as point-to-point messages with every receive posted before any send.
+
+    gloo's ``all_to_all_single`` posts each send before the matching receive; on a slow link a peer's "ready to
+    receive" message then queues behind bulk payload and the two directions serialise. Posting all receives first
+    lets both directions stream at once (measured on the emulated 2-node network: flat 1.15x, 2dh 1.35x faster).
+    Zero-row messages are skipped on both sides (their sizes are agreed beforehand); payload ``i`` uses tag
+    ``tag + i``, so exchanges posted together (or queued back to back) stay apart."""
+
+    name = "p2p"
+
+    def _post(self, out, x, send_splits, recv_splits, peers: "PeerGroup", tag: int) -> list:
+        return _post_receive_first(out, x, send_splits, recv_splits, peers, tag)
 
 
 def _post_receive_first(out, x, send_splits, recv_splits, peers: "PeerGroup", tag: int) -> list:
