@@ -16,16 +16,45 @@ What it adds to DDPStrategy, so that N ranks train exactly like one process on t
   exit status 143; one small all-reduce per optimizer step makes the ranks agree on that and on non-finite losses or
   router logits (``check_finite``); a rank that dies is named in one line (:mod:`.faults.supervisor`); a broken
   checkpoint is named in one line on every rank before any collective reads it.
+
+Where it plugs into Lightning (public or protected seams; every one carries ``@override``):
+
+* ``setup``: shard, tell DDP what to ignore, choose the clipping precision plugin, then ``DDPStrategy.setup``
+  unchanged (outside fit, :meth:`HierMoEStrategy._sync_dense_states` after it);
+* ``Precision.clip_grad_by_norm``: overridden by :class:`GlobalNormClipping`, a subclass of the precision plugin's
+  own class chosen once in ``setup`` (see there why not a delegator or the strategy);
+* ``optimizer_step``, ``on_train_start``, ``on_train_batch_start``, ``on_exception``, ``teardown``: fault handling;
+* ``lightning_module_state_dict``, ``optimizer_state``, ``save_checkpoint``, ``load_checkpoint``,
+  ``load_model_state_dict``, ``load_optimizer_state_dict``, ``restore_checkpoint_after_setup``: checkpoints.
+
+Lightning (and torch) internals we rely on -- check these first when Lightning changes (the pin is in
+pyproject.toml; tested on the versions named there):
+
+* ``DDPStrategy.setup``'s order: ``accelerator.setup`` (device flags only, not the model), layer sync,
+  ``precision_plugin.convert_module``, ``model_to_device``, then ``configure_ddp`` + ``setup_optimizers`` when
+  fitting, else ``lightning.pytorch.overrides.distributed._sync_module_states(model)``; both honour
+  ``model._ddp_params_and_buffers_to_ignore``, which we set with torch's
+  ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` (outside fit, without it, Lightning would
+  broadcast rank 0's experts over every rank's own).
+* ``Strategy._configure_launcher`` (overridden), ``self._launcher``, ``self._start_method``.
+* ``_MultiProcessingLauncher`` (subclassed): ``launch``, ``_wrapping_function``, ``_collect_rank_zero_results``
+  (a copy of Lightning's with the unsharded state dict), ``get_extra_results``, ``procs``, ``_WorkerOutput``'s
+  fields; ``_SubprocessScriptLauncher`` (:mod:`.faults.launchers`): ``_call_children_scripts``, ``procs``,
+  ``lightning.fabric.strategies.launchers.subprocess_script._set_num_threads_if_needed``.
+* the checkpoint connector keys a precision plugin's state by ``type(plugin).__qualname__`` (so
+  :class:`GlobalNormClipping` subclasses keep their base's qualname); ``LightningOptimizer._optimizer``;
+  ``lightning.fabric.utilities.optimizer._optimizer_to_device``.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -35,6 +64,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
 
 from . import checkpoint as ckpt
 from .checkpoint_files import use_newest_for_last
@@ -54,7 +84,10 @@ from .parallel import ExpertParallel
 from .topology import Topology
 from .validation import check_flag, check_positive_int
 
-__all__ = ["HierMoEStrategy", "register_strategy"]
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["GlobalNormClipping", "HierMoEStrategy", "register_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +178,7 @@ class HierMoEStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ registry
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry) -> None:
         if "hiermoe" not in strategy_registry:
             strategy_registry.register("hiermoe", cls, description="Hierarchical dedup expert parallelism (HierMoE)")
@@ -157,12 +191,14 @@ class HierMoEStrategy(DDPStrategy):
         return Topology([self.num_nodes, len(self.parallel_devices or [None])])
 
     @property
+    @override
     def restore_checkpoint_after_setup(self) -> bool:
         """Restore checkpoints into the *sharded* model: the saved placements then take effect before the weights
         and the optimizer state are sliced to this rank's experts (restored earlier, a placement was set on layers
         that were not sharded yet and came back contiguous)."""
         return True
 
+    @override
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):
@@ -171,25 +207,21 @@ class HierMoEStrategy(DDPStrategy):
             self._launcher = SupervisedScriptLauncher(self, self.cluster_environment, self.num_processes,
                                                       self.num_nodes)
 
-    def setup(self, trainer) -> None:
-        assert self.accelerator is not None and self.model is not None
-        self.accelerator.setup(trainer)
-        self._shard_model()
-        if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:
-            self.model = self._layer_sync.apply(self.model)
-        self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.configure_ddp()
-            self.setup_optimizers(trainer)
-        else:
-            self._sync_dense_states()
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            from lightning.fabric.utilities.optimizer import _optimizers_to_device
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Shard the experts, tell DDP to ignore them, route norm clipping through the global norm, then Lightning's
+        ``DDPStrategy.setup`` (precision, device, DDP wrapping and optimizers when fitting; outside fit a broadcast of
+        every non-ignored tensor), and outside fit our own broadcast of the dense state as well.
 
-            _optimizers_to_device(self.optimizers, self.root_device)
-        self._install_global_norm_clipping()
+        Sharding comes before ``DDPStrategy.setup`` and so before ``accelerator.setup``, which only sets device flags
+        and never touches the model; what matters is that it comes before precision conversion, the move to the
+        device and DDP wrapping, which it does."""
+        self._shard_model()
+        self._ignore_experts_in_ddp()
+        self.precision_plugin = GlobalNormClipping.adopt(self.precision_plugin, self)
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._sync_dense_states()
 
     def _shard_model(self) -> None:
         module = self.lightning_module
@@ -212,11 +244,14 @@ class HierMoEStrategy(DDPStrategy):
     def expert_parameter_names(self) -> list[str]:
         return list(ckpt.expert_parameter_names(self.lightning_module))
 
-    def _setup_model(self, model) -> DistributedDataParallel:
+    def _ignore_experts_in_ddp(self) -> None:
+        """Mark the expert parameters and the ``routed_tokens`` buffers as not replicated, the way DDP reads it
+        (``model._ddp_params_and_buffers_to_ignore``): DDP neither averages nor broadcasts them, and outside fit
+        Lightning's ``_sync_module_states`` skips them too. Set on the LightningModule before DDP wraps it."""
+        model = self.model
         ignore = self.expert_parameter_names()
         ignore += [f"{n}.routed_tokens" if n else "routed_tokens" for n in ckpt.moe_layers(model)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-        return super()._setup_model(model)
 
     def _sync_dense_states(self) -> None:
         """Broadcast rank 0's replicated parameters and buffers (never the experts: each rank holds others)."""
@@ -226,6 +261,7 @@ class HierMoEStrategy(DDPStrategy):
                 dist.broadcast(t.data, src=0)
 
     # ------------------------------------------------------------------ preemption and non-finite values
+    @override
     def on_train_start(self) -> None:
         super().on_train_start()
         # after Lightning registered its own SIGTERM handler (whose dist.broadcast inside the handler can mismatch
@@ -240,6 +276,7 @@ class HierMoEStrategy(DDPStrategy):
             self._stop_flag.signals += (requeue,)
         self._stop_flag.install()
 
+    @override
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
         """The optimizer step, with one agreement among the ranks after the closure (forward and backward) and before
         the parameters change: stop for a signal at the next step boundary; raise on a non-finite loss or router."""
@@ -273,6 +310,7 @@ class HierMoEStrategy(DDPStrategy):
             raise NonFiniteError(f"non-finite values (NaN/Inf) at step {step}: {where}; the optimizer step was not "
                                  f"applied (check_finite=True)")
 
+    @override
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         if self._stop_agreed:
@@ -300,6 +338,7 @@ class HierMoEStrategy(DDPStrategy):
             return env.requeue_signal
         return None
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
         self._stop_flag.restore()
@@ -321,19 +360,6 @@ class HierMoEStrategy(DDPStrategy):
             os._exit(exit_status_for(exception))
 
     # ------------------------------------------------------------------ gradient clipping by the global norm
-    def _install_global_norm_clipping(self) -> None:
-        plugin = self.precision_plugin
-        if getattr(plugin, "_hiermoe_clipping", False):
-            return
-        strategy = self
-
-        def clip_grad_by_norm(optimizer, clip_val, norm_type: float = 2.0):
-            strategy.clip_by_global_norm(optimizer, float(clip_val))
-
-        # the precision plugin owns clipping in Lightning; route its norm clipping through the global norm
-        plugin.clip_grad_by_norm = clip_grad_by_norm
-        plugin._hiermoe_clipping = True
-
     @torch.no_grad()
     def clip_by_global_norm(self, optimizer, max_norm: float) -> torch.Tensor:
         """Clip all gradients by the norm over dense parameters (replicated) and every rank's experts."""
@@ -355,6 +381,7 @@ class HierMoEStrategy(DDPStrategy):
         return total
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full unsharded state dict (collective: every rank calls it, as ``trainer.save_checkpoint`` does).
 
@@ -363,12 +390,14 @@ class HierMoEStrategy(DDPStrategy):
             return {}
         return ckpt.full_state_dict(self.lightning_module)
 
+    @override
     def optimizer_state(self, optimizer) -> dict:
         if self.checkpoint_format == "sharded":
             return {}
         inner = getattr(optimizer, "_optimizer", optimizer)
         return ckpt.full_optimizer_state(self.lightning_module, inner)
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         meta = {"format": self.checkpoint_format, "version": 1, "topology": str(self.topology),
                 "placements": ckpt.placement_metadata(self.lightning_module)}
@@ -383,6 +412,7 @@ class HierMoEStrategy(DDPStrategy):
         checkpoint["hiermoe"] = meta
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         from .checkpoint_sharded import META_FILE, is_sharded_checkpoint, load_meta
 
@@ -393,8 +423,10 @@ class HierMoEStrategy(DDPStrategy):
             checkpoint["hiermoe"]["path"] = os.fspath(checkpoint_path)
             checkpoint["state_dict"], checkpoint["optimizer_states"] = {}, []
         else:
-            checkpoint = load_full_checkpoint(
-                checkpoint_path, lambda p: super(HierMoEStrategy, self).load_checkpoint(p, weights_only=weights_only))
+            load = super().load_checkpoint
+            if weights_only is not None:  # Lightning < 2.6 has no weights_only (and never passes it)
+                load = functools.partial(load, weights_only=weights_only)
+            checkpoint = load_full_checkpoint(checkpoint_path, load)
         self._check_hyperparameters(checkpoint)
         return checkpoint
 
@@ -408,6 +440,7 @@ class HierMoEStrategy(DDPStrategy):
             raise CheckpointError(self._loading_path, "the model was built with other arguments than the checkpoint's: "
                                   + ", ".join(differ) + "; resume with the checkpoint's values or start a new run")
 
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         meta = checkpoint.get("hiermoe", {}) or {}
         path = meta.get("path") or self._loading_path or "<in memory>"
@@ -426,6 +459,7 @@ class HierMoEStrategy(DDPStrategy):
             # the same on every rank (shapes and keys do not depend on the rank): one line naming what differs
             raise CheckpointError(path, explain_state_dict_mismatch(e)) from None
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         from lightning.fabric.utilities.optimizer import _optimizer_to_device
 
@@ -440,6 +474,7 @@ class HierMoEStrategy(DDPStrategy):
             inner.load_state_dict(ckpt.local_optimizer_state(self.lightning_module, inner, state))
             _optimizer_to_device(inner, self.root_device)
 
+    @override
     def teardown(self) -> None:
         self._stop_flag.restore()
         for h in self._grad_hooks:
@@ -448,10 +483,63 @@ class HierMoEStrategy(DDPStrategy):
         super().teardown()
 
 
+class GlobalNormClipping(Precision):
+    """A precision plugin whose *norm* clipping uses the global norm (:meth:`HierMoEStrategy.clip_by_global_norm`:
+    the dense replicas' norm and every rank's expert norms); value clipping and everything else are the plugin's own.
+
+    Why the precision plugin: in Lightning's Trainer it owns gradient clipping. ``Precision._after_closure`` calls
+    the LightningModule's ``configure_gradient_clipping`` hook, whose default (like any override that calls
+    ``self.clip_gradients``) calls ``trainer.precision_plugin.clip_gradients``, which hands norm clipping to
+    ``clip_grad_by_norm``. The Trainer's strategy has no clipping hook of its own (Fabric's has, the Trainer's has
+    not), so ``clip_grad_by_norm`` -- public, and overridden by Lightning's own plugins for the same reason (FSDP,
+    DeepSpeed) -- is the one seam that sees every norm clip and nothing else.
+
+    Why a subclass of the plugin's own class, not a delegator around it: the plugin's methods call
+    ``self.clip_grad_by_norm`` (``MixedPrecision.clip_gradients`` first refuses fused optimizers, and its
+    ``optimizer_step`` unscales before clipping); Lightning tests ``isinstance(precision_plugin, MixedPrecision)``;
+    and it keys the plugin's checkpoint state by ``type(plugin).__qualname__``. A delegator would lose all three.
+    :meth:`adopt`, called once in :meth:`HierMoEStrategy.setup`, moves the user's plugin instance (its state, e.g. an
+    AMP scaler, stays where it is) to a subclass made once per plugin class, with the base's ``__qualname__``.
+    """
+
+    _hiermoe_base: type[Precision] = Precision  # the plugin class this one was made from
+    _hiermoe_strategy: HierMoEStrategy
+
+    @classmethod
+    def adopt(cls, plugin: Precision, strategy: HierMoEStrategy) -> Precision:
+        """``plugin``, now clipping by ``strategy``'s global norm (idempotent)."""
+        if not isinstance(plugin, GlobalNormClipping):
+            plugin.__class__ = _global_norm_clipping_class(type(plugin))
+        plugin._hiermoe_strategy = strategy
+        return plugin
+
+    @override
+    def clip_grad_by_norm(self, optimizer, clip_val: Union[int, float]) -> None:
+        self._hiermoe_strategy.clip_by_global_norm(optimizer, float(clip_val))
+
+    def __reduce__(self):
+        # the class is made at run time, so pickle (spawn, deepcopy) names the base class and rebuilds it from that
+        return _new_global_norm_clipping, (self._hiermoe_base,), self.__dict__
+
+
+@functools.lru_cache(maxsize=None)
+def _global_norm_clipping_class(base: type[Precision]) -> type[GlobalNormClipping]:
+    """One subclass per precision plugin class; its ``__qualname__`` is the base's, under which Lightning saves and
+    restores the plugin's state in checkpoints (so checkpoints stay interchangeable with plain runs)."""
+    return type(base.__name__, (GlobalNormClipping, base),
+                {"__qualname__": base.__qualname__, "__module__": __name__, "_hiermoe_base": base,
+                 "__doc__": f"{base.__qualname__} with clipping by the global norm (:class:`GlobalNormClipping`)."})
+
+
+def _new_global_norm_clipping(base: type[Precision]) -> GlobalNormClipping:
+    return object.__new__(_global_norm_clipping_class(base))
+
+
 class _UnshardedResultLauncher(_MultiProcessingLauncher):
     """fork/spawn: rank 0 returns the *unsharded* state dict, which the parent's unsharded model can load; a rank
     that fails is named in one line (:func:`~hiermoe_lightning.faults.launchers.translate_process_failure`)."""
 
+    @override
     def launch(self, function, *args: Any, trainer=None, **kwargs: Any) -> Any:
         from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
@@ -482,6 +570,7 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
             if master_port is None:
                 os.environ.pop("MASTER_PORT", None)
 
+    @override
     def _wrapping_function(self, process_idx: int, trainer, *args: Any, **kwargs: Any) -> None:
         # in the rank process: Lightning's exception handling (and so Strategy.on_exception) runs in the parent
         # only, so the rank writes its failure report here; and it dies with its launcher
@@ -501,6 +590,7 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
                     pass
             raise
 
+    @override
     def _collect_rank_zero_results(self, trainer, results: Any) -> Optional[_WorkerOutput]:
         checkpoint_callback = trainer.checkpoint_callback
         best_model_path = getattr(checkpoint_callback, "best_model_path", None) if checkpoint_callback else None

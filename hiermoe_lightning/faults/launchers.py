@@ -4,6 +4,10 @@
   ranks 1.. are re-runs of the command, watched by :class:`~.supervisor.RankWatcher`.
 * :func:`translate_process_failure` (fork/spawn): turns ``torch.multiprocessing``'s "process 2 terminated with
   ..." into the same one-line errors, using the ranks' reports.
+
+Lightning internals used here (listed with the others in :mod:`hiermoe_lightning.strategy`'s docstring): the private
+``_SubprocessScriptLauncher`` (its ``cluster_environment``, ``num_processes``, ``num_nodes``, ``procs`` and
+``_call_children_scripts``) and ``lightning.fabric.strategies.launchers.subprocess_script._set_num_threads_if_needed``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import shutil
 from typing import Any, Callable
 
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from typing_extensions import override
 
 from .errors import NonFiniteError, Preempted, RankDied
 from .reports import describe_returncode, read_reports, report_dir_for
@@ -39,6 +44,7 @@ class SupervisedScriptLauncher(_SubprocessScriptLauncher):
         super().__init__(cluster_environment, num_processes, num_nodes)
         self._strategy = strategy
 
+    @override
     def launch(self, function: Callable, *args: Any, trainer=None, **kwargs: Any) -> Any:
         from lightning.fabric.strategies.launchers.subprocess_script import _set_num_threads_if_needed
 
