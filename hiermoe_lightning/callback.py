@@ -18,6 +18,7 @@ import os
 import time
 
 import torch
+from typing_extensions import override
 
 from .checkpoint import moe_layers
 from .metrics import DedupMonitor
@@ -112,6 +113,7 @@ class HierMoECallback(DedupMonitor):
         self._restore: dict[str, dict] | None = None
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict:
         """Everything a later plan, migration or metric reads: the windows (with every batch seen so far), the swap
         count, the history, the timings, the last optimizer step seen (a resume inside a gradient-accumulation cycle
@@ -134,6 +136,7 @@ class HierMoECallback(DedupMonitor):
         })
         return state
 
+    @override
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._pending = None  # a gather of the pre-load run must not reach the restored windows
@@ -164,9 +167,11 @@ class HierMoECallback(DedupMonitor):
                        "auto_predictions": json.dumps(m.auto_predictions)}
                 for name, m in layers.items()}
 
+    @override
     def setup(self, trainer, pl_module, stage):
         self._module = pl_module
 
+    @override
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         self._module = pl_module
@@ -248,6 +253,7 @@ class HierMoECallback(DedupMonitor):
                 window = self.windows[name] = RoutingWindow(self.window_tokens_per_rank, self.window_decay)
             window.ingest(trace)
 
+    @override
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -353,16 +359,20 @@ class HierMoECallback(DedupMonitor):
         return torch.zeros(placement.world_size, dtype=torch.float64).index_add_(0, ranks, w[valid].double())
 
     # ------------------------------------------------------------------ end of fit
+    @override
     def on_train_end(self, trainer, pl_module):
         self._complete_pending()  # no collective left in flight once training ends; the windows hold every batch
 
+    @override
     def on_exception(self, trainer, pl_module, exception):
         self._pending = None  # another rank may be gone: drop the gather rather than wait (gloo finishes or fails it)
 
+    @override
     def teardown(self, trainer, pl_module, stage):
         self._pending = None
         self._restore = None  # restored by a validate/test: no later fit without a checkpoint may apply it
 
+    @override
     def on_fit_end(self, trainer, pl_module):
         self._complete_pending()
         log_dir = trainer.log_dir  # collective under DDP

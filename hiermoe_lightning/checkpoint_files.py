@@ -29,6 +29,7 @@ import types
 from typing import Iterable, Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 __all__ = ["ResumableCheckpoint", "checkpoint_dirs", "complete_checkpoints", "is_complete_checkpoint",
            "newest_checkpoint", "resolve_last", "use_newest_for_last"]
@@ -167,6 +168,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer) -> set[str]:
         return _find_newest(self, trainer)
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if (self.save_last is True and 0 < trainer.max_steps <= trainer.global_step
@@ -176,6 +178,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._final_step_saved = trainer.global_step
             self._last_global_step_saved = before  # a validation at this step still saves (top-k, then last)
 
+    @override
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if (self.save_last is True and self._final_step_saved != trainer.global_step

@@ -15,6 +15,7 @@ import time
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from typing_extensions import override
 
 from .checkpoint import moe_layers
 from .dispatch.spec import level_key
@@ -67,11 +68,13 @@ class DedupMonitor(pl.Callback):
         self._first_loss: float | None = None  # the first loss of the whole (resumed) training
         self._losses_before = 0  # losses recorded by the runs this one resumed
 
+    @override
     def state_dict(self) -> dict:
         return {"total_sent": self.total_sent, "total_flat": self.total_flat, "tokens": self.tokens,
                 "train_seconds": self.train_seconds(), "first_loss": self._first_loss,
                 "loss_count": self._losses_before + len(self.losses)}
 
+    @override
     def load_state_dict(self, state: dict) -> None:
         self.total_sent, self.total_flat, self.tokens = state["total_sent"], state["total_flat"], state["tokens"]
         self._seconds_before = float(state.get("train_seconds", 0.0))
@@ -84,9 +87,11 @@ class DedupMonitor(pl.Callback):
         """Seconds of training so far, the resumed runs' included."""
         return self._seconds_before + (time.perf_counter() - self._start if self._start else 0.0)
 
+    @override
     def on_train_start(self, trainer, pl_module):
         self._start = time.perf_counter()
 
+    @override
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if isinstance(outputs, dict) and "loss" in outputs:
@@ -148,6 +153,7 @@ class DedupMonitor(pl.Callback):
             lines.append(f"checkpoints                 {cb.dirpath}")
         return "\n".join(lines)
 
+    @override
     def on_fit_end(self, trainer, pl_module):
         log_dir = trainer.log_dir  # collective under DDP: every rank must ask
         if self.print_summary and trainer.global_rank == 0:

@@ -20,7 +20,7 @@ What it adds to DDPStrategy, so that N ranks train exactly like one process on t
 Where it plugs into Lightning (public or protected seams; every one carries ``@override``):
 
 * ``setup``: shard, tell DDP what to ignore, choose the clipping precision plugin, then ``DDPStrategy.setup``
-  unchanged (outside fit, :meth:`HierMoEStrategy._sync_dense_states` after it);
+  unchanged (outside fit its broadcast of rank 0's state skips what DDP ignores: the experts);
 * ``Precision.clip_grad_by_norm``: overridden by :class:`GlobalNormClipping`, a subclass of the precision plugin's
   own class chosen once in ``setup`` (see there why not a delegator or the strategy);
 * ``optimizer_step``, ``on_train_start``, ``on_train_batch_start``, ``on_exception``, ``teardown``: fault handling;
@@ -44,6 +44,9 @@ pyproject.toml; tested on the versions named there):
 * the checkpoint connector keys a precision plugin's state by ``type(plugin).__qualname__`` (so
   :class:`GlobalNormClipping` subclasses keep their base's qualname); ``LightningOptimizer._optimizer``;
   ``lightning.fabric.utilities.optimizer._optimizer_to_device``.
+* ``LightningCLI._parse_ckpt_path`` (Lightning >= 2.6), made a no-op by :class:`~hiermoe_lightning.cli.lightning_cli.
+  HierMoECLI` so a checkpoint's hyper-parameters never silently replace the configuration (checked instead in the
+  public ``before_instantiate_classes``).
 """
 
 from __future__ import annotations
@@ -211,7 +214,7 @@ class HierMoEStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         """Shard the experts, tell DDP to ignore them, route norm clipping through the global norm, then Lightning's
         ``DDPStrategy.setup`` (precision, device, DDP wrapping and optimizers when fitting; outside fit a broadcast of
-        every non-ignored tensor), and outside fit our own broadcast of the dense state as well.
+        rank 0's parameters and buffers that skips the ignored ones, so every rank keeps its own experts).
 
         Sharding comes before ``DDPStrategy.setup`` and so before ``accelerator.setup``, which only sets device flags
         and never touches the model; what matters is that it comes before precision conversion, the move to the
@@ -220,8 +223,6 @@ class HierMoEStrategy(DDPStrategy):
         self._ignore_experts_in_ddp()
         self.precision_plugin = GlobalNormClipping.adopt(self.precision_plugin, self)
         super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
-            self._sync_dense_states()
 
     def _shard_model(self) -> None:
         module = self.lightning_module
@@ -252,13 +253,6 @@ class HierMoEStrategy(DDPStrategy):
         ignore = self.expert_parameter_names()
         ignore += [f"{n}.routed_tokens" if n else "routed_tokens" for n in ckpt.moe_layers(model)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-
-    def _sync_dense_states(self) -> None:
-        """Broadcast rank 0's replicated parameters and buffers (never the experts: each rank holds others)."""
-        skip = set(self.expert_parameter_names())
-        for name, t in list(self.lightning_module.state_dict(keep_vars=True).items()):
-            if name not in skip and isinstance(t, torch.Tensor):
-                dist.broadcast(t.data, src=0)
 
     # ------------------------------------------------------------------ preemption and non-finite values
     @override

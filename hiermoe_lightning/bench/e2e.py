@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
+from typing_extensions import override
 
 from ..cli.flags import int_flag, topology_flag
 from ..cli.main import CLIError
@@ -271,40 +272,50 @@ class ExternalRankEnvironment(ClusterEnvironment):
             raise ValueError(f"rank {rank} is not in 0 .. {world_size - 1}")
         self._rank, self._world = int(rank), int(world_size)
 
+    @override
     @property
     def creates_processes_externally(self) -> bool:
         return True
 
+    @override
     @property
     def main_address(self) -> str:
         return os.environ.get("MASTER_ADDR", "127.0.0.1")
 
+    @override
     @property
     def main_port(self) -> int:
         return int(os.environ.get("MASTER_PORT", "0"))
 
+    @override
     @staticmethod
     def detect() -> bool:
         return False
 
+    @override
     def world_size(self) -> int:
         return self._world
 
+    @override
     def set_world_size(self, size: int) -> None:
         if size != self._world:
             raise ValueError(f"Lightning computed a world size of {size}, but the process group has {self._world} "
                              f"ranks (use devices=world_size, num_nodes=1)")
 
+    @override
     def global_rank(self) -> int:
         return self._rank
 
+    @override
     def set_global_rank(self, rank: int) -> None:
         if rank != self._rank:
             raise ValueError(f"Lightning computed global rank {rank} for the process of rank {self._rank}")
 
+    @override
     def local_rank(self) -> int:
         return self._rank
 
+    @override
     def node_rank(self) -> int:
         return 0
 

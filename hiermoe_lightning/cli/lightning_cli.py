@@ -7,6 +7,7 @@ Configs use ``class_path``/``init_args`` (see ``configs/``) and may use omegacon
 from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
 
 import hiermoe_lightning  # noqa: F401  (registers the "hiermoe" strategy)
 
@@ -27,12 +28,22 @@ class HierMoECLI(LightningCLI):
     nothing. ``--ckpt_path last`` is checked the same way by the strategy once the trainer resolved the path.
     """
 
+    @override
     def before_fit(self) -> None:
         from ..checkpoint_files import use_newest_for_last
 
         use_newest_for_last(self.trainer)  # --ckpt_path last: the newest complete checkpoint, whatever its name
 
+    @override
+    def before_instantiate_classes(self) -> None:
+        self._check_ckpt_model_arguments()
+
     def _parse_ckpt_path(self) -> None:
+        """Lightning >= 2.6 (a private method) loads the checkpoint's ``hyper_parameters`` over the configuration
+        here; we keep the configuration and check it against them instead (:meth:`before_instantiate_classes`,
+        a public hook on every supported version)."""
+
+    def _check_ckpt_model_arguments(self) -> None:
         if not self.config.get("subcommand"):
             return
         sub = self.config[self.config.subcommand]

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+from typing_extensions import override
 
 from ..validation import check_bool, check_int, check_number
 
@@ -343,6 +344,7 @@ class ByteTextDataModule(pl.LightningDataModule):
         """``batch_size * seq_len`` predicted tokens per batch (per process)."""
         return self.batch_size * self.seq_len
 
+    @override
     def train_dataloader(self) -> ResumableDataLoader:
         world = rank = None  # not built by a Trainer: the torch.distributed world when iterated
         trainer = self._trainer
@@ -372,8 +374,10 @@ class ByteTextDataModule(pl.LightningDataModule):
             return None
         return int(fit_loop.epoch_loop.batch_progress.current.processed)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

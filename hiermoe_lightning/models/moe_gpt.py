@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from ..experts import SwiGLU, derive_seed
 from ..layer import MoELayer
@@ -209,6 +210,7 @@ class MoEGPT(pl.LightningModule):
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
 
     # ------------------------------------------------------------------ forward and losses
+    @override
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs [B, S]`` int64 token ids -> ``logits [B, S, V]``."""
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.is_floating_point():
@@ -230,22 +232,26 @@ class MoEGPT(pl.LightningModule):
         return lm_loss, self.aux_loss()
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
         lm_loss, aux = self.loss_terms(batch)
         self.log("train/loss", lm_loss, prog_bar=True)
         self.log("train/aux_loss", aux)
         return lm_loss + aux
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
         lm_loss, _ = self.loss_terms(batch)
         self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True)
         return lm_loss
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
         lm_loss, _ = self.loss_terms(batch)
         self.log("test/loss", lm_loss, sync_dist=True)
         return lm_loss
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Aux-loss-free balancing: update every MoE layer's selection bias (no-op when the rate is 0)."""
         if self.hparams.bias_update_rate > 0:
@@ -258,6 +264,7 @@ class MoEGPT(pl.LightningModule):
         for layer in self.moe_layers():
             layer.update_routing_bias(group=group)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         if hp.optimizer == "sgd":
