@@ -27,6 +27,7 @@ from typing_extensions import override
 from ..experts import SwiGLU, derive_seed
 from ..layer import MoELayer
 from ..validation import check_choice, check_int, check_number
+from .lm_metrics import TokenMetrics
 
 __all__ = ["MoEGPT", "PRESETS", "OPTIMIZERS"]
 
@@ -116,6 +117,11 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def _token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) of ``logits`` ``[B, S, V]`` against ``targets`` ``[B, S]``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
 class MoEGPT(pl.LightningModule):
     """Decoder-only byte-level MoE language model.
 
@@ -197,6 +203,7 @@ class MoEGPT(pl.LightningModule):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(hidden_size)
         self.lm_head = nn.Parameter(_seeded_normal((vocab_size, hidden_size), 0.02, derive_seed(seed, "lm_head")))
+        self.val_metrics, self.test_metrics = TokenMetrics(vocab_size), TokenMetrics(vocab_size)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MoEGPT":
@@ -227,9 +234,18 @@ class MoEGPT(pl.LightningModule):
     def loss_terms(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lm_loss, aux_loss)`` of a batch ``(inputs [B, S], targets [B, S])``, both 0-dim."""
         inputs, targets = batch
+        return _token_loss(self(inputs), targets), self.aux_loss()
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: TokenMetrics, prefix: str) -> torch.Tensor:
+        """Loss of a validation/test batch, logged as ``{prefix}/loss``; perplexity and accuracy accumulate in
+        ``metrics`` and are logged for the epoch (``{prefix}/perplexity``, ``{prefix}/accuracy``)."""
+        inputs, targets = batch
         logits = self(inputs)
-        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-        return lm_loss, self.aux_loss()
+        lm_loss = _token_loss(logits, targets)
+        metrics.update(logits, targets)
+        self.log(f"{prefix}/loss", lm_loss, prog_bar=prefix == "val", sync_dist=True)
+        metrics.log(self, prefix)
+        return lm_loss
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -241,15 +257,11 @@ class MoEGPT(pl.LightningModule):
 
     @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
-        lm_loss, _ = self.loss_terms(batch)
-        self.log("val/loss", lm_loss, prog_bar=True, sync_dist=True)
-        return lm_loss
+        return self._evaluate(batch, self.val_metrics, "val")
 
     @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> torch.Tensor:
-        lm_loss, _ = self.loss_terms(batch)
-        self.log("test/loss", lm_loss, sync_dist=True)
-        return lm_loss
+        return self._evaluate(batch, self.test_metrics, "test")
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
