@@ -1,0 +1,14 @@
+"""Hugging Face ``transformers`` MoE models in and out (extra ``[hf]``).
+
+``convert_(model)`` turns every supported sparse-MoE block into an :class:`HFMoEBlock` around a
+:class:`~hiermoe_lightning.MoELayer` (same logits; shard it with ``ExpertParallel`` or ``HierMoEStrategy``);
+``to_hf_state_dict(model)`` gives the original HF class's state dict back. Families: :mod:`.families`.
+"""
+
+from .block import HFMoEBlock
+from .convert import convert_, find_moe_blocks
+from .export import to_hf_state_dict
+from .families import FAMILIES, FamilyAdapter, FusedSwiGLUAdapter, Refusal, register_family, supported_block_classes
+
+__all__ = ["convert_", "to_hf_state_dict", "HFMoEBlock", "FamilyAdapter", "FusedSwiGLUAdapter", "Refusal",
+           "register_family", "supported_block_classes", "find_moe_blocks", "FAMILIES"]

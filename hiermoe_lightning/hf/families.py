@@ -1,0 +1,205 @@
+"""One small adapter per Hugging Face MoE family: which HF block classes it serves, the ``MoELayer`` that computes
+the same function, and the weights both ways.
+
+A family plugs in as one more :class:`FamilyAdapter` passed to :func:`register_family`. An adapter that can only
+refuse (a family ``MoELayer`` cannot express yet) is a :class:`Refusal`: converting such a block raises a
+``TypeError`` naming the class and what is missing, before any block of the model is changed.
+
+transformers 5.x stores a block's experts fused: ``experts.gate_up_proj`` ``[E, 2F, M]`` (gate rows first) and
+``experts.down_proj`` ``[E, M, F]``; the router is ``gate.weight`` ``[E, M]``. ``MoELayer`` holds ``router.weight``
+``[E, M]``, ``experts.w_gate``/``w_up`` ``[S, M, F]`` and ``w_down`` ``[S, F, M]`` (slot ``s`` = expert ``s`` unsharded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layer import MoELayer
+
+__all__ = ["FamilyAdapter", "FusedSwiGLUAdapter", "Refusal", "register_family", "adapter_for_class", "family", "supported_block_classes",
+           "FAMILIES", "BLOCK_CLASSES"]
+
+FAMILIES: dict[str, "FamilyAdapter"] = {}  # family name -> adapter
+BLOCK_CLASSES: dict[str, "FamilyAdapter"] = {}  # HF block class name -> adapter
+
+
+class FamilyAdapter:
+    """How one HF family's sparse-MoE block maps onto a :class:`MoELayer`.
+
+    Subclasses set ``name`` (the HF ``model_type``) and ``block_classes`` (HF class names) and implement
+    :meth:`layer_kwargs`, :meth:`load_` and :meth:`hf_state`; :meth:`missing` says what ``MoELayer`` lacks for a
+    given block (``None``: convertible).
+    """
+
+    name: str = ""
+    block_classes: tuple[str, ...] = ()
+
+    def missing(self, block: nn.Module, config: Any) -> str | None:
+        return None
+
+    def hidden_size(self, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    def layer_kwargs(self, block: nn.Module, config: Any) -> dict:
+        """``MoELayer(**kwargs)`` computing the block's function (weights are loaded by :meth:`load_`)."""
+        raise NotImplementedError
+
+    def jitter_noise(self, block: nn.Module) -> float:
+        return 0.0
+
+    def load_(self, moe: MoELayer, block: nn.Module) -> None:
+        """Copy the HF block's weights into ``moe`` (unsharded, same device and dtypes as built)."""
+        raise NotImplementedError
+
+    def hf_state(self, moe: MoELayer) -> dict[str, torch.Tensor]:
+        """The HF block's state dict (keys relative to the block) from an unsharded ``moe``."""
+        raise NotImplementedError
+
+
+class Refusal(FamilyAdapter):
+    """A family ``MoELayer`` cannot express yet: converting it raises ``TypeError`` with ``reason``."""
+
+    def __init__(self, name: str, block_classes: tuple[str, ...], reason: str):
+        self.name, self.block_classes, self.reason = name, block_classes, reason
+
+    def missing(self, block: nn.Module, config: Any) -> str | None:
+        return self.reason
+
+
+def _experts_by_id(moe: MoELayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w_gate, w_up, w_down)`` of an unsharded layer with slot ``e`` = expert ``e`` (whatever its placement)."""
+    if moe.is_sharded:
+        raise ValueError("the MoELayer is sharded: export from an unsharded model (or a full checkpoint)")
+    order = torch.argsort(moe.local_expert_ids().to(moe.experts.w_gate.device))
+    e = moe.experts
+    return e.w_gate.detach()[order], e.w_up.detach()[order], e.w_down.detach()[order]
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+class FusedSwiGLUAdapter(FamilyAdapter):
+    """transformers 5.x's common layout: ``gate`` (``weight`` ``[E, M]``, softmax over experts, top-k) and fused
+    SiLU-gated ``experts`` (``gate_up_proj`` ``[E, 2F, M]``, ``down_proj`` ``[E, M, F]``), no shared expert.
+
+    ``norm_topk_prob``: ``None`` reads the router's ``norm_topk_prob`` attribute; a bool is the family's fixed rule.
+    """
+
+    norm_topk_prob: bool | None = None
+
+    def missing(self, block, config):
+        experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)
+        if experts is None or gate is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
+            return "expected a 'gate' router and fused 'experts' (gate_up_proj, down_proj): another transformers layout"
+        if getattr(experts, "gate_up_proj_bias", None) is not None or getattr(experts, "down_proj_bias", None) is not None:
+            return "expert biases (MoELayer experts have none)"
+        if getattr(gate, "bias", None) is not None:
+            return "a router bias (MoELayer's router has none)"
+        act = getattr(experts, "act_fn", None)
+        if act is not None and not _is_silu(act):
+            return f"activation {type(act).__name__} (MoELayer experts are SiLU-gated: SwiGLU)"
+        return None
+
+    def hidden_size(self, block):
+        return block.gate.weight.shape[1]
+
+    def _norm(self, block) -> bool:
+        return bool(block.gate.norm_topk_prob) if self.norm_topk_prob is None else self.norm_topk_prob
+
+    def layer_kwargs(self, block, config):
+        num_experts, hidden = block.gate.weight.shape
+        ffn = block.experts.down_proj.shape[2]
+        kwargs = dict(hidden_size=hidden, ffn_hidden_size=ffn, num_experts=num_experts, top_k=int(block.gate.top_k),
+                      score_func="softmax", norm_topk_prob=self._norm(block), dtype=block.experts.down_proj.dtype)
+        coef = getattr(config, "router_aux_loss_coef", None)
+        if coef is not None:
+            kwargs["aux_loss_coef"] = float(coef)
+        return kwargs
+
+    @torch.no_grad()
+    def load_(self, moe, block):
+        gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+        ffn = down.shape[2]
+        moe.router.weight.copy_(block.gate.weight.detach())
+        moe.experts.w_gate.copy_(gate_up[:, :ffn, :].transpose(1, 2))
+        moe.experts.w_up.copy_(gate_up[:, ffn:, :].transpose(1, 2))
+        moe.experts.w_down.copy_(down.transpose(1, 2))
+
+    def hf_state(self, moe):
+        w_gate, w_up, w_down = _experts_by_id(moe)
+        return {
+            "gate.weight": moe.router.weight.detach().clone(),
+            "experts.gate_up_proj": torch.cat([w_gate.transpose(1, 2), w_up.transpose(1, 2)], dim=1).contiguous(),
+            "experts.down_proj": w_down.transpose(1, 2).contiguous(),
+        }
+
+
+class Qwen3MoeAdapter(FusedSwiGLUAdapter):
+    """Qwen3-MoE: softmax router, top-k renormalised when ``config.norm_topk_prob``."""
+
+    name, block_classes = "qwen3_moe", ("Qwen3MoeSparseMoeBlock",)
+
+
+class MixtralAdapter(FusedSwiGLUAdapter):
+    """Mixtral: softmax router, top-k always renormalised; ``router_jitter_noise`` in training."""
+
+    name, block_classes = "mixtral", ("MixtralSparseMoeBlock",)
+    norm_topk_prob = True
+
+    def jitter_noise(self, block):
+        return float(getattr(block, "jitter_noise", 0.0) or 0.0)
+
+
+class OlmoeAdapter(FusedSwiGLUAdapter):
+    """OLMoE: softmax router, top-k renormalised when ``config.norm_topk_prob`` (off by default)."""
+
+    name, block_classes = "olmoe", ("OlmoeSparseMoeBlock",)
+
+
+def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
+    """Serve ``adapter.block_classes`` with ``adapter`` (replacing an earlier adapter of the same classes)."""
+    if not adapter.name or not adapter.block_classes:
+        raise ValueError("a FamilyAdapter needs a name and at least one HF block class name")
+    FAMILIES[adapter.name] = adapter
+    for cls in adapter.block_classes:
+        BLOCK_CLASSES[cls] = adapter
+    return adapter
+
+
+def adapter_for_class(class_name: str) -> FamilyAdapter | None:
+    return BLOCK_CLASSES.get(class_name)
+
+
+def supported_block_classes() -> list[str]:
+    """The HF block classes :func:`~hiermoe_lightning.hf.convert_` converts (not the refused ones)."""
+    return sorted(cls for cls, adapter in BLOCK_CLASSES.items() if not isinstance(adapter, Refusal))
+
+
+def family(name: str) -> FamilyAdapter:
+    """The adapter registered as ``name``; KeyError naming the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"no Hugging Face family {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+for _adapter in (Qwen3MoeAdapter(), MixtralAdapter(), OlmoeAdapter()):
+    register_family(_adapter)
+
+# Families MoELayer cannot express today (each becomes an adapter when MoELayer gains the options named).
+register_family(Refusal(
+    "qwen2_moe", ("Qwen2MoeSparseMoeBlock",),
+    "Qwen2-MoE gates its shared expert (sigmoid(shared_expert_gate(x)) * shared_expert(x)); MoELayer has no gated "
+    "shared expert yet"))
+register_family(Refusal(
+    "deepseek_v3", ("DeepseekV3MoE",),
+    "DeepSeek-V3 needs routed_scaling_factor and a selection bias (e_score_correction_bias) that is always honoured; "
+    "MoELayer has neither yet (its expert_bias is used only with bias_update_rate > 0)"))
+register_family(Refusal(
+    "gpt_oss", ("GptOssMLP",),
+    "gpt-oss needs a router bias, expert biases (gate_up_proj_bias, down_proj_bias) and a clamped GLU "
+    "(swiglu_limit, swiglu_alpha, interleaved gate/up, (up + 1) * glu); MoELayer has none of them"))
