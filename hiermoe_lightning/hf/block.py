@@ -31,11 +31,12 @@ class HFMoEBlock(nn.Module):
     """``moe`` (a :class:`MoELayer`) computing the function of the HF block ``hf_class`` of family ``family``.
 
     ``jitter_noise`` (Mixtral): in training, the input is multiplied by ``U(1 - j, 1 + j)`` noise before routing, as
-    HF does. ``returns_router_logits``: the HF block returned ``(hidden_states, router_logits)``.
+    HF does. ``returns_router_logits``: the HF block returned ``(hidden_states, router_logits)``. ``hf_keys``: the
+    HF block's state-dict keys in its order (the export writes them in that order).
     """
 
     def __init__(self, moe: MoELayer, *, family: str, hf_class: str, jitter_noise: float = 0.0,
-                 returns_router_logits: bool = False):
+                 returns_router_logits: bool = False, hf_keys: tuple[str, ...] = ()):
         super().__init__()
         if not isinstance(moe, MoELayer):
             raise TypeError(f"HFMoEBlock wraps a MoELayer, got {type(moe).__name__}")
@@ -43,6 +44,7 @@ class HFMoEBlock(nn.Module):
         self.family, self.hf_class = family, hf_class
         self.jitter_noise = float(jitter_noise)
         self.returns_router_logits = returns_router_logits
+        self.hf_keys = tuple(hf_keys)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, E]`` router logits of ``x`` ``[..., M]`` as HF's router returns them (in the input's dtype)."""

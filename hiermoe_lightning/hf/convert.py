@@ -65,7 +65,8 @@ def _convert_block(block: nn.Module, adapter: FamilyAdapter, config: Any, seed: 
     for p in moe.parameters():
         p.requires_grad_(param.requires_grad)
     new = HFMoEBlock(moe, family=adapter.name, hf_class=type(block).__name__,
-                     jitter_noise=adapter.jitter_noise(block), returns_router_logits=_returns_pair(block, adapter))
+                     jitter_noise=adapter.jitter_noise(block), returns_router_logits=_returns_pair(block, adapter),
+                     hf_keys=tuple(block.state_dict().keys()))
     return new.train(block.training)
 
 

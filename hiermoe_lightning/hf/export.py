@@ -29,7 +29,13 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if name is None:
             out[key] = value
         elif blocks.get(name) is not None:  # the block's HF keys where its first key stood
-            out.update((f"{name}.{hf_key}", tensor)
-                       for hf_key, tensor in family(blocks[name].family).hf_state(blocks[name].moe).items())
+            out.update((f"{name}.{hf_key}", tensor) for hf_key, tensor in _block_state(blocks[name]).items())
             blocks[name] = None
     return out
+
+
+def _block_state(block: HFMoEBlock) -> dict[str, torch.Tensor]:
+    """The HF block's state dict, in the HF block's key order when the conversion recorded it."""
+    state = family(block.family).hf_state(block.moe)
+    order = [key for key in block.hf_keys if key in state]
+    return {key: state[key] for key in order + [key for key in state if key not in order]}
