@@ -17,10 +17,10 @@ from torch import nn
 
 from .dispatch.dispatcher import HopDispatcher, TokenDispatcher
 from .dispatch.engine import DispatchHandle, apply_experts
-from .experts import ExpertBank, SwiGLU
+from .experts import ExpertBank, SwiGLU, _normal, derive_seed
 from .placement import Placement
 from .routing import Router
-from .validation import check_choice, check_int, check_number
+from .validation import check_bool, check_choice, check_int, check_number
 
 if TYPE_CHECKING:
     from .parallel import ExpertParallel
@@ -30,6 +30,15 @@ __all__ = ["MoELayer", "DROP_POLICIES"]
 DROP_POLICIES = ("probs", "position")
 
 
+def _shared_expert_gate(hidden_size: int, seed: int, dtype: torch.dtype) -> nn.Linear:
+    """``nn.Linear(hidden_size, 1, bias=False)`` whose weight ``[1, M]`` is drawn from ``(seed, "shared_expert_gate")``
+    (identical on every rank; Linear's default init runs on meta, so the global RNG is untouched; the weight then
+    follows the current default device, as ``_normal`` does)."""
+    gate = nn.Linear(hidden_size, 1, bias=False, device="meta", dtype=dtype)
+    gate.weight = nn.Parameter(_normal((1, hidden_size), hidden_size**-0.5, derive_seed(seed, "shared_expert_gate"), dtype))
+    return gate
+
+
 class MoELayer(nn.Module):
     """A token-choice MoE feed-forward layer; input ``[..., hidden_size]`` -> output of the same shape.
 
@@ -37,6 +46,22 @@ class MoELayer(nn.Module):
     its own seed). Dropless by default; ``capacity_factor`` caps each expert at ``ceil(cf * T * K / E)`` pairs of the
     local batch and ``drop_policy`` picks which pairs stay (``"probs"``: highest router weight; ``"position"``:
     earliest tokens). ``aux_loss`` holds the last forward's load-balancing loss; add it to your loss yourself.
+
+    Options that Hugging Face MoE families need (general options, passed through to the :class:`Router` where they
+    are the router's):
+
+    * ``routed_scaling_factor`` (float > 0, default 1.0): the routed weights are multiplied by it after the optional
+      top-k renormalisation (DeepSeek-V3).
+    * ``router_dtype`` (a floating ``torch.dtype`` or None, default ``torch.float32``): the dtype the gate's logits
+      are computed in; None = the input's dtype (Qwen-MoE, Mixtral, OLMoE compute the gate in the model dtype). The
+      scores are computed in fp32 from the logits either way, and the gate weight is stored in fp32.
+    * ``shared_expert_gate`` (bool, default False; needs ``num_shared_experts >= 1``): the shared experts' output is
+      multiplied by ``sigmoid(x @ shared_expert_gate.weight.T)``, one gate value per token, with
+      ``shared_expert_gate`` an ``nn.Linear(hidden_size, 1, bias=False)`` in ``dtype`` (Qwen2-MoE), seeded from
+      ``seed`` like every other parameter.
+    * The router's selection bias ``router.expert_bias`` (zeros at construction, in the state dict) is always added
+      to the scores for selection (never to the weights), whether ``bias_update_rate`` learns it or it was loaded
+      (DeepSeek-V3's ``e_score_correction_bias``).
     """
 
     def __init__(
@@ -57,6 +82,9 @@ class MoELayer(nn.Module):
         shared_ffn_hidden_size: int | None = None,
         capacity_factor: float | None = None,
         drop_policy: str = "probs",
+        routed_scaling_factor: float = 1.0,
+        router_dtype: torch.dtype | None = torch.float32,
+        shared_expert_gate: bool = False,
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
@@ -67,6 +95,9 @@ class MoELayer(nn.Module):
         check_int(num_shared_experts, "num_shared_experts", 0)
         check_number(capacity_factor, "capacity_factor", low=0.0, low_open=True, allow_none="dropless")
         check_choice(drop_policy, "drop_policy", DROP_POLICIES)
+        check_bool(shared_expert_gate, "shared_expert_gate")
+        if shared_expert_gate and not num_shared_experts:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got num_shared_experts=0")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
@@ -74,12 +105,14 @@ class MoELayer(nn.Module):
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.router = Router(hidden_size, num_experts, top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
                              num_expert_groups=num_expert_groups, topk_groups=topk_groups,
-                             aux_loss_coef=aux_loss_coef, bias_update_rate=bias_update_rate, seed=seed)
+                             aux_loss_coef=aux_loss_coef, bias_update_rate=bias_update_rate,
+                             routed_scaling_factor=routed_scaling_factor, router_dtype=router_dtype, seed=seed)
         self.experts = ExpertBank(range(num_experts), hidden_size, ffn_hidden_size, seed=seed, dtype=dtype)
         self.shared_experts = (
             SwiGLU(hidden_size, (shared_ffn_hidden_size or ffn_hidden_size) * num_shared_experts, seed=seed, dtype=dtype)
             if num_shared_experts else None
         )
+        self.shared_expert_gate = _shared_expert_gate(hidden_size, seed, dtype) if shared_expert_gate else None
         self.placement: Placement = Placement.contiguous(num_experts, 1)
         self.expert_parallel: "ExpertParallel | None" = None
         self.dispatcher: TokenDispatcher = HopDispatcher(self)  # unsharded: no hop
@@ -120,7 +153,10 @@ class MoELayer(nn.Module):
         self.last_handle = handle
         self.last_local_slots = pair_slot.detach()  # [P] local slot of every pair this rank's experts processed
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x2)
+            shared = self.shared_experts(x2)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x2)) * shared
+            out = out + shared
         return out.reshape(shape)
 
     def _expert_to_slot(self, device: torch.device) -> torch.Tensor:
@@ -165,14 +201,12 @@ class MoELayer(nn.Module):
     # ------------------------------------------------------------------ routing bias
     @torch.no_grad()
     def update_routing_bias(self, group=None) -> None:
-        """Aux-loss-free balancing step from the tokens routed since the last call (summed over ``group``)."""
-        counts = self.routed_tokens.clone()
-        if group is not None:
-            import torch.distributed as dist
+        """Aux-loss-free balancing step from the tokens routed since the last call (summed over ``group``; None: this
+        process's counts), then the counts reset: :func:`~hiermoe_lightning.balancing.update_routing_biases` for this
+        layer alone. ``HierMoEStrategy`` does this itself after every optimizer step (all layers, one all-reduce)."""
+        from .balancing import update_routing_biases
 
-            dist.all_reduce(counts, group=group)
-        self.router.update_bias(counts)
-        self.routed_tokens.zero_()
+        update_routing_biases([self], group)
 
     def set_placement(self, placement: Placement) -> None:
         """Point the slots at other experts (the slot contents must be filled to match, e.g. by loading a state)."""

@@ -1,7 +1,10 @@
 """The MoE router: scores, (group-limited) top-k, auxiliary loss and the aux-loss-free selection bias.
 
-Scores are computed in fp32 whatever the input dtype. The selection bias (DeepSeek-V3's aux-loss-free balancing)
-changes which experts are picked, never the weights the outputs are mixed with.
+The gate's logits are computed in ``router_dtype`` (fp32 by default, whatever the input dtype; ``None``: the input's
+dtype, as Hugging Face's Qwen/Mixtral/OLMoE gates do), and the scores (softmax or sigmoid) always in fp32. The
+selection bias ``expert_bias`` (DeepSeek-V3's ``e_score_correction_bias``: learned by the aux-loss-free update, or
+fixed, loaded from a checkpoint) is always added to the scores for selection; it changes which experts are picked,
+never the weights the outputs are mixed with. The weights may be scaled by ``routed_scaling_factor`` (DeepSeek-V3).
 """
 
 from __future__ import annotations
@@ -14,9 +17,21 @@ from torch import nn
 from .experts import _normal, derive_seed
 from .validation import check_choice, check_int, check_number
 
-__all__ = ["Router", "RouterOutput", "SCORE_FUNCS"]
+__all__ = ["Router", "RouterOutput", "SCORE_FUNCS", "ROUTER_DTYPES", "check_router_dtype"]
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_router_dtype(router_dtype: object) -> torch.dtype | None:
+    """``router_dtype`` if it is a floating ``torch.dtype`` or None; TypeError for another type, ValueError for a
+    non-floating dtype, both naming ``router_dtype``."""
+    allowed = f"one of {', '.join(map(str, ROUTER_DTYPES))} or None (the input's dtype)"
+    if router_dtype is not None and not isinstance(router_dtype, torch.dtype):
+        raise TypeError(f"router_dtype must be {allowed}, got {type(router_dtype).__name__} {router_dtype!r}")
+    if router_dtype is not None and router_dtype not in ROUTER_DTYPES:
+        raise ValueError(f"router_dtype must be {allowed}, got {router_dtype}")
+    return router_dtype
 
 
 @dataclass
@@ -39,7 +54,15 @@ class Router(nn.Module):
             a group scores the sum of its top-2 scores (its max when groups have one expert), and only experts of the
             best ``topk_groups`` groups can be chosen.
         aux_loss_coef: coefficient of the Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
-        bias_update_rate: step of the aux-loss-free bias update (0 disables it): ``bias += rate * sign(mean - load)``.
+        bias_update_rate: step of the aux-loss-free bias update (0 disables the update):
+            ``bias += rate * sign(mean - load)``. The bias itself (the ``expert_bias`` buffer, zeros at construction,
+            in the state dict) is always used for selection, whatever the rate: a fixed bias loaded from a checkpoint
+            counts too.
+        routed_scaling_factor: a number > 0 the routed weights are multiplied by, after the optional top-k
+            renormalisation (DeepSeek-V3's ``routed_scaling_factor``; 1.0: unchanged).
+        router_dtype: the dtype the gate's logits ``x @ weight.T`` are computed in (input and weight cast to it), a
+            floating ``torch.dtype`` or ``None`` (the input's dtype). The scores are then computed in fp32 from
+            those logits. The ``weight`` parameter is stored in fp32 either way.
     """
 
     def __init__(
@@ -54,6 +77,8 @@ class Router(nn.Module):
         topk_groups: int | None = None,
         aux_loss_coef: float = 1e-3,
         bias_update_rate: float = 0.0,
+        routed_scaling_factor: float = 1.0,
+        router_dtype: torch.dtype | None = torch.float32,
         seed: int = 0,
     ):
         super().__init__()
@@ -72,10 +97,13 @@ class Router(nn.Module):
             )
         check_number(aux_loss_coef, "aux_loss_coef", low=0.0)
         check_number(bias_update_rate, "bias_update_rate", low=0.0)
+        routed_scaling_factor = check_number(routed_scaling_factor, "routed_scaling_factor", low=0.0, low_open=True)
+        check_router_dtype(router_dtype)
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.norm_topk_prob = score_func, norm_topk_prob
         self.num_expert_groups, self.topk_groups = num_expert_groups, topk_groups
         self.aux_loss_coef, self.bias_update_rate = float(aux_loss_coef), float(bias_update_rate)
+        self.routed_scaling_factor, self.router_dtype = routed_scaling_factor, router_dtype
         self.weight = nn.Parameter(_normal((num_experts, hidden_size), hidden_size**-0.5, derive_seed(seed, "router"), torch.float32))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # check_finite: remember whether any logits since the last take_nonfinite() held a NaN/Inf (a 0-dim bool on
@@ -84,8 +112,10 @@ class Router(nn.Module):
         self._nonfinite: torch.Tensor | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[T, M]`` -> fp32 scores ``[T, E]``."""
-        logits = x.float() @ self.weight.t()
+        """``x`` ``[T, M]`` -> fp32 scores ``[T, E]`` (logits in ``router_dtype``, scores in fp32)."""
+        dtype = x.dtype if self.router_dtype is None else self.router_dtype
+        # fp32 (the default): x.float() @ weight.t(), as before (.to() of an fp32 weight is the weight itself)
+        logits = (x.to(dtype) @ self.weight.to(dtype).t()).float()
         if self.check_finite:
             bad = ~torch.isfinite(logits.detach()).all()
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
@@ -99,13 +129,16 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         scores = self.scores(x)
         T, E = scores.shape
-        select = scores.detach() + self.expert_bias if self.bias_update_rate > 0 else scores.detach()
+        # always honoured (zeros by default: x + 0.0 == x, so an unbiased router selects exactly as without it)
+        select = scores.detach() + self.expert_bias
         if self.topk_groups < self.num_expert_groups:
             select = self._mask_groups(select)
         expert_ids = select.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, expert_ids)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
         tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=E)
         return RouterOutput(expert_ids, weights, self._aux_loss(scores, tokens_per_expert, T), tokens_per_expert)
 

@@ -348,3 +348,135 @@ def test_drop_policy_error_lists_allowed():
     with pytest.raises(ValueError) as ei:
         _layer(drop_policy="random")
     assert "probs" in str(ei.value) and "position" in str(ei.value)
+
+
+# ---------------------------------------------------------------------------------------------- options that HF families need
+def _routed_only(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """The routed experts' part of ``naive_moe`` (which adds the shared experts ungated)."""
+    out = naive_moe(layer, x)
+    if layer.shared_experts is not None:
+        out = out - layer.shared_experts(x.reshape(-1, M)).reshape(x.shape)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(10, M), (2, 5, M)])
+def test_shared_expert_gate_equals_sigmoid_of_x_w_times_shared(shape):
+    layer = _layer(seed=3, num_shared_experts=2, shared_ffn_hidden_size=8, shared_expert_gate=True)
+    gate = layer.shared_expert_gate
+    assert isinstance(gate, torch.nn.Linear) and gate.bias is None and gate.weight.shape == (1, M)
+    x = torch.randn(*shape)
+    out = layer(x)
+    with torch.no_grad():
+        x2 = x.reshape(-1, M)
+        w = layer.shared_expert_gate.weight  # [1, M]
+        sw = layer.shared_experts
+        shared = (torch.nn.functional.silu(x2 @ sw.w_gate) * (x2 @ sw.w_up)) @ sw.w_down
+        want = _routed_only(layer, x) + (torch.sigmoid(x2 @ w.t()) * shared).reshape(shape)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # the gate matters: without it the output is different
+    ungated = _layer(seed=3, num_shared_experts=2, shared_ffn_hidden_size=8)
+    assert not torch.allclose(ungated(x), out, atol=1e-3)
+
+
+def test_shared_expert_gate_gradients_equal_manual_reference():
+    layer = _layer(seed=5, num_shared_experts=1, shared_expert_gate=True, aux_loss_coef=0.0)
+    x = torch.randn(9, M, requires_grad=True)
+    g = torch.randn(9, M)
+    (layer(x) * g).sum().backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    got_x = x.grad.clone()
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    w, sw = layer.shared_expert_gate.weight, layer.shared_experts
+    shared = (torch.nn.functional.silu(x @ sw.w_gate) * (x @ sw.w_up)) @ sw.w_down
+    ((_routed_only(layer, x) + torch.sigmoid(x @ w.t()) * shared) * g).sum().backward()
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    torch.testing.assert_close(got_x, x.grad, rtol=1e-4, atol=1e-5)
+    assert got["shared_expert_gate.weight"].abs().sum() > 0
+
+
+def test_shared_expert_gate_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    a = _layer(seed=7, num_shared_experts=1, shared_expert_gate=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = _layer(seed=7, num_shared_experts=1, shared_expert_gate=True)
+    c = _layer(seed=8, num_shared_experts=1, shared_expert_gate=True)
+    assert torch.equal(a.shared_expert_gate.weight, b.shared_expert_gate.weight)
+    assert not torch.equal(a.shared_expert_gate.weight, c.shared_expert_gate.weight)
+    assert "shared_expert_gate.weight" in a.state_dict()
+    # std ~ M**-0.5, like the other parameters
+    assert 0.05 < float(a.shared_expert_gate.weight.detach().std()) < 0.6
+
+
+def test_shared_expert_gate_in_bf16_follows_the_layer_dtype():
+    layer = _layer(seed=1, num_shared_experts=1, shared_expert_gate=True, dtype=torch.bfloat16)
+    assert layer.shared_expert_gate.weight.dtype == torch.bfloat16
+    out = layer(torch.randn(6, M).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_defaults_add_nothing_to_the_state_dict():
+    keys = set(_layer().state_dict())
+    assert keys == {"router.weight", "router.expert_bias", "experts.w_gate", "experts.w_up", "experts.w_down"}
+    assert _layer().shared_expert_gate is None
+
+
+def test_layer_passes_routed_scaling_factor_to_the_router():
+    x = torch.randn(14, M)
+    plain = _layer(seed=2, score_func="sigmoid")
+    scaled = _layer(seed=2, score_func="sigmoid", routed_scaling_factor=2.5)
+    assert scaled.router.routed_scaling_factor == 2.5
+    out = scaled(x)
+    ref = plain(x)
+    assert torch.equal(scaled.last_expert_ids, plain.last_expert_ids)  # scaling never changes the selection
+    torch.testing.assert_close(out, 2.5 * ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(out, naive_moe(scaled, x), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_honours_a_fixed_bias_with_rate_zero():
+    layer = _layer(seed=4, top_k=2, score_func="sigmoid")
+    with torch.no_grad():
+        layer.router.expert_bias[3] = 10.0  # expert 3 in every token's top-2
+    x = torch.randn(16, M)
+    out = layer(x)
+    assert (layer.last_expert_ids == 3).any(-1).all()
+    with torch.no_grad():
+        torch.testing.assert_close(out, naive_moe(layer, x), rtol=1e-5, atol=1e-5)
+        # weighted by the unbiased sigmoid scores (renormalised over the two chosen)
+        scores = torch.sigmoid(x @ layer.router.weight.t()).gather(1, layer.last_expert_ids)
+        torch.testing.assert_close(layer.router(x).weights, scores / scores.sum(-1, keepdim=True))
+
+
+def test_layer_router_dtype_none_computes_the_gate_in_the_input_dtype():
+    layer = _layer(seed=6, router_dtype=None, dtype=torch.bfloat16)
+    assert layer.router.router_dtype is None and layer.router.weight.dtype == torch.float32
+    x = torch.randn(12, M).to(torch.bfloat16)
+    layer(x)
+    logits = (x @ layer.router.weight.to(torch.bfloat16).t()).float()
+    want = torch.softmax(logits, dim=-1).topk(2, dim=-1).indices
+    assert torch.equal(layer.last_expert_ids, want)
+
+
+@pytest.mark.parametrize("kw, error, param", [
+    (dict(shared_expert_gate=True), ValueError, "shared_expert_gate"),  # no shared experts
+    (dict(shared_expert_gate=1, num_shared_experts=1), TypeError, "shared_expert_gate"),
+    (dict(shared_expert_gate=None, num_shared_experts=1), TypeError, "shared_expert_gate"),
+    (dict(routed_scaling_factor=0), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor="1"), TypeError, "routed_scaling_factor"),
+    (dict(router_dtype=torch.int64), ValueError, "router_dtype"),
+    (dict(router_dtype="float32"), TypeError, "router_dtype"),
+])
+def test_new_options_bad_values_name_the_parameter(kw, error, param):
+    with pytest.raises(error) as ei:
+        _layer(**kw)
+    assert param in str(ei.value)
+
+
+def test_update_routing_bias_resets_counts_even_at_rate_zero_as_before():
+    layer = _layer(seed=1)
+    layer(torch.randn(5, M))
+    assert int(layer.routed_tokens.sum()) == 10
+    layer.update_routing_bias()
+    assert int(layer.routed_tokens.sum()) == 0 and torch.equal(layer.router.expert_bias, torch.zeros(E))

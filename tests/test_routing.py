@@ -326,3 +326,128 @@ def test_score_func_error_lists_allowed():
     with pytest.raises(ValueError) as ei:
         Router(M, 8, 2, score_func="relu")
     assert "softmax" in str(ei.value) and "sigmoid" in str(ei.value)
+
+
+# ---------------------------------------------------------------------------------------------- options that HF families need
+@pytest.mark.parametrize("score_func, norm", [("sigmoid", True), ("sigmoid", False), ("softmax", True)])
+def test_fixed_bias_is_honoured_without_bias_update_rate(score_func, norm):
+    """A bias loaded from a checkpoint (DeepSeek-V3's e_score_correction_bias) selects with bias_update_rate=0;
+    the weights stay the unbiased scores."""
+    r = _router(E=8, K=3, score_func=score_func, norm_topk_prob=norm)
+    assert r.bias_update_rate == 0.0
+    x = torch.randn(40, M)
+    unbiased = r(x).expert_ids
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.linspace(0.3, -0.3, 8))
+    out = r(x)
+    scores = torch.sigmoid(x @ r.weight.t()) if score_func == "sigmoid" else torch.softmax(x @ r.weight.t(), -1)
+    want = (scores + r.expert_bias).topk(3, dim=-1).indices
+    assert torch.equal(torch.sort(out.expert_ids, -1).values, torch.sort(want, -1).values)
+    assert not torch.equal(torch.sort(out.expert_ids, -1).values, torch.sort(unbiased, -1).values)
+    raw = scores.gather(1, out.expert_ids)
+    torch.testing.assert_close(out.weights, raw / raw.sum(-1, keepdim=True) if norm else raw)
+
+
+def test_fixed_bias_selects_inside_group_limited_routing():
+    """Groups are scored on the biased scores, as DeepSeek-V3 does (sum of each group's top-2 of scores + bias)."""
+    r = _router(E=8, K=2, score_func="sigmoid", num_expert_groups=4, topk_groups=1)
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0]))  # group 3 = experts 6, 7
+    out = r(torch.randn(12, M))
+    assert torch.equal(torch.sort(out.expert_ids, -1).values, torch.tensor([[6, 7]] * 12))
+
+
+def test_zero_bias_selects_exactly_as_plain_top_k():
+    r = _router(E=8, K=2)
+    x = torch.randn(64, M)
+    out = r(x)
+    scores = torch.softmax(x.float() @ r.weight.t(), dim=-1)
+    ids = scores.topk(2, dim=-1).indices
+    assert torch.equal(out.expert_ids, ids)
+    raw = scores.gather(1, ids)
+    assert torch.equal(out.weights, raw / raw.sum(-1, keepdim=True).clamp_min(1e-20))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_routed_scaling_factor_multiplies_the_weights_after_renormalisation(norm):
+    x = torch.randn(30, M)
+    plain = _router(E=8, K=3, score_func="sigmoid", norm_topk_prob=norm)(x)
+    scaled = _router(E=8, K=3, score_func="sigmoid", norm_topk_prob=norm, routed_scaling_factor=2.5)(x)
+    assert torch.equal(scaled.expert_ids, plain.expert_ids)
+    torch.testing.assert_close(scaled.weights, plain.weights * 2.5, rtol=0, atol=0)
+    if norm:  # renormalised to 1, then scaled: the weights sum to the factor
+        torch.testing.assert_close(scaled.weights.sum(-1), torch.full((30,), 2.5))
+    torch.testing.assert_close(scaled.aux_loss, plain.aux_loss)  # the aux loss reads the scores, not the weights
+
+
+def test_routed_scaling_factor_reaches_the_router_gradient():
+    r = _router(E=8, K=2, routed_scaling_factor=3.0, aux_loss_coef=0.0)
+    ref = _router(E=8, K=2, aux_loss_coef=0.0)
+    x = torch.randn(10, M)
+    r(x).weights.sum().backward()
+    ref(x).weights.sum().backward()
+    torch.testing.assert_close(r.weight.grad, 3.0 * ref.weight.grad)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_router_dtype_bf16_computes_the_logits_in_bf16(score_func):
+    r = _router(E=8, K=2, score_func=score_func, router_dtype=torch.bfloat16)
+    assert r.weight.dtype == torch.float32  # storage stays fp32
+    x = torch.randn(50, M)
+    logits = (x.to(torch.bfloat16) @ r.weight.to(torch.bfloat16).t()).float()  # HF: gate in bf16, then fp32 scores
+    want = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    got = r.scores(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)
+    fp32 = _router(E=8, K=2, score_func=score_func).scores(x)
+    assert not torch.equal(got, fp32)  # bf16 logits really are rounded
+    torch.testing.assert_close(got, fp32, atol=2e-2, rtol=2e-2)
+
+
+def test_router_dtype_none_is_the_input_dtype():
+    r = _router(E=8, K=2, router_dtype=None)
+    x = torch.randn(20, M)
+    assert torch.equal(r.scores(x), _router(E=8, K=2).scores(x))  # fp32 input: exactly the default
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(r.scores(xb), _router(E=8, K=2, router_dtype=torch.bfloat16).scores(xb))
+    xd = x.double()
+    want = torch.softmax((xd @ r.weight.double().t()).float(), dim=-1)
+    assert torch.equal(r.scores(xd), want)
+
+
+def test_default_router_dtype_keeps_fp32_logits_for_bf16_input():
+    r = _router(E=8, K=2)
+    xb = torch.randn(20, M).to(torch.bfloat16)
+    assert torch.equal(r.scores(xb), torch.softmax(xb.float() @ r.weight.t(), dim=-1))
+
+
+def test_router_dtype_bf16_gradient_reaches_the_fp32_weight():
+    r = _router(E=8, K=2, router_dtype=torch.bfloat16, aux_loss_coef=0.0)
+    x = torch.randn(10, M, requires_grad=True)
+    r(x).weights.sum().backward()
+    assert r.weight.grad is not None and r.weight.grad.dtype == torch.float32 and r.weight.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, error, param", [
+    (dict(routed_scaling_factor=0.0), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=-1.0), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("inf")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor="2.5"), TypeError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=True), TypeError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=None), TypeError, "routed_scaling_factor"),
+    (dict(router_dtype="bf16"), TypeError, "router_dtype"),
+    (dict(router_dtype=float), TypeError, "router_dtype"),
+    (dict(router_dtype=torch.int32), ValueError, "router_dtype"),
+    (dict(router_dtype=torch.bool), ValueError, "router_dtype"),
+    (dict(router_dtype=torch.complex64), ValueError, "router_dtype"),
+])
+def test_new_options_reject_bad_values_by_name(kwargs, error, param):
+    with pytest.raises(error) as ei:
+        Router(M, 8, 2, **kwargs)
+    assert param in str(ei.value)
+
+
+def test_routed_scaling_factor_accepts_an_int():
+    assert Router(M, 8, 2, routed_scaling_factor=2).routed_scaling_factor == 2.0
