@@ -47,9 +47,12 @@ class HFMoEBlock(nn.Module):
         self.hf_keys = tuple(hf_keys)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, E]`` router logits of ``x`` ``[..., M]`` as HF's router returns them (in the input's dtype)."""
+        """``[T, E]`` router logits of ``x`` ``[..., M]`` as HF's router returns them (in the router's dtype: the
+        input's, or the fixed one the family's gate computes in)."""
+        router = self.moe.router
         x2 = x.reshape(-1, self.moe.hidden_size)
-        return F.linear(x2, self.moe.router.weight.to(x2.dtype))
+        dtype = getattr(router, "router_dtype", None) or x2.dtype
+        return F.linear(x2.to(dtype), router.weight.to(dtype))
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states

@@ -82,14 +82,31 @@ def _is_silu(act: nn.Module) -> bool:
     return type(act).__name__ in ("SiLUActivation", "SiLU")
 
 
+def _swiglu_missing(mlp: nn.Module | None, what: str) -> str | None:
+    if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        return f"expected a dense SwiGLU {what} (gate_proj, up_proj, down_proj): another transformers layout"
+    if any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        return f"biases in the {what} (MoELayer's shared experts have none)"
+    act = getattr(mlp, "act_fn", None)
+    if act is not None and not _is_silu(act):
+        return f"{what} activation {type(act).__name__} (MoELayer's shared experts are SwiGLU)"
+    return None
+
+
 class FusedSwiGLUAdapter(FamilyAdapter):
-    """transformers 5.x's common layout: ``gate`` (``weight`` ``[E, M]``, softmax over experts, top-k) and fused
-    SiLU-gated ``experts`` (``gate_up_proj`` ``[E, 2F, M]``, ``down_proj`` ``[E, M, F]``), no shared expert.
+    """transformers 5.x's common layout: ``gate`` (``weight`` ``[E, M]``, softmax over experts, top-k), fused
+    SiLU-gated ``experts`` (``gate_up_proj`` ``[E, 2F, M]``, ``down_proj`` ``[E, M, F]``), and optionally a dense
+    SwiGLU shared expert (the block's ``shared_expert`` attribute, ``gate_proj``/``up_proj``/``down_proj``), itself
+    optionally gated per token (``shared_expert_gate``, ``Linear(M, 1)``).
 
     ``norm_topk_prob``: ``None`` reads the router's ``norm_topk_prob`` attribute; a bool is the family's fixed rule.
+    ``router_dtype``: the gate's logits dtype (``None``: the model's, as HF's Qwen/Mixtral/OLMoE gates compute them).
     """
 
     norm_topk_prob: bool | None = None
+    router_dtype: torch.dtype | None = None
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
 
     def missing(self, block, config):
         experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)
@@ -102,6 +119,14 @@ class FusedSwiGLUAdapter(FamilyAdapter):
         act = getattr(experts, "act_fn", None)
         if act is not None and not _is_silu(act):
             return f"activation {type(act).__name__} (MoELayer experts are SiLU-gated: SwiGLU)"
+        if self.shared_expert is not None:
+            missing = _swiglu_missing(getattr(block, self.shared_expert, None), self.shared_expert)
+            if missing is not None:
+                return missing
+        if self.shared_expert_gate is not None:
+            sg = getattr(block, self.shared_expert_gate, None)
+            if not isinstance(sg, nn.Linear) or sg.out_features != 1 or sg.bias is not None:
+                return f"expected {self.shared_expert_gate} to be Linear(hidden, 1, bias=False)"
         return None
 
     def hidden_size(self, block):
@@ -110,11 +135,19 @@ class FusedSwiGLUAdapter(FamilyAdapter):
     def _norm(self, block) -> bool:
         return bool(block.gate.norm_topk_prob) if self.norm_topk_prob is None else self.norm_topk_prob
 
+    def router_kwargs(self, block) -> dict:
+        """The family's routing rule as MoELayer options."""
+        return dict(score_func="softmax", norm_topk_prob=self._norm(block), router_dtype=self.router_dtype)
+
     def layer_kwargs(self, block, config):
         num_experts, hidden = block.gate.weight.shape
         ffn = block.experts.down_proj.shape[2]
         kwargs = dict(hidden_size=hidden, ffn_hidden_size=ffn, num_experts=num_experts, top_k=int(block.gate.top_k),
-                      score_func="softmax", norm_topk_prob=self._norm(block), dtype=block.experts.down_proj.dtype)
+                      dtype=block.experts.down_proj.dtype, **self.router_kwargs(block))
+        if self.shared_expert is not None:
+            kwargs.update(num_shared_experts=1,
+                          shared_ffn_hidden_size=getattr(block, self.shared_expert).gate_proj.out_features,
+                          shared_expert_gate=self.shared_expert_gate is not None)
         coef = getattr(config, "router_aux_loss_coef", None)
         if coef is not None:
             kwargs["aux_loss_coef"] = float(coef)
@@ -128,14 +161,29 @@ class FusedSwiGLUAdapter(FamilyAdapter):
         moe.experts.w_gate.copy_(gate_up[:, :ffn, :].transpose(1, 2))
         moe.experts.w_up.copy_(gate_up[:, ffn:, :].transpose(1, 2))
         moe.experts.w_down.copy_(down.transpose(1, 2))
+        if self.shared_expert is not None:
+            mlp, shared = getattr(block, self.shared_expert), moe.shared_experts
+            shared.w_gate.copy_(mlp.gate_proj.weight.detach().t())
+            shared.w_up.copy_(mlp.up_proj.weight.detach().t())
+            shared.w_down.copy_(mlp.down_proj.weight.detach().t())
+        if self.shared_expert_gate is not None:
+            moe.shared_expert_gate.weight.copy_(getattr(block, self.shared_expert_gate).weight.detach())
 
     def hf_state(self, moe):
         w_gate, w_up, w_down = _experts_by_id(moe)
-        return {
+        state = {
             "gate.weight": moe.router.weight.detach().clone(),
             "experts.gate_up_proj": torch.cat([w_gate.transpose(1, 2), w_up.transpose(1, 2)], dim=1).contiguous(),
             "experts.down_proj": w_down.transpose(1, 2).contiguous(),
         }
+        if self.shared_expert is not None:
+            shared, p = moe.shared_experts, self.shared_expert
+            state[f"{p}.gate_proj.weight"] = shared.w_gate.detach().t().contiguous()
+            state[f"{p}.up_proj.weight"] = shared.w_up.detach().t().contiguous()
+            state[f"{p}.down_proj.weight"] = shared.w_down.detach().t().contiguous()
+        if self.shared_expert_gate is not None:
+            state[f"{self.shared_expert_gate}.weight"] = moe.shared_expert_gate.weight.detach().clone()
+        return state
 
 
 class Qwen3MoeAdapter(FusedSwiGLUAdapter):
@@ -158,6 +206,49 @@ class OlmoeAdapter(FusedSwiGLUAdapter):
     """OLMoE: softmax router, top-k renormalised when ``config.norm_topk_prob`` (off by default)."""
 
     name, block_classes = "olmoe", ("OlmoeSparseMoeBlock",)
+
+
+class Qwen2MoeAdapter(FusedSwiGLUAdapter):
+    """Qwen2-MoE: softmax router (``norm_topk_prob``, off by default), one shared expert gated per token by
+    ``sigmoid(shared_expert_gate(x))``."""
+
+    name, block_classes = "qwen2_moe", ("Qwen2MoeSparseMoeBlock",)
+    shared_expert, shared_expert_gate = "shared_expert", "shared_expert_gate"
+
+
+class DeepseekV3Adapter(FusedSwiGLUAdapter):
+    """DeepSeek-V3: sigmoid scores in fp32; experts selected on ``scores + e_score_correction_bias`` within the best
+    ``topk_group`` of ``n_group`` groups (a group scores its top-2 sum); weighted by the unbiased scores,
+    renormalised when ``norm_topk_prob``, times ``routed_scaling_factor``; ungated shared experts
+    (``moe_intermediate_size * n_shared_experts`` wide). The bias is loaded as the router's fixed selection bias
+    (``router.expert_bias``); set ``router.bias_update_rate`` to learn it aux-loss-free."""
+
+    name, block_classes = "deepseek_v3", ("DeepseekV3MoE",)
+    router_dtype = torch.float32
+    shared_expert = "shared_experts"
+
+    def missing(self, block, config):
+        gate = getattr(block, "gate", None)
+        for attr in ("e_score_correction_bias", "num_group", "topk_group", "routed_scaling_factor", "norm_topk_prob"):
+            if not hasattr(gate, attr):
+                return f"expected the router to have {attr}: another transformers layout"
+        return super().missing(block, config)
+
+    def router_kwargs(self, block):
+        gate = block.gate
+        return dict(score_func="sigmoid", norm_topk_prob=bool(gate.norm_topk_prob), num_expert_groups=int(gate.num_group),
+                    topk_groups=int(gate.topk_group), routed_scaling_factor=float(gate.routed_scaling_factor),
+                    router_dtype=self.router_dtype)
+
+    @torch.no_grad()
+    def load_(self, moe, block):
+        super().load_(moe, block)
+        moe.router.expert_bias.copy_(block.gate.e_score_correction_bias.detach())
+
+    def hf_state(self, moe):
+        state = super().hf_state(moe)
+        state["gate.e_score_correction_bias"] = moe.router.expert_bias.detach().clone()
+        return state
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
@@ -187,18 +278,10 @@ def family(name: str) -> FamilyAdapter:
         raise KeyError(f"no Hugging Face family {name!r}; known: {sorted(FAMILIES)}") from None
 
 
-for _adapter in (Qwen3MoeAdapter(), MixtralAdapter(), OlmoeAdapter()):
+for _adapter in (Qwen3MoeAdapter(), MixtralAdapter(), OlmoeAdapter(), Qwen2MoeAdapter(), DeepseekV3Adapter()):
     register_family(_adapter)
 
-# Families MoELayer cannot express today (each becomes an adapter when MoELayer gains the options named).
-register_family(Refusal(
-    "qwen2_moe", ("Qwen2MoeSparseMoeBlock",),
-    "Qwen2-MoE gates its shared expert (sigmoid(shared_expert_gate(x)) * shared_expert(x)); MoELayer has no gated "
-    "shared expert yet"))
-register_family(Refusal(
-    "deepseek_v3", ("DeepseekV3MoE",),
-    "DeepSeek-V3 needs routed_scaling_factor and a selection bias (e_score_correction_bias) that is always honoured; "
-    "MoELayer has neither yet (its expert_bias is used only with bias_update_rate > 0)"))
+# A family MoELayer cannot express today (an adapter replaces the refusal when MoELayer gains what is named).
 register_family(Refusal(
     "gpt_oss", ("GptOssMLP",),
     "gpt-oss needs a router bias, expert biases (gate_up_proj_bias, down_proj_bias) and a clamped GLU "

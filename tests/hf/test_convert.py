@@ -130,16 +130,45 @@ def test_unsupported_block_raises_type_error_naming_its_class_and_changes_nothin
     assert type(model.model.layers[0].mlp).__name__ == "Qwen3MoeSparseMoeBlock"  # checked before any change
 
 
-@pytest.mark.parametrize("model_type, missing", [
-    ("qwen2_moe", "shared_expert_gate"),
-    ("deepseek_v3", "routed_scaling_factor"),
-    ("gpt_oss", r"router bias, expert biases.*clamped GLU"),
-])
-def test_families_moelayer_cannot_express_yet_raise_type_error(model_type, missing):
-    model = build(model_type)
-    with pytest.raises(TypeError, match=rf"{BLOCK_CLASS[model_type]} .*cannot be converted: .*{missing}"):
+def test_gpt_oss_raises_type_error_naming_what_moelayer_lacks():
+    model = build("gpt_oss")
+    with pytest.raises(TypeError, match=r"GptOssMLP \(at 'model.layers.0.mlp', family gpt_oss\) cannot be converted: "
+                                        r".*router bias, expert biases.*clamped GLU"):
         hf.convert_(model)
-    assert type(model.model.layers[0].mlp).__name__ == BLOCK_CLASS[model_type]
+    assert type(model.model.layers[0].mlp).__name__ == "GptOssMLP"
+
+
+def test_deepseek_v3_selection_bias_and_scaling_are_honoured():
+    """The loaded e_score_correction_bias picks other experts (HF's logits change without it), and the converted
+    model picks the same ones; routed_scaling_factor and group-limited top-k come along."""
+    model = build("deepseek_v3", routed_scaling_factor=1.7)
+    ids = token_ids()
+    with torch.no_grad():
+        reference = model(ids).logits
+        gate = model.model.layers[0].mlp.gate
+        bias = gate.e_score_correction_bias.clone()
+        gate.e_score_correction_bias.zero_()
+        assert (model(ids).logits - reference).abs().max() > 1e-2
+        gate.e_score_correction_bias.copy_(bias)
+        hf.convert_(model)
+        router = model.model.layers[0].mlp.moe.router
+        torch.testing.assert_close(router.expert_bias, bias, rtol=0, atol=0)
+        assert (router.score_func, router.routed_scaling_factor, router.num_expert_groups, router.topk_groups) == (
+            "sigmoid", pytest.approx(1.7), 2, 1)
+        torch.testing.assert_close(model(ids).logits, reference, **EXACT)
+
+
+def test_qwen2_moe_shared_expert_gate_is_converted():
+    model = build("qwen2_moe")
+    ids = token_ids()
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf.convert_(model)
+        moe = model.model.layers[0].mlp.moe
+        assert moe.shared_expert_gate is not None and moe.shared_experts is not None
+        torch.testing.assert_close(model(ids).logits, reference, **EXACT)
+        moe.shared_expert_gate.weight.zero_()  # sigmoid(0) = 1/2: the gate is in the function
+        assert (model(ids).logits - reference).abs().max() > 1e-2
 
 
 def test_a_non_silu_activation_is_refused():

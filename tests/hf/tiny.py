@@ -14,16 +14,16 @@ CONFIGS = {
                       num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1),
     "mixtral": dict(ATTENTION, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
     "olmoe": dict(ATTENTION, intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
-    # families MoELayer cannot express yet (refused by name)
     "qwen2_moe": dict(ATTENTION, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=16,
                       num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1),
     "deepseek_v3": dict(ATTENTION, num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_group=2,
                         topk_group=1, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
                         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    # a family MoELayer cannot express yet (refused by name)
     "gpt_oss": dict(ATTENTION, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
                     layer_types=["full_attention", "full_attention"]),
 }
-SUPPORTED = ("qwen3_moe", "mixtral", "olmoe")
+SUPPORTED = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3")
 BLOCK_CLASS = {"qwen3_moe": "Qwen3MoeSparseMoeBlock", "mixtral": "MixtralSparseMoeBlock", "olmoe": "OlmoeSparseMoeBlock",
                "qwen2_moe": "Qwen2MoeSparseMoeBlock", "deepseek_v3": "DeepseekV3MoE", "gpt_oss": "GptOssMLP"}
 
@@ -35,7 +35,8 @@ def config(model_type: str, **overrides):
 @torch.no_grad()
 def redraw_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """Matrices and 3-D expert tensors ~ N(0, 1/fan_in) (fan_in: the last dimension, as HF multiplies by it), norm
-    weights 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
+    weights 1 + N(0, 0.1^2), biases N(0, 0.1^2); DeepSeek-V3's selection bias ``e_score_correction_bias`` (a buffer)
+    N(0, 0.1^2), so that it changes which experts are picked."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
@@ -44,6 +45,9 @@ def redraw_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
             p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
         else:
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return model
 
 
