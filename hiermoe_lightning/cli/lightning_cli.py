@@ -1,4 +1,6 @@
-"""``hiermoe fit|validate|test --config FILE.yaml``: LightningCLI over the bundled MoE model and text data.
+"""``hiermoe fit|validate|test --config FILE.yaml``: LightningCLI over any LightningModule (the bundled
+:class:`~hiermoe_lightning.models.MoEGPT`, a Hugging Face model through :class:`~hiermoe_lightning.hf.HFCausalLM`, or
+your own, named by ``class_path``) and the text data.
 
 Configs use ``class_path``/``init_args`` (see ``configs/``) and may use omegaconf interpolation (``${...}``).
 ``trainer.strategy: hiermoe`` works because importing the package registers the strategy.
@@ -6,13 +8,14 @@ Configs use ``class_path``/``init_args`` (see ``configs/``) and may use omegacon
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
 import hiermoe_lightning  # noqa: F401  (registers the "hiermoe" strategy)
 
 from ..data import ByteTextDataModule
-from ..models import MoEGPT
+from ..models import MoEGPT  # noqa: F401  (the bundled model: configs name it by class_path)
 from ..validation import check_choice
 
 __all__ = ["run_lightning_cli", "HierMoECLI"]
@@ -83,7 +86,7 @@ def _checkpoint_hparams(path) -> dict:
 def run_lightning_cli(subcommand: str, argv: list[str]) -> int:
     check_choice(subcommand, "subcommand", ("fit", "validate", "test"))
     HierMoECLI(
-        MoEGPT, ByteTextDataModule,
+        pl.LightningModule, ByteTextDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
         args=[subcommand, *argv],
         save_config_kwargs={"overwrite": True},

@@ -3,12 +3,14 @@
 ``convert_(model)`` turns every supported sparse-MoE block into an :class:`HFMoEBlock` around a
 :class:`~hiermoe_lightning.MoELayer` (same logits; shard it with ``ExpertParallel`` or ``HierMoEStrategy``);
 ``to_hf_state_dict(model)`` gives the original HF class's state dict back. Families: :mod:`.families`.
+:class:`HFCausalLM` is a LightningModule over such a model (LightningCLI: ``configs/hf-*.yaml``).
 """
 
 from .block import HFMoEBlock
+from .causal_lm import HFCausalLM
 from .convert import convert_, find_moe_blocks
 from .export import to_hf_state_dict
 from .families import FAMILIES, FamilyAdapter, FusedSwiGLUAdapter, Refusal, register_family, supported_block_classes
 
-__all__ = ["convert_", "to_hf_state_dict", "HFMoEBlock", "FamilyAdapter", "FusedSwiGLUAdapter", "Refusal",
+__all__ = ["convert_", "to_hf_state_dict", "HFCausalLM", "HFMoEBlock", "FamilyAdapter", "FusedSwiGLUAdapter", "Refusal",
            "register_family", "supported_block_classes", "find_moe_blocks", "FAMILIES"]
