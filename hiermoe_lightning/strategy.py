@@ -82,6 +82,7 @@ from .faults.signals import StopFlag
 from .cost.link_costs import LinkCosts
 from .dispatch.engine import validate_pipeline_chunks
 from .dispatch.spec import validate_dispatch
+from .balancing import update_routing_biases
 from .layer import MoELayer
 from .parallel import ExpertParallel
 from .topology import Topology
@@ -273,14 +274,48 @@ class HierMoEStrategy(DDPStrategy):
     @override
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
         """The optimizer step, with one agreement among the ranks after the closure (forward and backward) and before
-        the parameters change: stop for a signal at the next step boundary; raise on a non-finite loss or router."""
+        the parameters change: stop for a signal at the next step boundary; raise on a non-finite loss or router.
+        After the step, the aux-loss-free bias update of every router with ``bias_update_rate > 0``
+        (:meth:`_update_routing_biases`)."""
+        model = model or self.lightning_module
+        ran = []  # the closure's verdict: whether this rank's step goes ahead
 
         def closure_then_agree():
             result = closure()
             self._agree_after_closure(result)
+            # automatic optimization: a None result means training_step returned None (backward skipped); in manual
+            # optimization the closure returns nothing (as Lightning's MixedPrecision plugin reads it)
+            ran.append(result is not None or not getattr(model, "automatic_optimization", True))
             return result
 
-        return super().optimizer_step(optimizer, closure_then_agree, model=model, **kwargs)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None and self._balanced_layers() else None
+        output = super().optimizer_step(optimizer, closure_then_agree, model=model, **kwargs)
+        # fp16 with a GradScaler: the scale drops exactly when it found inf/NaN gradients and skipped the step
+        taken = bool(ran) and all(ran) and (scale is None or scaler.get_scale() >= scale)
+        self._update_routing_biases(taken)
+        return output
+
+    def _balanced_layers(self) -> list[MoELayer]:
+        """The MoE layers whose router learns its selection bias (``bias_update_rate > 0``), in model order."""
+        if self._checked_layers is None:
+            self._checked_layers = ckpt.moe_layers(self.lightning_module)
+        return [layer for layer in self._checked_layers.values() if layer.router.bias_update_rate > 0]
+
+    def _update_routing_biases(self, step_taken: bool) -> None:
+        """Aux-loss-free balancing done by the strategy, for any LightningModule: after every optimizer step, the
+        global expert counts of every layer whose ``bias_update_rate > 0`` (its ``routed_tokens`` since the last
+        update, summed over all ranks with one all-reduce for all layers together) update its bias identically on
+        every rank, and the counts reset (:func:`~hiermoe_lightning.balancing.update_routing_biases`). The counts are
+        of the tokens each rank routed, so the global count sums over every rank that trains on its own data: the
+        whole world (today also the expert-parallel group). A step skipped on some rank changes no bias (its counts
+        carry over to the next step). With gradient accumulation the counts cover every micro-batch of the step.
+        ``MoEGPT``'s own per-batch hook stands down under this strategy, so no model is updated twice."""
+        layers = self._balanced_layers()
+        if not layers:  # the default (rate 0 everywhere): no collective, nothing to do
+            return
+        distributed = dist.is_available() and dist.is_initialized() and self.world_size > 1
+        update_routing_biases(layers, dist.group.WORLD if distributed else None, step_taken=step_taken)
 
     def _agree_after_closure(self, loss) -> None:
         if self._checked_layers is None:  # the MoE layers in model order, found once (not a module walk per step)

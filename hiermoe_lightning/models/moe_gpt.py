@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
+from ..balancing import update_routing_biases
 from ..experts import SwiGLU, derive_seed
 from ..layer import MoELayer
 from ..validation import check_choice, check_int, check_number
@@ -265,16 +266,29 @@ class MoEGPT(pl.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Aux-loss-free balancing: update every MoE layer's selection bias (no-op when the rate is 0)."""
+        """Aux-loss-free balancing: update every MoE layer's selection bias after each training batch (no-op when the
+        rate is 0).
+
+        Under :class:`~hiermoe_lightning.strategy.HierMoEStrategy` this hook does nothing: the strategy updates the
+        biases of every model's layers itself, after each optimizer step that was taken
+        (``HierMoEStrategy._update_routing_biases``), so a model is never updated twice. Both go through the same
+        function, :func:`~hiermoe_lightning.balancing.update_routing_biases`. Without that strategy (one process, or
+        another strategy), the update runs here as it always has: after every batch (so, with gradient accumulation,
+        after every micro-batch, where the strategy updates once per optimizer step).
+        """
+        from ..strategy import HierMoEStrategy  # here: strategy.py imports the layers, not the models
+
+        if self._trainer is not None and isinstance(self._trainer.strategy, HierMoEStrategy):
+            return
         if self.hparams.bias_update_rate > 0:
             self.update_routing_biases()
 
     def update_routing_biases(self, group: Any = None) -> None:
-        """``MoELayer.update_routing_bias`` on every layer; ``group`` defaults to WORLD when distributed is up."""
+        """:func:`~hiermoe_lightning.balancing.update_routing_biases` on every MoE layer (one all-reduce for all);
+        ``group`` defaults to WORLD when distributed is up."""
         if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             group = torch.distributed.group.WORLD
-        for layer in self.moe_layers():
-            layer.update_routing_bias(group=group)
+        update_routing_biases(self.moe_layers(), group)
 
     @override
     def configure_optimizers(self) -> Any:
