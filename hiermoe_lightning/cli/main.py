@@ -6,6 +6,7 @@ Subcommands::
     hiermoe plan ...                                            # cost-model report (cli/plan.py)
     hiermoe bench comm ...                                      # dispatch+combine micro-benchmark (bench/comm.py)
     hiermoe bench layer ...                                     # one sharded MoELayer, time split (bench/layer.py)
+    hiermoe bench build ...                                     # build + shard_ time and memory (bench/build.py)
 
 Errors (contract, "Errors"): bad input (``ValueError`` / ``TypeError``) and argparse errors print ONE line
 ``hiermoe: error: <message>`` on stderr and exit with status 2, without a traceback. ``--debug`` (before the
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     parser.add_argument("--debug", action="store_true", default=False,
                         help="show the full traceback of an error instead of one line")
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,plan,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,plan,export,bench}", required=True)
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, add_help=False, help=f"LightningCLI {name}: hiermoe {name} --config FILE.yaml [overrides]")
 
@@ -92,11 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(p)
     p.set_defaults(func=plan_cmd.run)
 
+    from . import export as export_cmd
+
+    p = sub.add_parser("export", help="a trained Hugging Face model's checkpoint as a Hugging Face directory",
+                       description=(export_cmd.__doc__ or "").strip().splitlines()[0])
+    export_cmd.add_arguments(p)
+    _add_debug(p)
+    p.set_defaults(func=export_cmd.run)
+
     import importlib
 
     benches = {  # name -> (module, one-line help)
         "comm": ("comm", "time dispatch+combine of every dispatch on spawned gloo ranks"),
         "layer": ("layer", "forward+backward of one sharded MoELayer, time split"),
+        "build": ("build", "per-rank build time and peak memory: every expert then shard_, against device='meta'"),
         "e2e": ("e2e", "tokens/s of training the bundled model per dispatch, with and without swaps"),
         "placement": ("placement", "swap planner vs no swap, EPLB-style and SmartMoE-style placements"),
         "simulate": ("simulate", "paper-scale predictions with the cost model, beside the paper's table"),

@@ -9,6 +9,7 @@ token cross-entropy plus the MoE layers' aux losses; validation and test log los
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -94,6 +95,14 @@ class HFCausalLM(pl.LightningModule):
     @override
     def test_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
         return self._evaluate(batch, self.test_metrics, "test")
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the model's Hugging Face config in every checkpoint (``hiermoe export`` rebuilds the model from it,
+        also when it came from a ``pretrained`` directory that is gone by then)."""
+        from .checkpoint_export import HF_CONFIG_KEY
+
+        checkpoint[HF_CONFIG_KEY] = json.loads(self.model.config.to_json_string())
 
     @override
     def configure_optimizers(self) -> Any:
