@@ -17,7 +17,7 @@ from torch import nn
 
 from .dispatch.dispatcher import HopDispatcher, TokenDispatcher
 from .dispatch.engine import DispatchHandle, apply_experts
-from .experts import ExpertBank, SwiGLU, _normal, derive_seed
+from .experts import ExpertBank, SwiGLU, _normal, derive_seed, experts_on_meta, resolve_device
 from .placement import Placement
 from .routing import Router
 from .validation import check_bool, check_choice, check_int, check_number
@@ -86,8 +86,19 @@ class MoELayer(nn.Module):
         router_dtype: torch.dtype | None = torch.float32,
         shared_expert_gate: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: "torch.device | str | None" = None,
     ):
+        # device: where every tensor is built (None: the current default device, e.g. inside `with torch.device(
+        # "meta")`). On "meta" nothing is allocated or drawn; shard_ (or materialize_) fills the tensors later with
+        # the values a normal build gives. The arguments are kept: materialize_ rebuilds the non-expert parts from them.
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if device is not None:
+            with torch.device(device):
+                MoELayer.__init__(self, **{**init_args, "device": None})
+            self._init_args = init_args
+            return
         super().__init__()
+        self._init_args = init_args
         for name, value in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size),
                             ("num_experts", num_experts), ("top_k", top_k)):
             check_int(value, name, 1)
@@ -113,7 +124,8 @@ class MoELayer(nn.Module):
             if num_shared_experts else None
         )
         self.shared_expert_gate = _shared_expert_gate(hidden_size, seed, dtype) if shared_expert_gate else None
-        self.placement: Placement = Placement.contiguous(num_experts, 1)
+        with torch.device("cpu"):  # placements are host metadata, also when the layer is built on meta
+            self.placement: Placement = Placement.contiguous(num_experts, 1)
         self.expert_parallel: "ExpertParallel | None" = None
         self.dispatcher: TokenDispatcher = HopDispatcher(self)  # unsharded: no hop
         self._slot_of_expert: tuple = (None, None)  # (placement, expert_to_slot on the input's device)
@@ -226,15 +238,54 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher
 
     def become_expert_parallel(self, expert_parallel: "ExpertParallel", placement: Placement,
-                               dispatcher: TokenDispatcher) -> None:
+                               dispatcher: TokenDispatcher, device: "torch.device | str | None" = None) -> None:
         """Keep only the experts ``placement`` puts on this rank and route with ``dispatcher`` over
         ``expert_parallel`` (what :meth:`ExpertParallel.shard_ <hiermoe_lightning.parallel.ExpertParallel.shard_>`
-        does to every layer)."""
+        does to every layer). A layer built on meta is then materialised on ``device`` (:meth:`materialize_`): only
+        the kept experts are allocated and drawn."""
         if self.is_sharded:
             raise ValueError("MoELayer is already sharded")
         self.experts.keep_slots(placement.experts_of(expert_parallel.rank))
         self.placement, self.expert_parallel = placement, expert_parallel
         self.use_dispatcher(dispatcher)
+        if self.is_meta:
+            self.materialize_(device)
+
+    @property
+    def is_meta(self) -> bool:
+        """Whether any parameter or buffer is still on the meta device (built with ``device="meta"``)."""
+        return any(t.is_meta for t in self.parameters()) or any(t.is_meta for t in self.buffers())
+
+    @torch.no_grad()
+    def materialize_(self, device: "torch.device | str | None" = None) -> "MoELayer":
+        """Give every meta parameter and buffer real storage on ``device`` (None: the current default device, the CPU
+        under a meta default), with exactly the values a normal build with the same arguments gives: the experts of
+        the slots the layer holds (all of them unsharded, this rank's after sharding) from their own seeds, the rest
+        (router, shared experts and their gate, buffers) from a build of the layer's non-expert parts. Tensors that
+        are not on meta are kept. Returns the layer."""
+        device = resolve_device(device)
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self.experts.materialize_(device)
+        rest = [(name, m) for name, m in self.named_modules() if not name.startswith("experts")]
+        if any(t.is_meta for _, m in rest for t in (*m._parameters.values(), *m._buffers.values()) if t is not None):
+            with experts_on_meta():  # the twin's experts stay on meta: nothing drawn for them
+                twin = MoELayer(**{**self._init_args, "device": device})
+            for name, module in rest:
+                source = twin.get_submodule(name)
+                for key, p in module._parameters.items():
+                    if p is not None and p.is_meta:
+                        module._parameters[key] = nn.Parameter(source._parameters[key].detach(),
+                                                               requires_grad=p.requires_grad)
+                for key, b in module._buffers.items():
+                    if b is not None and b.is_meta:
+                        module._buffers[key] = source._buffers[key]
+        if self.aux_loss.is_meta:
+            self.aux_loss = torch.zeros((), device=device)
+        left = [n for n, t in (*self.named_parameters(), *self.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"MoELayer.materialize_ left tensors on meta: {', '.join(left)}")
+        return self
 
     @property
     def dispatch(self) -> str:

@@ -283,10 +283,15 @@ class ExpertParallel:
                 m.auto_calls = 0
 
     # ------------------------------------------------------------------ sharding
-    def shard_(self, module: nn.Module) -> nn.Module:
+    def shard_(self, module: nn.Module, device: "torch.device | str | None" = None) -> nn.Module:
         """In place: every MoELayer inside keeps only this rank's experts (contiguous placement) and routes with the
         chosen dispatch (a :class:`~hiermoe_lightning.dispatch.dispatcher.HopDispatcher`). Checks every layer before
-        changing any."""
+        changing any.
+
+        A layer built on the meta device (``MoELayer(..., device="meta")`` or inside ``with torch.device("meta")``)
+        is materialised on ``device`` (None: the current default device, the CPU under a meta default): only this
+        rank's experts are allocated, each drawn from its own seed, plus the layer's router, shared experts and
+        buffers, all with exactly the values of a normal build. Layers built normally are sharded as before."""
         layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
         for name, layer in layers:
             if layer.is_sharded:
@@ -297,6 +302,7 @@ class ExpertParallel:
                     f"expert-parallel world size ({self.world_size})"
                 )
         for _, layer in layers:
-            layer.become_expert_parallel(self, Placement.contiguous(layer.num_experts, self.world_size),
-                                         HopDispatcher(layer, self))
+            with torch.device("cpu"):  # placements are host metadata (also under a meta default device)
+                placement = Placement.contiguous(layer.num_experts, self.world_size)
+            layer.become_expert_parallel(self, placement, HopDispatcher(layer, self), device=device)
         return module

@@ -57,7 +57,8 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Union
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,7 @@ from .faults.signals import StopFlag
 from .cost.link_costs import LinkCosts
 from .dispatch.engine import validate_pipeline_chunks
 from .dispatch.spec import validate_dispatch
+from .experts import derive_seed
 from .balancing import update_routing_biases
 from .layer import MoELayer
 from .parallel import ExpertParallel
@@ -91,7 +93,7 @@ from .validation import check_flag, check_positive_int
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["GlobalNormClipping", "HierMoEStrategy", "register_strategy"]
+__all__ = ["GlobalNormClipping", "HierMoEStrategy", "materialize_dense_", "register_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +227,26 @@ class HierMoEStrategy(DDPStrategy):
         self.precision_plugin = GlobalNormClipping.adopt(self.precision_plugin, self)
         super().setup(trainer)
 
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Iterator[None]:
+        """``trainer.init_module(empty_init=True)`` builds on the meta device (nothing allocated, nothing drawn);
+        :meth:`setup` then materialises only what each rank keeps (:meth:`_shard_model`). Otherwise DDP's context."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init=empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
     def _shard_model(self) -> None:
+        """Shard every MoELayer; materialise what was built on meta (``configure_model`` or
+        ``trainer.init_module(empty_init=True)``) on the root device: each MoE layer only this rank's experts, with
+        the values of a normal build (:meth:`ExpertParallel.shard_`), then the dense modules
+        (:func:`materialize_dense_`; DDP broadcasts rank 0's dense values when it wraps the model)."""
         module = self.lightning_module
         layers = [m for m in module.modules() if isinstance(m, MoELayer)]
+        check_dense_materializable(module)  # before any collective: the same verdict on every rank
         if self.expert_parallel is None:
             self.expert_parallel = ExpertParallel(self.topology, dispatch=self._dispatch, link_costs=self._link_costs,
                                                   verify_splits=self._verify_splits, auto_interval=self._auto_interval,
@@ -235,13 +254,13 @@ class HierMoEStrategy(DDPStrategy):
                                                   shared_memory=self._shared_memory)
         for layer in layers:
             layer.router.check_finite = self._check_finite
-        if not layers or all(layer.is_sharded for layer in layers):
-            return
-        self.expert_parallel.shard_(module)
-        scale = 1.0 / self.expert_parallel.world_size
-        for layer in layers:
-            for p in layer.experts.slot_parameters():
-                self._grad_hooks.append(p.register_hook(lambda g, s=scale: g * s))
+        if layers and not all(layer.is_sharded for layer in layers):
+            self.expert_parallel.shard_(module, device=self.root_device)
+            scale = 1.0 / self.expert_parallel.world_size
+            for layer in layers:
+                for p in layer.experts.slot_parameters():
+                    self._grad_hooks.append(p.register_hook(lambda g, s=scale: g * s))
+        materialize_dense_(module, self.root_device)
 
     def expert_parameter_names(self) -> list[str]:
         return list(ckpt.expert_parameter_names(self.lightning_module))
@@ -620,6 +639,18 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
             raise
 
     @override
+    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer) -> None:
+        module = trainer.lightning_module
+        if worker_output.weights_path is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            # built on meta in this process (trainer.init_module(empty_init=True)): copying into a meta tensor is a
+            # no-op, so the ranks' unsharded tensors replace them; then Lightning's bookkeeping, with nothing to load
+            state = self._strategy.checkpoint_io.load_checkpoint(worker_output.weights_path)
+            module.load_state_dict(state, strict=False, assign=True)
+            self._strategy.checkpoint_io.remove_checkpoint(worker_output.weights_path)
+            worker_output = worker_output._replace(weights_path=None)
+        super()._recover_results_in_main_process(worker_output, trainer)
+
+    @override
     def _collect_rank_zero_results(self, trainer, results: Any) -> Optional[_WorkerOutput]:
         checkpoint_callback = trainer.checkpoint_callback
         best_model_path = getattr(checkpoint_callback, "best_model_path", None) if checkpoint_callback else None
@@ -632,6 +663,65 @@ class _UnshardedResultLauncher(_MultiProcessingLauncher):
             weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
             self._strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         return _WorkerOutput(best_model_path, weights_path, trainer.state, results, self.get_extra_results(trainer))
+
+
+def _outside_moe(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every module that is neither a MoELayer nor inside one."""
+    moe = [name for name, m in module.named_modules() if isinstance(m, MoELayer)]
+    return [(name, m) for name, m in module.named_modules()
+            if not any(p == "" or name == p or name.startswith(p + ".") for p in moe)]
+
+
+def _dense_meta_modules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every module outside the MoE layers that itself holds a parameter or buffer on meta."""
+    out = []
+    for name, m in _outside_moe(module):
+        tensors = (*m._parameters.values(), *m._buffers.values())
+        if any(t is not None and t.is_meta for t in tensors):
+            out.append((name, m))
+    return out
+
+
+def check_dense_materializable(module: torch.nn.Module) -> None:
+    """TypeError naming every module outside the MoE layers that holds tensors on meta and has no
+    ``reset_parameters()`` (:func:`materialize_dense_` could not give them values)."""
+    bad = [name or type(module).__name__ for name, m in _dense_meta_modules(module)
+           if not callable(getattr(m, "reset_parameters", None))]
+    if bad:
+        raise TypeError(
+            f"these modules hold parameters or buffers on the meta device and have no reset_parameters() to "
+            f"materialise them: {', '.join(bad)}. Give each a reset_parameters() that initialises its own tensors "
+            f"(torch's convention), or build them on a real device: only the MoE layers need meta "
+            f"(MoELayer(..., device=\"meta\")).")
+    other = [f"{name or type(module).__name__}.{key}" for name, m in _outside_moe(module)
+             for key, value in vars(m).items() if isinstance(value, torch.Tensor) and value.is_meta]
+    if other:
+        raise TypeError(
+            f"these tensors are on the meta device and are neither parameters nor buffers, so nothing can "
+            f"materialise them (e.g. torchmetrics states): {', '.join(other)}. Build their modules on a real device "
+            f"(inside `with torch.device(\"cpu\")`).")
+
+
+@torch.no_grad()
+def materialize_dense_(module: torch.nn.Module, device: "torch.device | str" = "cpu", *, seed: int = 0) -> list[str]:
+    """Materialise what is left on meta outside the MoE layers (which ``ExpertParallel.shard_`` or
+    ``MoELayer.materialize_`` handle): every module that itself holds a meta parameter or buffer gets storage on
+    ``device`` (``to_empty(recurse=False)``) and then its ``reset_parameters()``, run with the random generators
+    seeded from ``(seed, the module's name)`` and restored afterwards. So the values are the same on every rank and
+    in every run, and the caller's random state is untouched; they are those of the module's ``reset_parameters``,
+    not those of a normal build (a module seeded in its constructor is not reproduced; under HierMoEStrategy, DDP
+    broadcasts rank 0's dense values anyway). A module without ``reset_parameters`` is a TypeError naming it, raised
+    before anything changes. Returns the names of the modules materialised."""
+    check_dense_materializable(module)
+    device = torch.device(device)
+    done = []
+    for name, m in _dense_meta_modules(module):
+        m.to_empty(device=device, recurse=False)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(seed, "dense", name))
+            m.reset_parameters()
+        done.append(name)
+    return done
 
 
 def _check_timeout(timeout) -> datetime.timedelta:

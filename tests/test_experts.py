@@ -201,3 +201,53 @@ def test_forward_with_scale_equals_scaled_output():
     bank(torch.randn(0, M), [0, 0, 0], empty_scale).sum().backward()
     assert empty_scale.grad is not None
     assert all(p.grad is not None for p in bank.slot_parameters())
+
+
+# ------------------------------------------------------------------ built on meta, materialised later
+def test_meta_bank_allocates_and_draws_nothing(monkeypatch):
+    def no_draws(*a, **k):
+        raise AssertionError("a meta build must not draw")
+
+    monkeypatch.setattr(torch, "Generator", no_draws)
+    bank = ExpertBank(range(6), M, FF, seed=3, device="meta")
+    assert all(p.is_meta for p in _params(bank)) and bank.is_meta
+    assert [tuple(p.shape) for p in _params(bank)] == [(6, M, FF), (6, M, FF), (6, FF, M)]
+    with torch.device("meta"):
+        ctx = ExpertBank(range(6), M, FF, seed=3)
+    assert ctx.is_meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_bank_materialises_to_the_normal_build(dtype):
+    normal = ExpertBank(range(6), M, FF, seed=3, dtype=dtype)
+    meta = ExpertBank(range(6), M, FF, seed=3, dtype=dtype, device="meta")
+    meta.materialize_("cpu")
+    assert not meta.is_meta
+    for a, b in zip(_params(meta), _params(normal)):
+        assert a.dtype == b.dtype == dtype and a.device.type == "cpu" and torch.equal(a, b)
+
+
+def test_meta_keep_slots_then_materialise_draws_only_the_kept_experts():
+    normal = ExpertBank(range(8), M, FF, seed=5)
+    meta = ExpertBank(range(8), M, FF, seed=5, device="meta")
+    meta.w_up.requires_grad_(False)
+    meta.keep_slots(torch.tensor([6, 2]))
+    assert meta.is_meta and meta.num_slots == 2 and meta.init_expert_ids == [6, 2]
+    meta.materialize_()
+    for a, b in zip(_params(meta), _params(normal)):
+        assert a.shape[0] == 2 and a.untyped_storage().nbytes() == a.numel() * a.element_size()
+        assert torch.equal(a, b.detach()[[6, 2]])
+    assert not meta.w_up.requires_grad and meta.w_gate.requires_grad
+
+
+def test_materialize_leaves_a_normal_bank_alone():
+    bank = ExpertBank(range(4), M, FF, seed=1)
+    before = _params(bank)
+    bank.materialize_()
+    assert all(a is b for a, b in zip(_params(bank), before))
+
+
+def test_meta_swiglu_and_the_normal_one_have_the_same_shapes():
+    meta, normal = SwiGLU(M, FF, seed=2, device="meta"), SwiGLU(M, FF, seed=2)
+    for (n, a), (_, b) in zip(meta.named_parameters(), normal.named_parameters()):
+        assert a.is_meta and a.shape == b.shape and a.dtype == b.dtype, n

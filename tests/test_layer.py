@@ -480,3 +480,67 @@ def test_update_routing_bias_resets_counts_even_at_rate_zero_as_before():
     assert int(layer.routed_tokens.sum()) == 10
     layer.update_routing_bias()
     assert int(layer.routed_tokens.sum()) == 0 and torch.equal(layer.router.expert_bias, torch.zeros(E))
+
+
+# ------------------------------------------------------------------ built on meta (device="meta"), materialised later
+META_VARIANTS = [
+    dict(),
+    dict(num_shared_experts=2, shared_ffn_hidden_size=8, dtype=torch.bfloat16),
+    dict(score_func="sigmoid", num_expert_groups=4, topk_groups=2, bias_update_rate=0.01, capacity_factor=1.5),
+]
+
+
+def _all_tensors(layer):
+    return [*layer.named_parameters(), *layer.named_buffers()]
+
+
+@pytest.mark.parametrize("kw", META_VARIANTS)
+@pytest.mark.parametrize("how", ["argument", "context"])
+def test_meta_build_allocates_nothing_and_materialises_to_the_normal_build(kw, how, monkeypatch):
+    normal = _layer(seed=7, **kw)
+    real_generator = torch.Generator
+
+    def no_draws(*a, **k):
+        raise AssertionError("a meta build must not draw")
+
+    monkeypatch.setattr(torch, "Generator", no_draws)
+    if how == "argument":
+        layer = _layer(seed=7, device="meta", **kw)
+    else:
+        with torch.device("meta"):
+            layer = _layer(seed=7, **kw)
+    monkeypatch.setattr(torch, "Generator", real_generator)
+    assert layer.is_meta and all(t.is_meta for _, t in _all_tensors(layer))
+    assert layer.placement.expert_to_rank.device.type == "cpu"  # placements stay host metadata
+    assert layer.materialize_() is layer and not layer.is_meta
+    got, want = layer.state_dict(), normal.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].device.type == "cpu", name
+        assert torch.equal(got[name], want[name]), name
+    assert {n: p.requires_grad for n, p in layer.named_parameters()} == \
+        {n: p.requires_grad for n, p in normal.named_parameters()}
+    x = torch.randn(12, M).to(kw.get("dtype", torch.float32))
+    assert torch.equal(layer(x), normal(x))
+
+
+def test_meta_build_under_a_meta_default_materialises_on_the_cpu():
+    with torch.device("meta"):
+        layer = _layer(seed=1)
+        layer.materialize_()  # None under a meta default: the CPU
+    assert all(t.device.type == "cpu" for _, t in _all_tensors(layer)) and layer.aux_loss.device.type == "cpu"
+
+
+def test_materialize_keeps_tensors_that_are_not_on_meta():
+    layer = _layer(seed=1, device="meta")
+    layer.router.weight = torch.nn.Parameter(torch.ones(E, M))  # e.g. loaded with assign=True
+    layer.materialize_()
+    assert torch.equal(layer.router.weight, torch.ones(E, M))
+    assert torch.equal(layer.experts.w_gate, _layer(seed=1).experts.w_gate)
+
+
+def test_a_normal_build_is_unchanged_by_the_device_argument():
+    a, b = _layer(seed=4), _layer(seed=4, device="cpu")
+    for (n, x), (_, y) in zip(_all_tensors(a), _all_tensors(b)):
+        assert torch.equal(x, y), n
+    assert not a.is_meta and a.materialize_() is a

@@ -189,3 +189,64 @@ def test_async_fixed_size_gather_equals_gather_routings(world, rows):
             expected = _expected_gather([_routing_of(r, i) for r in range(world)])
             assert torch.equal(fixed[i], expected), (rank, i)
             assert torch.equal(together[i], expected), (rank, i)
+
+
+# ------------------------------------------------------------------ every rank builds only what it keeps
+META_KWARGS = dict(hidden_size=16, ffn_hidden_size=24, num_experts=8, top_k=2, seed=11, num_shared_experts=1,
+                   bias_update_rate=0.01)
+
+
+def _meta_shard_rank(rank, world, kwargs, how):
+    if how == "argument":
+        layer = MoELayer(**kwargs, device="meta")
+    else:
+        with torch.device("meta"):
+            layer = MoELayer(**kwargs)
+    was_meta = [n for n, t in (*layer.named_parameters(), *layer.named_buffers()) if not t.is_meta]
+    ExpertParallel(str(world), dispatch="flat").shard_(layer)
+    return {
+        "not_meta_before": was_meta,
+        "meta_after": [n for n, t in (*layer.named_parameters(), *layer.named_buffers()) if t.is_meta],
+        "state": {k: v.clone() for k, v in layer.state_dict().items()},
+        "experts": layer.local_expert_ids(), "slots": layer.experts.num_slots,
+        "expert_bytes": sum(p.untyped_storage().nbytes() for p in layer.experts.slot_parameters()),
+        "devices": sorted({t.device.type for _, t in (*layer.named_parameters(), *layer.named_buffers())}),
+    }
+
+
+@pytest.mark.parametrize("world, how, dtype", [(2, "argument", torch.float32), (4, "context", torch.bfloat16),
+                                               (4, "argument", torch.float32)])
+def test_meta_build_then_shard_keeps_only_local_experts_with_the_normal_values(world, how, dtype):
+    kwargs = {**META_KWARGS, "dtype": dtype}
+    normal = MoELayer(**kwargs).state_dict()
+    results = run_ranks(_meta_shard_rank, world, kwargs, how, timeout=60)
+    E, per = kwargs["num_experts"], kwargs["num_experts"] // world
+    for rank, r in enumerate(results):
+        assert r["not_meta_before"] == [] and r["meta_after"] == [] and r["devices"] == ["cpu"]
+        assert r["slots"] == per and r["experts"].tolist() == list(range(rank * per, (rank + 1) * per))
+        elem = torch.empty((), dtype=dtype).element_size()
+        assert r["expert_bytes"] == per * 3 * 16 * 24 * elem  # only this rank's experts were ever allocated
+        assert r["state"].keys() == normal.keys()
+        for name, want in normal.items():
+            got = r["state"][name]
+            if name.startswith("experts."):
+                want = want[r["experts"]]
+            assert got.dtype == want.dtype and torch.equal(got, want), (rank, name)
+
+
+class _MetaCase(Case):
+    """The same case, its layer built on meta on every rank (shard_ materialises it)."""
+
+    def build(self) -> MoELayer:
+        return MoELayer(16, 24, self.num_experts, self.top_k, seed=self.seed, dtype=self.dtype, device="meta",
+                        **self.layer_kwargs)
+
+
+@pytest.mark.parametrize("world, topology, dispatch", [(2, "2", "flat"), (4, "2x2", "hd2")])
+def test_sharded_meta_built_layer_matches_the_unsharded_reference(world, topology, dispatch):
+    cases = [Case(topology, dispatch, 8, 2, [5 + r for r in range(world)], seed=3),
+             Case(topology, dispatch, 8, 2, [3, 0, 4, 6][:world], seed=4, layer_kwargs={"num_shared_experts": 1})]
+    meta_cases = [_MetaCase(**vars(c)) for c in cases]
+    results = run_sharded(world, meta_cases)
+    for i, case in enumerate(cases):  # against the normally built unsharded layer
+        assert_matches_reference(case, [r[i] for r in results])
