@@ -12,8 +12,10 @@ Lightning internals used here (listed with the others in :mod:`hiermoe_lightning
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import sys
 from typing import Any, Callable
 
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -75,9 +77,10 @@ class SupervisedScriptLauncher(_SubprocessScriptLauncher):
             result = function(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - every way out must stop the ranks first
             raise self._failure(exc, watcher, trainer, report_dir) from None
-        watcher.stop()
-        watcher.wait_children(timeout=120.0)  # they finish their own teardown; none outlives the launcher
-        shutil.rmtree(report_dir, ignore_errors=True)
+        # the other ranks now run the rest of the script beside this one (a test, a checkpoint after fit: more
+        # collectives), so they are waited for when this process exits, not here; the watcher keeps watching
+        atexit.register(_wait_for_ranks_at_exit, watcher, report_dir)
+        _note_uncaught_errors()
         return result
 
     def _failure(self, exc: BaseException, watcher: RankWatcher, trainer, report_dir: str) -> BaseException:
@@ -95,6 +98,32 @@ class SupervisedScriptLauncher(_SubprocessScriptLauncher):
         if isinstance(error, RankDied) and error.log is None:
             error = RankDied(error.rank, error.pid, error.cause, error.step, report_dir)  # the survivors' logs
         return error
+
+
+_EXITING_WITH_ERROR = [False]  # set by the excepthook below: rank 0 is ending on an uncaught exception
+
+
+def _note_uncaught_errors() -> None:
+    """Chain ``sys.excepthook`` once so :func:`_wait_for_ranks_at_exit` knows rank 0 is failing (then the other
+    ranks may be stuck in a collective it will never join: waiting for them would only delay the exit)."""
+    if getattr(sys.excepthook, "_hiermoe", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        _EXITING_WITH_ERROR[0] = True
+        previous(exc_type, exc, tb)
+
+    hook._hiermoe = True
+    sys.excepthook = hook
+
+
+def _wait_for_ranks_at_exit(watcher: RankWatcher, report_dir: str) -> None:
+    """At rank 0's exit: give the other ranks time to finish the script (120 s; 5 s when rank 0 ends on an error),
+    then kill whatever is left, so none outlives the launcher."""
+    watcher.stop()
+    watcher.wait_children(timeout=5.0 if _EXITING_WITH_ERROR[0] else 120.0)
+    shutil.rmtree(report_dir, ignore_errors=True)
 
 
 def translate_process_failure(exc: BaseException, report_dir: str) -> BaseException:

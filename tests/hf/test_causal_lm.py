@@ -70,3 +70,13 @@ def test_the_shipped_config_trains_on_two_forked_ranks(tmp_path, monkeypatch):
             "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
             "--data.init_args.max_train_samples", "32", "--data.init_args.batch_size", "2"]
     assert run_lightning_cli("fit", args) == 0
+
+
+def test_the_shipped_deepseek_config_builds_a_converted_model():
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "hf-deepseek-v3-tiny.yaml").read_text())
+    module = HFCausalLM(**cfg["model"]["init_args"])
+    assert module.converted == ["model.layers.1.mlp", "model.layers.2.mlp"]  # layer 0 stays dense
+    logits = module(torch.randint(0, 256, (1, 8)))
+    assert logits.shape == (1, 8, 256) and torch.isfinite(logits).all()
