@@ -20,9 +20,12 @@ from typing_extensions import override
 
 from ..checkpoint import moe_layers
 from ..models.lm_metrics import TokenMetrics
-from ..validation import check_int, check_number
+from ..validation import check_choice, check_int, check_number
 
-__all__ = ["HFCausalLM"]
+__all__ = ["HFCausalLM", "AUX_LOSSES", "IGNORE_INDEX"]
+
+AUX_LOSSES = ("hf", "layers", "none")
+IGNORE_INDEX = -100  # targets that count nowhere (padding), as in Hugging Face
 
 
 class HFCausalLM(pl.LightningModule):
@@ -34,10 +37,18 @@ class HFCausalLM(pl.LightningModule):
         pretrained: a local directory ``AutoModelForCausalLM.from_pretrained`` reads (config + safetensors).
         lr / weight_decay / betas: AdamW.
         seed: the seed of a new model's weights.
+        aux_loss: ``"hf"`` (default): Hugging Face's load-balancing loss, pooled over every MoE layer as HF pools it,
+            padding excluded through the batch's attention mask, times the config's ``router_aux_loss_coef`` (the
+            converted blocks report their router logits to HF: ``output_router_logits``); ``"layers"``: the sum of
+            the MoE layers' own per-layer losses (``MoELayer.aux_loss``, no mask); ``"none"``.
+
+    Batches are ``(inputs, targets)`` or ``(inputs, targets, attention_mask)`` (``[B, S]`` each; targets already
+    shifted); with a mask, padded positions count neither in the loss nor in the metrics.
     """
 
     def __init__(self, config: dict | None = None, pretrained: str | None = None, *, lr: float = 3e-4,
-                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), seed: int = 0):
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), seed: int = 0,
+                 aux_loss: str = "hf"):
         super().__init__()
         if (config is None) == (pretrained is None):
             raise ValueError("HFCausalLM needs exactly one of config (a dict with model_type) and pretrained "
@@ -50,13 +61,16 @@ class HFCausalLM(pl.LightningModule):
         check_number(lr, "lr", low=0.0, low_open=True)
         check_number(weight_decay, "weight_decay", low=0.0)
         check_int(seed, "seed", 0)
+        check_choice(aux_loss, "aux_loss", AUX_LOSSES)
         self.save_hyperparameters()
         self.model = _build(config, pretrained, seed)
         from . import convert_
 
         self.converted = convert_(self.model)
         vocab = self.model.config.vocab_size
-        self.val_metrics, self.test_metrics = TokenMetrics(vocab), TokenMetrics(vocab)
+        self.val_metrics = TokenMetrics(vocab, ignore_index=IGNORE_INDEX)
+        self.test_metrics = TokenMetrics(vocab, ignore_index=IGNORE_INDEX)
+        self._hf_aux: torch.Tensor | None = None  # HF's pooled loss of the last forward (aux_loss="hf")
 
     @override
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -64,26 +78,42 @@ class HFCausalLM(pl.LightningModule):
         return self.model(input_ids=inputs, use_cache=False).logits
 
     def aux_loss(self) -> torch.Tensor:
-        """0-dim sum of the converted MoE layers' ``aux_loss`` from the last forward."""
-        layers = moe_layers(self.model).values()
-        return sum((layer.aux_loss for layer in layers), torch.zeros((), device=self.device))
+        """0-dim auxiliary loss of the last forward, as ``aux_loss`` chose (already times its coefficient)."""
+        zero = torch.zeros((), device=self.device)
+        if self.hparams.aux_loss == "layers":
+            return sum((layer.aux_loss for layer in moe_layers(self.model).values()), zero)
+        if self.hparams.aux_loss == "hf" and self._hf_aux is not None:
+            return self._router_aux_coef() * self._hf_aux
+        return zero
 
-    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = batch
-        logits = self(inputs)
-        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    def _router_aux_coef(self) -> float:
+        return float(getattr(self.model.config, "router_aux_loss_coef", 0.0) or 0.0)
+
+    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits [B, S, V], mean token cross-entropy, targets with padding as IGNORE_INDEX)``; with
+        ``aux_loss="hf"`` also keeps HF's pooled load-balancing loss of this forward (mask applied)."""
+        inputs, targets, mask = _unpack(batch)
+        want_router = self.hparams.aux_loss == "hf" and self._router_aux_coef() > 0
+        out = self.model(input_ids=inputs, attention_mask=mask, use_cache=False, output_router_logits=want_router)
+        self._hf_aux = getattr(out, "aux_loss", None) if want_router else None
+        if mask is not None:
+            targets = targets.masked_fill(mask == 0, IGNORE_INDEX)
+        logits = out.logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        return logits, loss, targets
 
     @override
     def training_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
-        _, lm_loss = self._loss(batch)
+        _, lm_loss, _ = self._loss(batch)
         aux = self.aux_loss()
         self.log("train/loss", lm_loss, prog_bar=True)
         self.log("train/aux_loss", aux)
         return lm_loss + aux
 
     def _evaluate(self, batch, metrics: TokenMetrics, prefix: str) -> torch.Tensor:
-        logits, lm_loss = self._loss(batch)
-        metrics.update(logits, batch[1])
+        logits, lm_loss, targets = self._loss(batch)
+        metrics.update(logits, targets)
         self.log(f"{prefix}/loss", lm_loss, prog_bar=prefix == "val", sync_dist=True)
         metrics.log(self, prefix)
         return lm_loss
@@ -108,6 +138,14 @@ class HFCausalLM(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
                                  weight_decay=self.hparams.weight_decay)
+
+
+def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(inputs, targets)`` or ``(inputs, targets, attention_mask)`` -> the three (mask None when absent)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError("an HFCausalLM batch must be (inputs, targets) or (inputs, targets, attention_mask), got "
+                         f"{type(batch).__name__} of {len(batch) if isinstance(batch, (tuple, list)) else '?'} items")
+    return batch[0], batch[1], batch[2] if len(batch) == 3 else None
 
 
 def _build(config: dict | None, pretrained: str | None, seed: int):
