@@ -8,6 +8,8 @@ MoEGPT` and any other LightningModule over a causal LM.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -21,13 +23,20 @@ class TokenMetrics(nn.Module):
 
     ``update(logits [B, S, V], targets [B, S])`` each batch, then :meth:`log` from the step: Lightning logs the
     epoch value under ``{prefix}/perplexity`` and ``{prefix}/accuracy``. Targets equal to ``ignore_index`` (e.g.
-    padding) count in neither."""
+    padding) count in neither.
+
+    Never built on the meta device: inside ``with torch.device("meta")`` (e.g. a model built by
+    ``trainer.init_module(empty_init=True)``) the states are made on the CPU instead, since nothing would ever
+    materialise them (they are neither parameters nor buffers) and they are tiny; Lightning moves them with the model.
+    Under any other default device they are made there, as before."""
 
     def __init__(self, vocab_size: int, ignore_index: int | None = None):
         super().__init__()
-        self.perplexity = Perplexity(ignore_index=ignore_index)
-        self.accuracy = MulticlassAccuracy(num_classes=vocab_size, average="micro",
-                                           ignore_index=ignore_index)
+        on_meta = torch.get_default_device().type == "meta"
+        with torch.device("cpu") if on_meta else contextlib.nullcontext():
+            self.perplexity = Perplexity(ignore_index=ignore_index)
+            self.accuracy = MulticlassAccuracy(num_classes=vocab_size, average="micro",
+                                               ignore_index=ignore_index)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:

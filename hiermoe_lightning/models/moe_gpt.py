@@ -13,6 +13,13 @@ and head of a byte model are tiny, and untied weights keep each parameter's grad
 Every parameter is initialised from ``seed`` alone, each tensor with its own ``torch.Generator`` seeded by
 ``derive_seed(seed, name...)``: building the model neither reads nor advances the global RNG, so every rank builds
 identical weights. MoE layer ``i`` gets ``seed=derive_seed(seed, "moe", i) % 2**31``.
+
+Built on the meta device (``with torch.device("meta")``, or ``trainer.init_module(empty_init=True)`` under
+:class:`~hiermoe_lightning.HierMoEStrategy`), nothing is allocated or drawn; every dense module (the model itself for
+``tok_emb`` and ``lm_head``, the norms, the attentions, the dense FFNs) has a ``reset_parameters()`` that re-draws its
+own tensors from the same seeds, so the strategy's dense rule (``to_empty`` + ``reset_parameters``) and the MoE layers'
+``shard_`` / ``materialize_`` give exactly the values of a normal build. The validation/test metrics are never built
+on meta (they hold no parameters, only small CPU states).
 """
 
 import math
@@ -59,10 +66,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _seeded_normal(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
-    """A ``shape`` tensor of N(0, std^2) drawn from its own generator (the global RNG is untouched)."""
+def _seeded_normal(shape: tuple[int, ...], std: float, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A ``shape`` CPU tensor of N(0, std^2) drawn from its own generator (the global RNG is untouched), in ``dtype``
+    (None: the default dtype)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * std
+    return torch.randn(*shape, generator=g, dtype=dtype, device="cpu") * std
+
+
+@torch.no_grad()
+def _fill_normal_(param: torch.Tensor, std: float, seed: int) -> None:
+    """``param`` := ``_seeded_normal(param.shape, std, seed)`` drawn in its dtype (the values a build with that
+    default dtype draws), wherever it lives; a meta tensor is left alone (nothing to fill)."""
+    if not param.is_meta:
+        param.copy_(_seeded_normal(tuple(param.shape), std, seed, param.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -71,7 +87,14 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``weight`` := ones."""
+        if not self.weight.is_meta:
+            self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -93,9 +116,15 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, *, seed: int, out_std: float):
         super().__init__()
-        self.num_heads = num_heads
-        self.w_qkv = nn.Parameter(_seeded_normal((3 * hidden_size, hidden_size), hidden_size**-0.5, derive_seed(seed, "qkv")))
-        self.w_out = nn.Parameter(_seeded_normal((hidden_size, hidden_size), out_std, derive_seed(seed, "out")))
+        self.num_heads, self.seed, self.out_std = num_heads, seed, out_std
+        self.w_qkv = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.w_out = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``w_qkv`` ~ N(0, 1/M) and ``w_out`` ~ N(0, out_std^2), each from its own seed (derived from ``seed``)."""
+        _fill_normal_(self.w_qkv, self.w_qkv.shape[1] ** -0.5, derive_seed(self.seed, "qkv"))
+        _fill_normal_(self.w_out, self.out_std, derive_seed(self.seed, "out"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, M = x.shape
@@ -103,6 +132,25 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, D]
         y = F.scaled_dot_product_attention(rotary(q), rotary(k), v, is_causal=True)  # [B, H, S, D]
         return F.linear(y.transpose(1, 2).reshape(B, S, M), self.w_out)
+
+
+class DenseSwiGLU(SwiGLU):
+    """The dense FFN of the first ``dense_layers`` blocks: a :class:`~hiermoe_lightning.experts.SwiGLU` (same
+    tensors, same seeded values) that can also be materialised from meta by ``reset_parameters()``."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, seed: int = 0):
+        super().__init__(hidden_size, ffn_hidden_size, seed=seed)
+        self.seed = seed
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw ``w_gate``, ``w_up``, ``w_down``: the values of ``SwiGLU(..., seed)`` (built on the CPU, copied)."""
+        hidden_size, ffn_hidden_size = self.w_gate.shape
+        fresh = SwiGLU(hidden_size, ffn_hidden_size, seed=self.seed, dtype=self.w_gate.dtype, device="cpu")
+        for name, tensor in fresh.named_parameters():
+            target = getattr(self, name)
+            if not target.is_meta:
+                target.copy_(tensor)
 
 
 class Block(nn.Module):
@@ -183,15 +231,16 @@ class MoEGPT(pl.LightningModule):
         if dense_ffn_hidden_size is not None:
             check_int(dense_ffn_hidden_size, "dense_ffn_hidden_size", 1)
         self.save_hyperparameters()
+        self._init_seed = seed  # reset_parameters' seed (hparams can be edited or absent in a subclass)
 
         out_std = hidden_size**-0.5 / math.sqrt(2 * num_layers)  # residual projections shrink with depth
-        self.tok_emb = nn.Parameter(_seeded_normal((vocab_size, hidden_size), 1.0, derive_seed(seed, "tok_emb")))
+        self.tok_emb = nn.Parameter(torch.empty(vocab_size, hidden_size))
         blocks = []
         for i in range(num_layers):
             attn = CausalSelfAttention(hidden_size, num_heads, seed=derive_seed(seed, "attn", i), out_std=out_std)
             if i < dense_layers:
-                ffn: nn.Module = SwiGLU(hidden_size, dense_ffn_hidden_size or ffn_hidden_size * top_k,
-                                        seed=derive_seed(seed, "dense", i) % (2**31))
+                ffn: nn.Module = DenseSwiGLU(hidden_size, dense_ffn_hidden_size or ffn_hidden_size * top_k,
+                                             seed=derive_seed(seed, "dense", i) % (2**31))
             else:
                 ffn = MoELayer(
                     hidden_size, ffn_hidden_size, num_experts, top_k, seed=derive_seed(seed, "moe", i) % (2**31),
@@ -203,8 +252,18 @@ class MoEGPT(pl.LightningModule):
             blocks.append(Block(attn, ffn, hidden_size))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(hidden_size)
-        self.lm_head = nn.Parameter(_seeded_normal((vocab_size, hidden_size), 0.02, derive_seed(seed, "lm_head")))
-        self.val_metrics, self.test_metrics = TokenMetrics(vocab_size), TokenMetrics(vocab_size)
+        self.lm_head = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.reset_parameters()
+        self.val_metrics, self.test_metrics = TokenMetrics(vocab_size), TokenMetrics(vocab_size)  # never on meta
+
+    def reset_parameters(self) -> None:
+        """Re-draw the model's *own* tensors from ``seed``: ``tok_emb`` ~ N(0, 1) and ``lm_head`` ~ N(0, 0.02^2),
+        each from its own generator. Torch's convention: the submodules (norms, attentions, FFNs, MoE layers) have
+        their own, and this one does not recurse into them. Called by the constructor (a no-op on meta) and by the
+        strategy's dense rule when the model was built on meta."""
+        seed = self._init_seed
+        _fill_normal_(self.tok_emb, 1.0, derive_seed(seed, "tok_emb"))
+        _fill_normal_(self.lm_head, 0.02, derive_seed(seed, "lm_head"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MoEGPT":
