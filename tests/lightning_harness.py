@@ -187,3 +187,54 @@ def fit_text(tmp, world: int, *, max_steps: int, record: str, callbacks=(), ckpt
     )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
+
+
+# ------------------------------------------------------------------ any LightningModule (e.g. a converted HF model)
+class RecordSwaps(pl.Callback):
+    """At the end of training rank 0 writes, to ``path`` as JSON, every ``HierMoECallback``'s ``swaps_total`` and
+    the number of plan records, and whether any MoE layer's placement differs from the contiguous one. Put it after
+    the HierMoECallback."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        from hiermoe_lightning import HierMoECallback
+        from hiermoe_lightning.checkpoint import moe_layers
+
+        planners = [cb for cb in trainer.callbacks if isinstance(cb, HierMoECallback)]
+        moved = []
+        for name, layer in moe_layers(pl_module).items():
+            p = layer.placement
+            if p is not None:
+                contiguous = torch.arange(p.expert_to_rank.numel()) // (p.expert_to_rank.numel() // trainer.world_size)
+                moved.append(not torch.equal(p.expert_to_rank.cpu(), contiguous))
+        if trainer.global_rank == 0:
+            json.dump({"swaps_total": sum(cb.swaps_total for cb in planners),
+                       "plan_records": sum(len(cb.history) for cb in planners), "placement_moved": any(moved)},
+                      open(self.path, "w"))
+
+
+def fit_module(tmp, world: int, make_module, *, dispatch="auto", topology=None, max_epochs=1, tag="run", samples=40,
+               extra_callbacks=(), link_costs="paper-a6000", check_replicas=False, pipeline_chunks=1):
+    """Like :func:`fit` for any LightningModule: ``make_module()`` builds it (in the parent, before the ranks fork;
+    every call must give the same weights), trained on :class:`FixedOrderData` (``GLOBAL_BATCH`` samples of
+    ``MODEL["seq_len"]`` bytes per step, batches ``(inputs, targets)``), one process (``world == 1``, Lightning's
+    default strategy) or ``world`` forked CPU ranks under HierMoEStrategy. Returns (global losses, the module)."""
+    losses_path = os.path.join(tmp, f"{tag}.json")
+    callbacks = [RecordLosses(losses_path), *extra_callbacks]
+    if check_replicas:
+        callbacks.append(CheckReplicas(os.path.join(tmp, f"{tag}.replicas.json")))
+    module = make_module()
+    if world == 1:
+        strategy = "auto"
+    else:
+        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork",
+                                   timeout=60, link_costs=link_costs, pipeline_chunks=pipeline_chunks)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_epochs=max_epochs, logger=False, callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, default_root_dir=tmp, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=FixedOrderData(world, samples))
+    return json.load(open(losses_path)), module
