@@ -1,4 +1,10 @@
-"""``hiermoe bench e2e``: training throughput (tokens/s) of the bundled MoEGPT under every dispatch, end to end.
+"""``hiermoe bench e2e``: training throughput (tokens/s) of an MoE model under every dispatch, end to end.
+
+The model (``--model``): the bundled MoEGPT (``moegpt``, the default, shaped by ``--hidden-size`` ... ``--top-k``),
+``hf-qwen3-moe-tiny`` (:class:`~hiermoe_lightning.hf.HFCausalLM`: a tiny random Hugging Face Qwen3-MoE, its MoE blocks
+converted, the shape of ``configs/hf-qwen3-moe-tiny.yaml``; ``--lr`` and ``--seed`` apply, AdamW only), or a YAML
+file with a LightningCLI ``model`` section (``class_path`` + ``init_args``, used as given) whose module trains on
+``(inputs, targets)`` byte batches. The MoEGPT shape flags apply to ``moegpt`` only.
 
 For each variant (``--dispatch`` values, plus ``auto+swaps`` with ``--swaps``) the command forks ``world_size`` ranks
 with :func:`~hiermoe_lightning.testing.launch.run_ranks` (one spawn per variant). Every rank already holds an
@@ -66,9 +72,19 @@ from .comm import EMULATION_EXIT_STATUS, parse_dispatch_list
 from .netem import EmulatedNetwork, EmulationUnavailable
 
 __all__ = ["add_arguments", "run", "main", "format_report", "variant_names", "ExternalRankEnvironment", "E2EConfig",
-           "SWAPS_VARIANT", "EMULATION_EXIT_STATUS", "RESULT_KEYS", "BYTES_NOTE"]
+           "SWAPS_VARIANT", "EMULATION_EXIT_STATUS", "RESULT_KEYS", "BYTES_NOTE", "MODELS", "HF_QWEN3_MOE_TINY"]
 
 DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
+MOEGPT = "moegpt"
+HF_QWEN3 = "hf-qwen3-moe-tiny"
+MODELS = (MOEGPT, HF_QWEN3)  # --model names; anything else is a YAML path
+MOEGPT_CLASS = "hiermoe_lightning.models.moe_gpt.MoEGPT"
+HF_CLASS = "hiermoe_lightning.hf.HFCausalLM"
+# the Hugging Face config of configs/hf-qwen3-moe-tiny.yaml (tests/bench/test_e2e.py keeps the two equal)
+HF_QWEN3_MOE_TINY = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
+                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+                         max_position_embeddings=128, router_aux_loss_coef=0.001)
 CALIBRATE = "calibrate"
 SWAPS_VARIANT = "auto+swaps"
 RESULT_KEYS = ("tokens_per_s", "step_ms_median", "step_ms_p90", "elapsed_s", "speedup_vs_flat", "dispatch_resolved",
@@ -94,6 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-charge-migration", dest="charge_migration", action="store_false",
                    help="with --swaps: let the planner ignore the cost of migrating experts (default: charge it "
                         "over the next plan interval, as HierMoECallback does)")
+    p.add_argument("--model", default=MOEGPT, metavar="NAME|YAML",
+                   help=f"the model to train: {MOEGPT} (the bundled MoEGPT, shaped by the flags below; default), "
+                        f"{HF_QWEN3} (a converted tiny Hugging Face Qwen3-MoE, the shape of "
+                        f"configs/hf-qwen3-moe-tiny.yaml; --lr and --seed apply), or a YAML file with a LightningCLI "
+                        f"model section (class_path + init_args, used as given)")
     p.add_argument("--hidden-size", type=int, default=256, help="model hidden size (default 256)")
     p.add_argument("--num-heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--ffn-hidden-size", type=int, default=None,
@@ -182,7 +203,7 @@ class E2EConfig:
     world: int  # ranks: topology.world_size
     names: tuple[str, ...]  # the variants, in --dispatch order, then auto+swaps with --swaps
     link_costs: LinkCosts | None  # None: --link-costs calibrate, measured by run() on the ranks first
-    model: dict  # MoEGPT's keyword arguments (the report's "model")
+    model: dict  # the model class's keyword arguments (the report's "model"; MoEGPT's by default)
     data: str | None  # --data (None: the default corpus)
     seq_len: int
     batch_size: int  # samples per rank and step
@@ -195,6 +216,9 @@ class E2EConfig:
     max_swaps_per_plan: int
     charge_migration: bool
     root_dir: str | None = None  # the Trainers' default_root_dir (a temporary directory run() makes)
+    model_name: str = MOEGPT  # --model: moegpt, hf-qwen3-moe-tiny or the YAML path
+    model_class: str = MOEGPT_CLASS  # the LightningModule class built from ``model``
+    seed: int = 0  # torch.manual_seed of every rank before it builds the model
 
 
 def _resolve(args: argparse.Namespace) -> E2EConfig:
@@ -219,9 +243,10 @@ def _resolve(args: argparse.Namespace) -> E2EConfig:
     validate_pipeline_chunks(args.pipeline_chunks, "--pipeline-chunks")
     if args.ffn_hidden_size is not None:
         _int(args.ffn_hidden_size, "--ffn-hidden-size", 1)
-    if args.top_k > args.num_experts:
+    model_name = getattr(args, "model", MOEGPT)
+    if model_name == MOEGPT and args.top_k > args.num_experts:
         raise ValueError(f"--top-k ({args.top_k}) must be <= --num-experts ({args.num_experts})")
-    if args.num_experts % world:
+    if model_name == MOEGPT and args.num_experts % world:
         raise ValueError(f"--num-experts ({args.num_experts}) must be divisible by the {world} ranks of "
                          f"--topology {topology}")
     _number(args.lr, "--lr", 0.0, strict=True)
@@ -237,11 +262,14 @@ def _resolve(args: argparse.Namespace) -> E2EConfig:
             link_costs = LinkCosts.resolve(args.link_costs)
         except (TypeError, ValueError, OSError) as e:
             raise ValueError(f"--link-costs: {e}") from None
-    model_kwargs = _model_kwargs(args)
-    try:
-        MoEGPT(**{**model_kwargs, "num_layers": 1})  # every model argument checked once, cheaply
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"model: {e}") from None
+    if model_name == MOEGPT:
+        model_class, model_kwargs = MOEGPT_CLASS, _model_kwargs(args)
+        try:
+            MoEGPT(**{**model_kwargs, "num_layers": 1})  # every model argument checked once, cheaply
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"model: {e}") from None
+    else:
+        model_class, model_kwargs = _other_model(args, model_name, world)
     try:
         data = ByteTextDataModule(args.data, seq_len=args.seq_len, batch_size=args.batch_size)
     except (TypeError, ValueError) as e:
@@ -254,7 +282,64 @@ def _resolve(args: argparse.Namespace) -> E2EConfig:
                      warmup=args.warmup_steps, auto_interval=args.auto_interval,
                      pipeline_chunks=args.pipeline_chunks, shared_memory=bool(getattr(args, "shared_memory", True)),
                      plan_every_n_steps=args.plan_every_n_steps, max_swaps_per_plan=args.max_swaps_per_plan,
-                     charge_migration=bool(getattr(args, "charge_migration", True)))
+                     charge_migration=bool(getattr(args, "charge_migration", True)), model_name=model_name,
+                     model_class=model_class, seed=int(model_kwargs.get("seed", args.seed)))
+
+
+def _import_class(path: str):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"class_path {path!r} is not a dotted path (package.module.Class)")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"class_path {path!r} cannot be imported: {e}") from None
+
+
+def _other_model(args: argparse.Namespace, name: str, world: int) -> tuple[str, dict]:
+    """``--model hf-qwen3-moe-tiny`` or a YAML path -> (class path, keyword arguments), checked by building the model
+    once here: a LightningModule with MoE layers whose experts divide over the ``world`` ranks."""
+    import lightning.pytorch as pl
+
+    from ..checkpoint import moe_layers
+
+    if name == HF_QWEN3:
+        if args.optimizer != "adamw":
+            raise ValueError(f"--optimizer {args.optimizer!r}: --model {HF_QWEN3} trains with AdamW only")
+        class_path, kwargs = HF_CLASS, dict(config=dict(HF_QWEN3_MOE_TINY), lr=float(args.lr), seed=int(args.seed))
+    else:
+        if not os.path.isfile(str(name)):
+            raise ValueError(f"--model must be one of {', '.join(MODELS)} or a YAML file with a model section, got "
+                             f"{name!r}: no such file")
+        import yaml
+
+        with open(name) as f:
+            doc = yaml.safe_load(f)
+        section = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(section, dict) or "class_path" not in section:
+            raise ValueError(f"--model {name}: expected a 'model' section with a class_path (and init_args), as "
+                             f"LightningCLI configs have (e.g. configs/hf-qwen3-moe-tiny.yaml)")
+        class_path, kwargs = str(section["class_path"]), dict(section.get("init_args") or {})
+    cls = _import_class(class_path)
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise ValueError(f"--model {name}: {class_path} is not a LightningModule")
+    try:
+        module = cls(**kwargs)
+    except (TypeError, ValueError, ImportError) as e:
+        raise type(e)(f"model ({name}): {e}") from None
+    layers = moe_layers(module)
+    if not layers:
+        raise ValueError(f"--model {name}: {class_path} has no MoELayer to shard")
+    for layer_name, layer in layers.items():
+        if layer.num_experts % world:
+            raise ValueError(f"--model {name}: {layer_name} has {layer.num_experts} experts, not divisible by the "
+                             f"{world} ranks of --topology")
+    vocab = getattr(getattr(getattr(module, "model", None), "config", None), "vocab_size", None)
+    if vocab is not None and vocab < 256:
+        raise ValueError(f"--model {name}: vocab_size {vocab} < 256 (the data are bytes)")
+    return class_path, kwargs
 
 
 # ---------------------------------------------------------------------------- Lightning on already-forked ranks
@@ -412,10 +497,10 @@ def _rank_fn(rank: int, world: int, cfg: E2EConfig, variant: str) -> dict:
     from ..strategy import HierMoEStrategy
 
     _quiet_child()
-    torch.manual_seed(cfg.model["seed"])
+    torch.manual_seed(cfg.seed)
     swaps = variant == SWAPS_VARIANT
     dispatch = "auto" if swaps else variant
-    model = MoEGPT(**cfg.model)
+    model = MoEGPT(**cfg.model) if cfg.model_class == MOEGPT_CLASS else _import_class(cfg.model_class)(**cfg.model)
     dataset = ByteTextDataModule(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size).train_dataset
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
@@ -536,6 +621,8 @@ def run(args: argparse.Namespace) -> dict:
         "topology": str(topology),
         "world_size": world,
         "model": {k: v for k, v in cfg.model.items()},
+        "model_name": cfg.model_name,
+        "model_class": cfg.model_class,
         "seq_len": args.seq_len,
         "batch_size_per_rank": args.batch_size,
         "tokens_per_step": tokens_per_step,
@@ -564,13 +651,25 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+def _describe_model(report: dict) -> str:
+    model, name = report["model"], report.get("model_name", MOEGPT)
+    if name == MOEGPT:
+        return (f"MoEGPT hidden {model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts "
+                f"top-{model['top_k']} (expert FFN {model['ffn_hidden_size']})")
+    config = model.get("config")
+    if isinstance(config, dict):
+        experts = config.get("num_experts", config.get("n_routed_experts", config.get("num_local_experts", "?")))
+        return (f"{name} ({config.get('model_type', '?')} hidden {config.get('hidden_size', '?')}, "
+                f"{config.get('num_hidden_layers', '?')} layers, {experts} experts "
+                f"top-{config.get('num_experts_per_tok', '?')}, expert FFN {config.get('moe_intermediate_size', '?')})")
+    return f"{name} ({report.get('model_class', '?')})"
+
+
 def format_report(report: dict) -> str:
     """An aligned table: tokens/s, speedup over flat, step times, dispatch in use, bytes per level, dedup, swaps."""
     mib = float(1 << 20)
-    model = report["model"]
-    head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), MoEGPT hidden "
-            f"{model['hidden_size']}, {model['num_layers']} layers, {model['num_experts']} experts "
-            f"top-{model['top_k']} (expert FFN {model['ffn_hidden_size']}), seq {report['seq_len']} x batch "
+    head = (f"topology {report['topology']} ({report['world_size']} ranks, gloo on this machine), "
+            f"{_describe_model(report)}, seq {report['seq_len']} x batch "
             f"{report['batch_size_per_rank']}/rank = {report['tokens_per_step']} tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup"
             + (f", median of {report['repeats']} repeats (round robin)" if report.get("repeats", 1) > 1 else "")
             + (f", {report['pipeline_chunks']} pipeline chunks" if report.get("pipeline_chunks", 1) != 1 else "")

@@ -140,3 +140,62 @@ def test_default_model_has_fine_grained_top8_experts():
     assert e2e._model_kwargs(parse(["--hidden-size", "2048"]))["ffn_hidden_size"] == 768  # Qwen3-30B-A3B itself
     assert e2e._model_kwargs(parse(["--ffn-hidden-size", "256", "--top-k", "4"]))["ffn_hidden_size"] == 256
     assert e2e.default_ffn_hidden_size(2) == 1  # never 0
+
+
+# ---------------------------------------------------------------------------------------------- --model
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HF_TINY = ["--topology", "2x2", "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--warmup-steps", "1",
+           "--timeout", "120"]
+
+
+def test_default_model_is_moegpt_and_named_in_the_report(plain_report):
+    assert parse([]).model == "moegpt"
+    assert plain_report["model_name"] == "moegpt" and plain_report["model_class"].endswith("MoEGPT")
+    assert plain_report["model"]["hidden_size"] == 32  # the MoEGPT keyword arguments, as before
+    assert "MoEGPT hidden 32" in e2e.format_report(plain_report)
+
+
+def test_hf_qwen3_tiny_is_the_shipped_config():
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "hf-qwen3-moe-tiny.yaml")) as f:
+        shipped = yaml.safe_load(f)["model"]
+    assert shipped["class_path"] == "hiermoe_lightning.hf.HFCausalLM"
+    assert shipped["init_args"]["config"] == e2e.HF_QWEN3_MOE_TINY
+
+
+def test_hf_qwen3_moe_tiny_trains_flat_and_auto():
+    pytest.importorskip("transformers")
+    r = e2e.run(parse([*HF_TINY, "--model", "hf-qwen3-moe-tiny", "--dispatch", "flat,auto"]))
+    assert r["model_name"] == "hf-qwen3-moe-tiny" and r["model_class"] == "hiermoe_lightning.hf.HFCausalLM"
+    assert r["model"]["config"] == e2e.HF_QWEN3_MOE_TINY and r["model"]["seed"] == 0
+    for name in ("flat", "auto"):
+        check_result(r["results"][name])
+    flat, auto = r["results"]["flat"], r["results"]["auto"]
+    assert flat["dispatch_resolved"] == ["flat", "flat"]  # both converted Qwen3-MoE blocks
+    assert auto["loss_first"] == pytest.approx(flat["loss_first"], rel=1e-5)
+    assert auto["flat_bytes_by_level"] == flat["flat_bytes_by_level"]
+    text = e2e.format_report(r)
+    assert "hf-qwen3-moe-tiny (qwen3_moe hidden 64, 2 layers, 16 experts top-4, expert FFN 32)" in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model", "nope"], "--model must be one of moegpt, hf-qwen3-moe-tiny or a YAML file"),
+    (["--model", "hf-qwen3-moe-tiny", "--optimizer", "sgd"], "AdamW only"),
+])
+def test_bad_model_fails_before_spawning(argv, match):
+    with pytest.raises(ValueError, match=match):
+        e2e.run(parse([*HF_TINY, *argv]))
+
+
+def test_model_yaml_needs_a_model_section_with_moe_layers(tmp_path):
+    pytest.importorskip("transformers")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("trainer: {}\n")
+    with pytest.raises(ValueError, match="expected a 'model' section with a class_path"):
+        e2e.run(parse([*HF_TINY, "--model", str(empty)]))
+    odd = tmp_path / "odd.yaml"  # 6 experts do not divide over 4 ranks
+    odd.write_text("model:\n  class_path: hiermoe_lightning.hf.HFCausalLM\n  init_args:\n    config: "
+                   + json.dumps(dict(e2e.HF_QWEN3_MOE_TINY, num_experts=6)) + "\n")
+    with pytest.raises(ValueError, match="6 experts, not divisible by the 4 ranks"):
+        e2e.run(parse([*HF_TINY, "--model", str(odd)]))
