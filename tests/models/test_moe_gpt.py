@@ -256,3 +256,90 @@ def test_trainer_fits_three_steps(tmp_path):
     assert 0 < result[0]["val/loss"] < 6.0
     result = trainer.test(model, datamodule=dm, verbose=False)
     assert 0 < result[0]["test/loss"] < 6.0
+
+
+# ---------------------------------------------------------------------------------------------- built on meta
+def _materialize(model: MoEGPT) -> MoEGPT:
+    """What the strategy does to a meta model, in one process: every MoE layer's ``materialize_``, then the dense
+    rule (``to_empty`` + ``reset_parameters`` under a per-module global seed)."""
+    from hiermoe_lightning.strategy import materialize_dense_
+
+    for layer in model.moe_layers():
+        layer.materialize_("cpu")
+    materialize_dense_(model, "cpu", seed=123)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"seed": 3, "num_layers": 3, "dense_layers": 1, "num_shared_experts": 1},
+                                    {"seed": 7, "score_func": "sigmoid", "num_expert_groups": 4, "topk_groups": 2,
+                                     "bias_update_rate": 1e-3}])
+def test_meta_build_materialised_equals_a_normal_build_bit_for_bit(kwargs):
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        meta = MoEGPT(**kwargs)
+    assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))  # nothing allocated, nothing drawn
+    for metrics in (meta.val_metrics, meta.test_metrics):  # the metric states are never meta (nothing would fill them)
+        assert metrics.perplexity.count.device.type == "cpu" and metrics.accuracy.tp.device.type == "cpu"
+    _materialize(meta)
+    assert torch.equal(torch.get_rng_state(), rng)
+    normal, got = MoEGPT(**kwargs).state_dict(), meta.state_dict()
+    assert list(got) == list(normal)  # the same keys (checkpoints load either way): tok_emb, lm_head, blocks.N...
+    assert "tok_emb" in got and "lm_head" in got
+    for name, want in normal.items():
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    inputs, _ = _batch(2, 12)
+    torch.testing.assert_close(meta(inputs), MoEGPT(**kwargs)(inputs), rtol=0, atol=0)
+
+
+def test_meta_build_under_a_low_precision_default_dtype_matches_the_normal_build():
+    """``trainer.init_module`` with ``precision="bf16-true"`` builds with a bf16 default dtype: the meta build draws
+    in the tensors' own dtype, as the normal build does."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        normal = MoEGPT(seed=2, dense_layers=1).state_dict()
+        with torch.device("meta"):
+            meta = MoEGPT(seed=2, dense_layers=1)
+    finally:
+        torch.set_default_dtype(default)
+    got = _materialize(meta).state_dict()
+    assert normal["tok_emb"].dtype == torch.bfloat16
+    for name, want in normal.items():
+        assert torch.equal(got[name].to(want.dtype), want), name
+        if ".ffn." not in name or name.startswith("blocks.0."):  # the dense tensors: this model's own draws
+            assert got[name].dtype == want.dtype, name
+    # (MoELayer.materialize_ outside a bf16 default gives its float buffers (the router's expert_bias) in fp32; under
+    # the strategy, precision="bf16-true" converts the whole model after materialising, so both builds agree there)
+
+
+def test_reset_parameters_redraws_each_modules_own_tensors_from_its_seed():
+    model = MoEGPT(seed=4, dense_layers=1)
+    want = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    model.reset_parameters()  # the model's own tensors only (torch's convention): tok_emb, lm_head
+    assert torch.equal(model.tok_emb, want["tok_emb"]) and torch.equal(model.lm_head, want["lm_head"])
+    assert not model.blocks[0].attn.w_qkv.any()
+    moe = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    for name, m in model.named_modules():
+        if m is not model and hasattr(m, "reset_parameters") and not any(name == p or name.startswith(p + ".") for p in moe):
+            m.reset_parameters()
+    for name, t in model.state_dict().items():
+        if ".ffn." not in name or name.startswith("blocks.0."):  # the MoE layers are not reset here
+            assert torch.equal(t, want[name]), name
+
+
+def test_each_dense_part_materialises_from_meta_with_its_normal_values():
+    """Each part alone (as the dense rule sees it): built on meta, ``to_empty`` + its own ``reset_parameters()``."""
+    from hiermoe_lightning.models.moe_gpt import CausalSelfAttention, DenseSwiGLU, RMSNorm
+
+    with torch.device("meta"):
+        parts = [CausalSelfAttention(8, 2, seed=1, out_std=0.1), DenseSwiGLU(8, 16, seed=1), RMSNorm(8)]
+    for part in parts:
+        assert all(p.is_meta for p in part.parameters())
+        part.to_empty(device="cpu")
+        part.reset_parameters()
+    assert torch.equal(parts[0].w_qkv, CausalSelfAttention(8, 2, seed=1, out_std=0.1).w_qkv)
+    assert torch.equal(parts[1].w_down, DenseSwiGLU(8, 16, seed=1).w_down)
+    assert torch.equal(parts[2].weight, torch.ones(8))
