@@ -179,3 +179,30 @@ def test_dense_rule_seeded_per_module_leaves_the_global_rng_and_names_what_it_ca
         moe_only = nn.Sequential(MoELayer(8, 8, 4, 2))  # MoE layers are shard_'s / materialize_'s job, not this one's
     check_dense_materializable(moe_only)
     assert materialize_dense_(moe_only) == []
+
+
+# ---------------------------------------------------------------------------------------------- the bundled MoEGPT
+GPT = {**MODEL, "num_layers": 3, "dense_layers": 1, "num_shared_experts": 1}  # a dense block, a shared expert
+
+
+@pytest.mark.parametrize("world, topology, dispatch", [(2, "2", "flat"), (4, "2x2", "hd2")])
+def test_moegpt_built_by_init_module_empty_init_trains_like_a_normally_built_one_process(tmp_path, world, topology,
+                                                                                        dispatch):
+    """The bundled model has a seeded ``reset_parameters()`` on every dense module, so the strategy's dense rule gives
+    exactly the values of a normal build: no state is copied between the runs, a straight comparison."""
+    from hiermoe_lightning.models import MoEGPT
+
+    tmp = str(tmp_path)
+    losses, initial, trained = _fit(tmp, world, lambda: MoEGPT(**GPT), "meta", topology, dispatch,
+                                    build_under_init_module=True)
+    assert len(losses) == 5
+    assert json.load(open(tmp_path / "meta.replicas.json"))["dense_identical"]
+    ref_losses, ref_initial, ref_trained = _fit(tmp, 1, MoEGPT(**GPT), "ref")  # normally built, one process
+    assert list(initial) == list(ref_initial) and {"tok_emb", "lm_head"} <= set(initial)
+    for name, want in ref_initial.items():  # every tensor, dense and expert: the normal build's values
+        assert torch.equal(initial[name], want), name
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
+    for name, want in ref_trained.items():
+        torch.testing.assert_close(trained[name], want, **TOL, msg=lambda m: f"{name}: {m}")
+    parent = torch.load(tmp_path / "meta.parent.pt")  # the parent's meta model received rank 0's trained tensors
+    assert all(torch.equal(parent[n], t) for n, t in trained.items())
