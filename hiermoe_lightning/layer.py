@@ -64,6 +64,10 @@ class MoELayer(nn.Module):
       (DeepSeek-V3's ``e_score_correction_bias``).
     """
 
+    # True: materialize_ (and so ExpertParallel.shard_ of a meta-built layer) allocates the expert slots without
+    # drawing their values, because a loader fills them next (hiermoe_lightning.hf.load_pretrained_)
+    skip_expert_init: bool = False
+
     def __init__(
         self,
         hidden_size: int,
@@ -266,7 +270,13 @@ class MoELayer(nn.Module):
         device = resolve_device(device)
         if device.type == "meta":
             device = torch.device("cpu")
-        self.experts.materialize_(device)
+        if self.skip_expert_init and self.experts.is_meta:  # a loader fills them next: allocate, draw nothing
+            for name in ("w_gate", "w_up", "w_down"):
+                old = getattr(self.experts, name)
+                setattr(self.experts, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                                                         requires_grad=old.requires_grad))
+        else:
+            self.experts.materialize_(device)
         rest = [(name, m) for name, m in self.named_modules() if not name.startswith("experts")]
         if any(t.is_meta for _, m in rest for t in (*m._parameters.values(), *m._buffers.values()) if t is not None):
             with experts_on_meta():  # the twin's experts stay on meta: nothing drawn for them

@@ -60,8 +60,11 @@ def _returns_pair(block: nn.Module, adapter: FamilyAdapter) -> bool:
 
 def _convert_block(block: nn.Module, adapter: FamilyAdapter, config: Any, seed: int) -> HFMoEBlock:
     param = next(block.parameters())
-    moe = MoELayer(**adapter.layer_kwargs(block, config), seed=seed).to(param.device)
-    adapter.load_(moe, block)
+    if param.device.type == "meta":  # a block built on meta: a meta MoELayer, nothing to copy (load it later:
+        moe = MoELayer(**adapter.layer_kwargs(block, config), seed=seed, device="meta")  # hf.load_pretrained_)
+    else:
+        moe = MoELayer(**adapter.layer_kwargs(block, config), seed=seed).to(param.device)
+        adapter.load_(moe, block)
     for p in moe.parameters():
         p.requires_grad_(param.requires_grad)
     new = HFMoEBlock(moe, family=adapter.name, hf_class=type(block).__name__,
@@ -73,6 +76,10 @@ def _convert_block(block: nn.Module, adapter: FamilyAdapter, config: Any, seed: 
 def convert_(model: nn.Module) -> list[str]:
     """In place: every supported HF sparse-MoE block of ``model`` becomes an :class:`HFMoEBlock` (a ``MoELayer``
     computing the same function, called and returning as the HF block was). Returns the converted module names.
+
+    A block on the meta device (the HF model built under ``torch.device("meta")``) becomes a ``MoELayer`` built on
+    meta, with nothing copied: shard it, then fill it from the checkpoint with
+    :func:`~hiermoe_lightning.hf.load_pretrained_` (each rank reads only its experts).
 
     Blocks converted before are left alone (converting twice is a no-op). Every block is checked before any is
     changed: a block of an unknown class, or of a family ``MoELayer`` cannot express yet, raises ``TypeError``

@@ -58,6 +58,12 @@ class FamilyAdapter:
         """The HF block's state dict (keys relative to the block) from an unsharded ``moe``."""
         raise NotImplementedError
 
+    def load_checkpoint_(self, moe: MoELayer, tensors: Any, prefix: str) -> None:
+        """Fill ``moe`` (materialised, sharded or not) from a Hugging Face checkpoint: the block's dense tensors
+        whole, of the experts only those ``moe.local_expert_ids()`` puts in its slots. ``tensors`` is a
+        :class:`~hiermoe_lightning.hf.loading.SafetensorsCheckpoint`, ``prefix`` the block's module name."""
+        raise NotImplementedError(f"family {self.name!r} cannot load from a checkpoint (no load_checkpoint_)")
+
 
 class Refusal(FamilyAdapter):
     """A family ``MoELayer`` cannot express yet: converting it raises ``TypeError`` with ``reason``."""
@@ -76,6 +82,18 @@ def _experts_by_id(moe: MoELayer) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     order = torch.argsort(moe.local_expert_ids().to(moe.experts.w_gate.device))
     e = moe.experts
     return e.w_gate.detach()[order], e.w_up.detach()[order], e.w_down.detach()[order]
+
+
+def _check_shape(value: torch.Tensor, shape: tuple, key: str) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{key}: shape {list(value.shape)} does not fit the model's {list(shape)}")
+
+
+def _copy(target: torch.Tensor, value: torch.Tensor, key: str) -> None:
+    """``target.copy_(value)`` after checking the shapes (a copy would broadcast some mismatches silently)."""
+    _check_shape(value, target.shape, key)
+    with torch.no_grad():
+        target.copy_(value)
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -107,6 +125,13 @@ class FusedSwiGLUAdapter(FamilyAdapter):
     router_dtype: torch.dtype | None = None
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
+    # checkpoints on disk (what save_pretrained writes, and older layouts): each fused expert key may instead be
+    # stored per expert as experts.{e}.<name>.weight (gate_up_proj: the gate then the up rows), and the block may
+    # sit under another attribute name than the model's (Mixtral: block_sparse_moe)
+    expert_checkpoint_names: dict[str, tuple[str, ...]] = {"experts.gate_up_proj": ("gate_proj", "up_proj"),
+                                                           "experts.down_proj": ("down_proj",)}
+    checkpoint_block_names: tuple[str, ...] = ()
+    load_chunk: int = 8  # experts copied at a time when loading
 
     def missing(self, block, config):
         experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)
@@ -153,21 +178,49 @@ class FusedSwiGLUAdapter(FamilyAdapter):
             kwargs["aux_loss_coef"] = float(coef)
         return kwargs
 
-    @torch.no_grad()
     def load_(self, moe, block):
-        gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
-        ffn = down.shape[2]
-        moe.router.weight.copy_(block.gate.weight.detach())
-        moe.experts.w_gate.copy_(gate_up[:, :ffn, :].transpose(1, 2))
-        moe.experts.w_up.copy_(gate_up[:, ffn:, :].transpose(1, 2))
-        moe.experts.w_down.copy_(down.transpose(1, 2))
+        state = dict(block.named_parameters())
+        state.update(block.named_buffers())
+        self._fill_(moe, lambda key, experts=None: (state[key].detach() if experts is None
+                                                    else state[key].detach()[torch.as_tensor(experts)]))
+
+    def load_checkpoint_(self, moe, tensors, prefix):
+        prefix = tensors.block_prefix(prefix, self.checkpoint_block_names, probe="gate.weight")
+
+        def get(key, experts=None):
+            if experts is None:
+                return tensors.tensor(f"{prefix}.{key}")
+            return tensors.expert_rows(f"{prefix}.{key}", experts,
+                                       [f"{prefix}.experts.{{e}}.{n}.weight" for n in self.expert_checkpoint_names[key]])
+
+        self._fill_(moe, get)
+
+    @torch.no_grad()
+    def _fill_(self, moe: MoELayer, get) -> None:
+        """Copy the HF block's tensors into ``moe`` (materialised; same names as :meth:`hf_state`). ``get(key)``:
+        the tensor of block-relative HF key ``key``; ``get(key, experts)`` for the fused expert keys: the rows of
+        those expert ids, in that order. The experts come a few slots at a time (the slots hold
+        ``moe.local_expert_ids()``), so the transient memory is a few experts, not the layer."""
+        _copy(moe.router.weight, get("gate.weight"), "gate.weight")
+        experts = [int(e) for e in moe.local_expert_ids().tolist()]
+        bank, ffn = moe.experts, moe.ffn_hidden_size
+        for start in range(0, len(experts), self.load_chunk):
+            ids = experts[start:start + self.load_chunk]
+            slots = slice(start, start + len(ids))
+            gate_up, down = get("experts.gate_up_proj", ids), get("experts.down_proj", ids)
+            _check_shape(gate_up, (len(ids), 2 * ffn, moe.hidden_size), "experts.gate_up_proj")
+            _check_shape(down, (len(ids), moe.hidden_size, ffn), "experts.down_proj")
+            bank.w_gate[slots].copy_(gate_up[:, :ffn, :].transpose(1, 2))
+            bank.w_up[slots].copy_(gate_up[:, ffn:, :].transpose(1, 2))
+            bank.w_down[slots].copy_(down.transpose(1, 2))
+            del gate_up, down
         if self.shared_expert is not None:
-            mlp, shared = getattr(block, self.shared_expert), moe.shared_experts
-            shared.w_gate.copy_(mlp.gate_proj.weight.detach().t())
-            shared.w_up.copy_(mlp.up_proj.weight.detach().t())
-            shared.w_down.copy_(mlp.down_proj.weight.detach().t())
+            p, shared = self.shared_expert, moe.shared_experts
+            for name, w in (("gate_proj", shared.w_gate), ("up_proj", shared.w_up), ("down_proj", shared.w_down)):
+                _copy(w, get(f"{p}.{name}.weight").t(), f"{p}.{name}.weight")
         if self.shared_expert_gate is not None:
-            moe.shared_expert_gate.weight.copy_(getattr(block, self.shared_expert_gate).weight.detach())
+            key = f"{self.shared_expert_gate}.weight"
+            _copy(moe.shared_expert_gate.weight, get(key), key)
 
     def hf_state(self, moe):
         w_gate, w_up, w_down = _experts_by_id(moe)
@@ -197,6 +250,8 @@ class MixtralAdapter(FusedSwiGLUAdapter):
 
     name, block_classes = "mixtral", ("MixtralSparseMoeBlock",)
     norm_topk_prob = True
+    expert_checkpoint_names = {"experts.gate_up_proj": ("w1", "w3"), "experts.down_proj": ("w2",)}
+    checkpoint_block_names = ("block_sparse_moe",)
 
     def jitter_noise(self, block):
         return float(getattr(block, "jitter_noise", 0.0) or 0.0)
@@ -241,9 +296,9 @@ class DeepseekV3Adapter(FusedSwiGLUAdapter):
                     router_dtype=self.router_dtype)
 
     @torch.no_grad()
-    def load_(self, moe, block):
-        super().load_(moe, block)
-        moe.router.expert_bias.copy_(block.gate.e_score_correction_bias.detach())
+    def _fill_(self, moe, get):
+        super()._fill_(moe, get)
+        _copy(moe.router.expert_bias, get("gate.e_score_correction_bias"), "gate.e_score_correction_bias")
 
     def hf_state(self, moe):
         state = super().hf_state(moe)
