@@ -261,6 +261,9 @@ class HierMoEStrategy(DDPStrategy):
                 for p in layer.experts.slot_parameters():
                     self._grad_hooks.append(p.register_hook(lambda g, s=scale: g * s))
         materialize_dense_(module, self.root_device)
+        after_shard = getattr(module, "on_after_shard", None)  # the module's seam: e.g. HFCausalLM loads each
+        if callable(after_shard):  # rank's pretrained experts here, before the device move, DDP and the optimizers
+            after_shard()
 
     def expert_parameter_names(self) -> list[str]:
         return list(ckpt.expert_parameter_names(self.lightning_module))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from ..checkpoint import moe_layers
+from .loading import build_meta_model, load_pretrained_
 from ..models.lm_metrics import TokenMetrics
 from ..validation import check_choice, check_int, check_number
 
@@ -34,7 +35,10 @@ class HFCausalLM(pl.LightningModule):
     Args:
         config: the model's config as a dict with its ``model_type`` (``AutoConfig.for_model(**config)``): a new
             model, every rank drawing the same weights from ``seed``. Exactly one of ``config`` and ``pretrained``.
-        pretrained: a local directory ``AutoModelForCausalLM.from_pretrained`` reads (config + safetensors).
+        pretrained: a local Hugging Face directory (config + safetensors): built on meta and filled by
+            :func:`~hiermoe_lightning.hf.load_pretrained_` (the weights ``from_pretrained`` gives). Built under
+            ``trainer.init_module(empty_init=True)`` with ``HierMoEStrategy``, only the dense weights are read at
+            construction; each rank reads its own experts after sharding (:meth:`configure_model`).
         lr / weight_decay / betas: AdamW.
         seed: the seed of a new model's weights.
         aux_loss: ``"hf"`` (default): Hugging Face's load-balancing loss, pooled over every MoE layer as HF pools it,
@@ -67,10 +71,56 @@ class HFCausalLM(pl.LightningModule):
         from . import convert_
 
         self.converted = convert_(self.model)
+        self._load_after_shard = False  # set by configure_model under HierMoEStrategy: on_after_shard loads
+        if pretrained is not None:  # built on meta: every weight from the checkpoint, none drawn first
+            default = torch.get_default_device()
+            if default.type == "meta":  # trainer.init_module(empty_init=True) / torch.device("meta"): the MoE
+                load_pretrained_(self.model, pretrained, parts="dense", device="cpu")  # layers wait for setup
+            else:
+                load_pretrained_(self.model, pretrained, device=default)
         vocab = self.model.config.vocab_size
         self.val_metrics = TokenMetrics(vocab, ignore_index=IGNORE_INDEX)
         self.test_metrics = TokenMetrics(vocab, ignore_index=IGNORE_INDEX)
         self._hf_aux: torch.Tensor | None = None  # HF's pooled loss of the last forward (aux_loss="hf")
+
+    def _moe_pending(self) -> bool:
+        """Whether MoE layers of a ``pretrained`` model still wait on meta for their weights."""
+        return self.hparams.pretrained is not None and any(layer.is_meta for layer in moe_layers(self.model).values())
+
+    @override
+    def configure_model(self) -> None:
+        """A ``pretrained`` model built on meta (``trainer.init_module(empty_init=True)`` under HierMoEStrategy) has
+        its dense weights; its MoE layers wait on meta. Under ``HierMoEStrategy`` they stay there: the strategy
+        shards them (allocating only this rank's experts, drawing nothing) and then calls :meth:`on_after_shard`,
+        which reads this rank's experts. Under any other strategy they are loaded here, every expert."""
+        if not self._moe_pending():
+            return
+        from ..strategy import HierMoEStrategy
+
+        if isinstance(getattr(self._trainer, "strategy", None), HierMoEStrategy):
+            for layer in moe_layers(self.model).values():
+                layer.skip_expert_init = True
+            self._load_after_shard = True
+        else:
+            self.load_pretrained_weights()
+
+    def on_after_shard(self) -> None:
+        """Called by ``HierMoEStrategy`` right after sharding (before the move to the device, DDP and the
+        optimizers): loads what :meth:`configure_model` left for it."""
+        if self._load_after_shard:
+            self.load_pretrained_weights()
+
+    def load_pretrained_weights(self) -> dict:
+        """Fill the MoE layers from ``pretrained`` now: every expert of an unsharded layer (materialised from meta),
+        this rank's experts of a sharded one; the rest of the model was loaded at construction. Returns
+        :func:`~hiermoe_lightning.hf.load_pretrained_`'s report."""
+        if self.hparams.pretrained is None:
+            raise ValueError("load_pretrained_weights needs a model built with pretrained=DIR")
+        report = load_pretrained_(self.model, self.hparams.pretrained, parts="moe")
+        for layer in moe_layers(self.model).values():
+            layer.skip_expert_init = False
+        self._load_after_shard = False
+        return report
 
     @override
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -151,8 +201,8 @@ def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
 def _build(config: dict | None, pretrained: str | None, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if pretrained is not None:
-        return AutoModelForCausalLM.from_pretrained(pretrained)
+    if pretrained is not None:  # on meta, filled by load_pretrained_ (the same weights as from_pretrained)
+        return build_meta_model(pretrained, convert=False)
     cfg = dict(config)
     hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.random.fork_rng(devices=[]):

@@ -139,10 +139,10 @@ class SafetensorsCheckpoint:
         return prefix
 
 
-def build_meta_model(directory: str):
+def build_meta_model(directory: str, *, convert: bool = True):
     """The HF causal LM of ``directory``'s config, built on the meta device (nothing allocated) in the config's
-    dtype (as ``from_pretrained`` gives it), eval mode, and converted (:func:`~hiermoe_lightning.hf.convert_`: its
-    MoE blocks meta ``MoELayer``s)."""
+    dtype (as ``from_pretrained`` gives it), eval mode, and (``convert``) converted
+    (:func:`~hiermoe_lightning.hf.convert_`: its MoE blocks meta ``MoELayer``s)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .convert import convert_
@@ -150,7 +150,8 @@ def build_meta_model(directory: str):
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    convert_(model)
+    if convert:
+        convert_(model)
     try:
         from transformers import GenerationConfig
 
@@ -267,5 +268,6 @@ def _load_dense_(model: nn.Module, ckpt: SafetensorsCheckpoint, device: torch.de
         if init is None or any(p.is_meta for p in owner.parameters(recurse=False)):
             raise ValueError(f"cannot compute the non-persistent buffers of {type(owner).__name__} on meta "
                              f"(no _init_weights on {type(model).__name__})")
-        init(owner)
+        with torch.device(device):  # the values are computed on the default device (meta inside init_module)
+            init(owner)
     return read
