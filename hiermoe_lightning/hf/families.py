@@ -173,9 +173,8 @@ class FusedSwiGLUAdapter(FamilyAdapter):
             kwargs.update(num_shared_experts=1,
                           shared_ffn_hidden_size=getattr(block, self.shared_expert).gate_proj.out_features,
                           shared_expert_gate=self.shared_expert_gate is not None)
-        coef = getattr(config, "router_aux_loss_coef", None)
-        if coef is not None:
-            kwargs["aux_loss_coef"] = float(coef)
+        # the layer's own loss has HF's coefficient; a family whose config has none (DeepSeek-V3) trains without one
+        kwargs["aux_loss_coef"] = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
         return kwargs
 
     def load_(self, moe, block):
