@@ -112,6 +112,11 @@ def write_checkpoint(args, directory: str, shard_mib: int = 512) -> dict:
     return {"bytes": total, "files": len(files)}
 
 
+def _write_into(args, directory, results) -> None:
+    torch.set_num_threads(1)
+    results.put(write_checkpoint(args, directory))
+
+
 def _load_rank_fn(rank, world, args, directory):
     from .. import hf
 
@@ -206,9 +211,20 @@ def run(args) -> dict:
 def _run_load(args, world, deadline, out) -> list[dict]:
     """The ``load`` path: the checkpoint written into a temporary directory (not timed), then the ranks."""
     args.dtype_name = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
+    import multiprocessing as mp
+
     with tempfile.TemporaryDirectory(prefix="hiermoe-bench-build-") as directory:
         start = time.perf_counter()
-        written = write_checkpoint(args, directory)
+        # in a child process: the memory it allocates and frees must not be inherited by the forked ranks (freed
+        # but resident heap pages would hide their allocations from the peak)
+        results = mp.get_context("fork").SimpleQueue()
+        writer = mp.get_context("fork").Process(target=_write_into, args=(args, directory, results), daemon=True)
+        writer.start()
+        writer.join(max(1.0, deadline.remaining()))
+        if writer.is_alive() or writer.exitcode != 0 or results.empty():
+            writer.kill()
+            raise RuntimeError(f"writing the benchmark checkpoint failed (exit code {writer.exitcode})")
+        written = results.get()
         out["checkpoint"] = {"mib": written["bytes"] / 2**20, "files": written["files"],
                              "write_s": time.perf_counter() - start, "expert_layout": "per expert"}
         return run_ranks(_load_rank_fn, world, args, directory, timeout=deadline)

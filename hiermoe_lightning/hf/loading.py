@@ -34,7 +34,8 @@ PARTS = ("all", "dense", "moe")
 
 
 class SafetensorsCheckpoint:
-    """The tensors of a Hugging Face directory, read one at a time (files opened lazily, once each).
+    """The tensors of a Hugging Face directory, read one at a time (files opened lazily; :meth:`close` unmaps them,
+    which :meth:`expert_rows` does after every read so that the file pages read do not add up in resident memory).
 
     ``bytes_read`` counts what was read; ``reads`` lists ``(key, rows)`` of every read (``rows`` None: the whole
     tensor, else the ``(start, stop)`` rows of a slice)."""
@@ -118,13 +119,16 @@ class SafetensorsCheckpoint:
     def expert_rows(self, fused_key: str, ids: list[int], per_expert: list[str]) -> torch.Tensor:
         """Experts ``ids`` of a fused expert tensor: rows of ``fused_key`` when the checkpoint holds it, else each
         expert's ``per_expert`` keys (templates with ``{e}``) concatenated along dim 0, stacked."""
-        if fused_key in self._file_of:
-            return self.rows(fused_key, ids)
-        missing = [t.format(e=ids[0]) for t in per_expert if t.format(e=ids[0]) not in self._file_of]
-        if missing:
-            raise ValueError(f"pretrained directory {self.directory!r} has neither {fused_key!r} nor "
-                             f"{', '.join(repr(m) for m in missing)}")
-        return torch.stack([torch.cat([self.tensor(t.format(e=e)) for t in per_expert]) for e in ids])
+        try:
+            if fused_key in self._file_of:
+                return self.rows(fused_key, ids)
+            missing = [t.format(e=ids[0]) for t in per_expert if t.format(e=ids[0]) not in self._file_of]
+            if missing:
+                raise ValueError(f"pretrained directory {self.directory!r} has neither {fused_key!r} nor "
+                                 f"{', '.join(repr(m) for m in missing)}")
+            return torch.stack([torch.cat([self.tensor(t.format(e=e)) for t in per_expert]) for e in ids])
+        finally:  # unmap the files: the pages just read (copied out) leave this process's resident memory
+            self.close()
 
     def block_prefix(self, prefix: str, alternatives: tuple[str, ...], probe: str) -> str:
         """The name the checkpoint gives the block at ``prefix``: ``prefix`` itself, or ``prefix`` with its last
@@ -201,6 +205,7 @@ def load_pretrained_(model: nn.Module, directory: str, *, parts: str = "all",
     with SafetensorsCheckpoint(directory) as ckpt:
         if parts in ("all", "dense"):
             report["dense"] = _load_dense_(model, ckpt, device, inside)
+            ckpt.close()
         if parts in ("all", "moe"):
             for name, block in blocks.items():
                 moe = block.moe
