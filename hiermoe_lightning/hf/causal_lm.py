@@ -38,7 +38,8 @@ class HFCausalLM(pl.LightningModule):
         pretrained: a local Hugging Face directory (config + safetensors): built on meta and filled by
             :func:`~hiermoe_lightning.hf.load_pretrained_` (the weights ``from_pretrained`` gives). Built under
             ``trainer.init_module(empty_init=True)`` with ``HierMoEStrategy``, only the dense weights are read at
-            construction; each rank reads its own experts after sharding (:meth:`configure_model`).
+            construction; each rank reads its own experts after sharding (:meth:`configure_model`), also when
+            LightningCLI builds it. Called directly, outside a trainer, the first forward reads every expert.
         lr / weight_decay / betas: AdamW.
         seed: the seed of a new model's weights.
         aux_loss: ``"hf"`` (default): Hugging Face's load-balancing loss, pooled over every MoE layer as HF pools it,
@@ -72,12 +73,12 @@ class HFCausalLM(pl.LightningModule):
 
         self.converted = convert_(self.model)
         self._load_after_shard = False  # set by configure_model under HierMoEStrategy: on_after_shard loads
-        if pretrained is not None:  # built on meta: every weight from the checkpoint, none drawn first
+        if pretrained is not None:  # built on meta: every weight from the checkpoint, none drawn first. The dense
+            # weights now; the MoE layers wait on meta for the trainer's setup (configure_model), so under
+            # HierMoEStrategy each rank reads only its own experts, however the module was built (Python,
+            # init_module, LightningCLI); used without a trainer, the first forward reads them all
             default = torch.get_default_device()
-            if default.type == "meta":  # trainer.init_module(empty_init=True) / torch.device("meta"): the MoE
-                load_pretrained_(self.model, pretrained, parts="dense", device="cpu")  # layers wait for setup
-            else:
-                load_pretrained_(self.model, pretrained, device=default)
+            load_pretrained_(self.model, pretrained, parts="dense", device="cpu" if default.type == "meta" else default)
         vocab = self.model.config.vocab_size
         self.val_metrics = TokenMetrics(vocab, ignore_index=IGNORE_INDEX)
         self.test_metrics = TokenMetrics(vocab, ignore_index=IGNORE_INDEX)
@@ -122,9 +123,15 @@ class HFCausalLM(pl.LightningModule):
         self._load_after_shard = False
         return report
 
+    def _ensure_experts(self) -> None:
+        """Outside a trainer's setup (the module called directly), read every pending expert before computing."""
+        if self.hparams.pretrained is not None and not self._load_after_shard and self._moe_pending():
+            self.load_pretrained_weights()
+
     @override
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs`` ``[B, S]`` int64 -> logits ``[B, S, V]``."""
+        self._ensure_experts()
         return self.model(input_ids=inputs, use_cache=False).logits
 
     def aux_loss(self) -> torch.Tensor:
@@ -143,6 +150,7 @@ class HFCausalLM(pl.LightningModule):
         """``(logits [B, S, V], mean token cross-entropy, targets with padding as IGNORE_INDEX)``; with
         ``aux_loss="hf"`` also keeps HF's pooled load-balancing loss of this forward (mask applied)."""
         inputs, targets, mask = _unpack(batch)
+        self._ensure_experts()
         want_router = self.hparams.aux_loss == "hf" and self._router_aux_coef() > 0
         out = self.model(input_ids=inputs, attention_mask=mask, use_cache=False, output_router_logits=want_router)
         self._hf_aux = getattr(out, "aux_loss", None) if want_router else None

@@ -144,7 +144,7 @@ TINY = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=32, intermediate
             num_experts_per_tok=2, max_position_embeddings=64, router_aux_loss_coef=0.0)
 
 
-def _fit(tmp, world, directory, tag):
+def _fit(tmp, world, directory, tag, empty_init=True):
     from tests.lightning_harness import FixedOrderData, RecordLosses
 
     strategy = HierMoEStrategy(topology=str(world), dispatch="flat", start_method="fork", timeout=60) \
@@ -153,7 +153,10 @@ def _fit(tmp, world, directory, tag):
                          callbacks=[RecordLosses(os.path.join(tmp, f"{tag}.json"))], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                          default_root_dir=tmp, num_sanity_val_steps=0, limit_val_batches=0)
-    with trainer.init_module(empty_init=True):
+    if empty_init:
+        with trainer.init_module(empty_init=True):
+            module = hf.HFCausalLM(pretrained=directory, lr=1e-2)
+    else:  # as LightningCLI builds it: outside any init context
         module = hf.HFCausalLM(pretrained=directory, lr=1e-2)
     if world > 1:  # the parent built the dense part only: the experts come after sharding, in the ranks
         assert all(layer.is_meta for layer in moe_layers(module.model).values())
@@ -161,7 +164,8 @@ def _fit(tmp, world, directory, tag):
     return json.load(open(os.path.join(tmp, f"{tag}.json")))
 
 
-def test_hfcausallm_pretrained_under_the_strategy_trains_like_one_process(tmp_path):
+@pytest.mark.parametrize("empty_init", [True, False], ids=["init_module", "plain"])
+def test_hfcausallm_pretrained_under_the_strategy_trains_like_one_process(tmp_path, empty_init):
     source = hf.HFCausalLM(config=TINY, seed=4)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -169,8 +173,8 @@ def test_hfcausallm_pretrained_under_the_strategy_trains_like_one_process(tmp_pa
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
     model.load_state_dict(hf.to_hf_state_dict(source.model), strict=True)
     directory = _save(model, tmp_path / "ckpt")
-    losses = _fit(str(tmp_path), 2, directory, "two")
-    reference = _fit(str(tmp_path), 1, directory, "one")
+    losses = _fit(str(tmp_path), 2, directory, "two", empty_init)
+    reference = _fit(str(tmp_path), 1, directory, "one", empty_init)
     assert len(losses) == len(reference) == 3
     assert abs(losses[0] - reference[0]) < 1e-5  # the same pretrained weights on both
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-4, atol=1e-4)
