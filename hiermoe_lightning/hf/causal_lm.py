@@ -21,6 +21,7 @@ from typing_extensions import override
 from ..checkpoint import moe_layers
 from .loading import build_meta_model, load_pretrained_
 from ..models.lm_metrics import TokenMetrics
+from ..models.optim import OPTIMIZERS, make_optimizer
 from ..validation import check_choice, check_int, check_number
 
 __all__ = ["HFCausalLM", "AUX_LOSSES", "IGNORE_INDEX"]
@@ -40,7 +41,8 @@ class HFCausalLM(pl.LightningModule):
             ``trainer.init_module(empty_init=True)`` with ``HierMoEStrategy``, only the dense weights are read at
             construction; each rank reads its own experts after sharding (:meth:`configure_model`), also when
             LightningCLI builds it. Called directly, outside a trainer, the first forward reads every expert.
-        lr / weight_decay / betas: AdamW.
+        lr / weight_decay: the optimizer's; betas: Adam's and AdamW's; momentum: SGD's.
+        optimizer: ``"adamw"`` (default), ``"adam"`` or ``"sgd"``.
         seed: the seed of a new model's weights.
         aux_loss: ``"hf"`` (default): Hugging Face's load-balancing loss, pooled over every MoE layer as HF pools it,
             padding excluded through the batch's attention mask, times the config's ``router_aux_loss_coef`` (the
@@ -53,7 +55,7 @@ class HFCausalLM(pl.LightningModule):
 
     def __init__(self, config: dict | None = None, pretrained: str | None = None, *, lr: float = 3e-4,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), seed: int = 0,
-                 aux_loss: str = "hf"):
+                 aux_loss: str = "hf", optimizer: str = "adamw", momentum: float = 0.0):
         super().__init__()
         if (config is None) == (pretrained is None):
             raise ValueError("HFCausalLM needs exactly one of config (a dict with model_type) and pretrained "
@@ -67,6 +69,8 @@ class HFCausalLM(pl.LightningModule):
         check_number(weight_decay, "weight_decay", low=0.0)
         check_int(seed, "seed", 0)
         check_choice(aux_loss, "aux_loss", AUX_LOSSES)
+        check_choice(optimizer, "optimizer", OPTIMIZERS)
+        check_number(momentum, "momentum", low=0.0)
         self.save_hyperparameters()
         self.model = _build(config, pretrained, seed)
         from . import convert_
@@ -194,8 +198,9 @@ class HFCausalLM(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                 weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        return make_optimizer(self.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                              momentum=hp.momentum, betas=hp.betas)
 
 
 def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -36,10 +36,10 @@ from ..experts import SwiGLU, derive_seed
 from ..layer import MoELayer
 from ..validation import check_choice, check_int, check_number
 from .lm_metrics import TokenMetrics
+from .optim import OPTIMIZERS, make_optimizer
 
 __all__ = ["MoEGPT", "PRESETS", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
 
 # Plain dicts of MoEGPT keyword arguments. "tiny" = the constructor defaults (CPU-sized). The full-size ones copy the
 # MoE dimensions of the public models for planning (`hiermoe plan`, cost estimates); attention is plain multi-head
@@ -352,12 +352,8 @@ class MoEGPT(pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adam":
-            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = make_optimizer(self.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                             momentum=hp.momentum)
         if hp.warmup_steps == 0:
             return opt
         warmup = hp.warmup_steps

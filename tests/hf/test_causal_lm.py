@@ -80,3 +80,12 @@ def test_the_shipped_deepseek_config_builds_a_converted_model():
     assert module.converted == ["model.layers.1.mlp", "model.layers.2.mlp"]  # layer 0 stays dense
     logits = module(torch.randint(0, 256, (1, 8)))
     assert logits.shape == (1, 8, 256) and torch.isfinite(logits).all()
+
+
+def test_the_optimizer_is_chosen_by_name():
+    sgd = HFCausalLM(config=TINY, optimizer="sgd", momentum=0.9, lr=0.1).configure_optimizers()
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9 and sgd.defaults["lr"] == 0.1
+    adamw = HFCausalLM(config=TINY, betas=(0.8, 0.9)).configure_optimizers()
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError, match="optimizer"):
+        HFCausalLM(config=TINY, optimizer="lion")
