@@ -23,7 +23,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..layer import MoELayer
 from .block import HFMoEBlock
 from .families import family
 
