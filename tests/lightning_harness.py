@@ -19,6 +19,14 @@ MODEL = dict(seq_len=16, num_layers=2, hidden_size=32, num_heads=2, ffn_hidden_s
 GLOBAL_BATCH = 8
 
 
+def forked_strategy(world: int, *, topology=None, **kwargs):
+    """Lightning's default strategy for one process, else HierMoEStrategy on ``world`` forked CPU ranks (topology
+    ``str(world)`` unless given, a 60 s process-group timeout, ``kwargs`` as its other arguments)."""
+    if world == 1:
+        return "auto"
+    return HierMoEStrategy(topology=topology or str(world), start_method="fork", timeout=60, **kwargs)
+
+
 class FixedOrderData(pl.LightningDataModule):
     """The first ``samples`` windows of the default corpus, no shuffling; each rank gets ``rank::world`` (so the
     union of the ranks' step-s batches is exactly the single-process step-s batch)."""
@@ -174,11 +182,8 @@ def fit_text(tmp, world: int, *, max_steps: int, record: str, callbacks=(), ckpt
     model = MoEGPT(**MODEL, optimizer="adamw")
     data = ByteTextDataModule(seq_len=MODEL["seq_len"], batch_size=GLOBAL_BATCH // world, val_fraction=0.0,
                               shuffle=shuffle, seed=3, max_train_samples=samples)
-    if world == 1:
-        strategy = "auto"
-    else:
-        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork",
-                                   timeout=60, link_costs=link_costs, checkpoint_format=checkpoint_format)
+    strategy = forked_strategy(world, topology=topology, dispatch=dispatch, link_costs=link_costs,
+                               checkpoint_format=checkpoint_format)
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=max_steps, logger=False,
         callbacks=[*callbacks, RecordSteps(record), *checkpoint_callbacks],
@@ -226,11 +231,8 @@ def fit_module(tmp, world: int, make_module, *, dispatch="auto", topology=None, 
     if check_replicas:
         callbacks.append(CheckReplicas(os.path.join(tmp, f"{tag}.replicas.json")))
     module = make_module()
-    if world == 1:
-        strategy = "auto"
-    else:
-        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork",
-                                   timeout=60, link_costs=link_costs, pipeline_chunks=pipeline_chunks)
+    strategy = forked_strategy(world, topology=topology, dispatch=dispatch, link_costs=link_costs,
+                               pipeline_chunks=pipeline_chunks)
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_epochs=max_epochs, logger=False, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

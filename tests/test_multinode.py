@@ -28,8 +28,9 @@ import pytest
 import yaml
 
 from hiermoe_lightning.bench.netem import EmulatedNetwork, EmulationUnavailable
-from hiermoe_lightning.testing.fit_process import _LAUNCH_ENV
+from hiermoe_lightning.testing.fit_process import user_environment
 from hiermoe_lightning.testing.launch import free_port
+from hiermoe_lightning.testing.processes import session_alive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -82,7 +83,7 @@ def _config(root: str, tag: str, *, devices: int, batch_size: int, strategy) -> 
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV and not k.startswith("TORCHELASTIC")}
+    env = user_environment()
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
@@ -107,16 +108,6 @@ def _kill(procs: list[subprocess.Popen]) -> None:
             p.wait(10)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _wait_all(procs: dict[str, subprocess.Popen], root: str, deadline: float) -> None:
     """Wait for every process; on a failure or the deadline kill them all and fail with the logs."""
     try:
@@ -133,7 +124,7 @@ def _wait_all(procs: dict[str, subprocess.Popen], root: str, deadline: float) ->
             time.sleep(0.2)
     finally:
         _kill(list(procs.values()))  # no-op for finished ones; leaves no worker behind whatever happened
-        assert not any(_group_alive(p.pid) for p in procs.values()), "processes left behind"
+        assert not any(session_alive(p.pid) for p in procs.values()), "processes left behind"
 
 
 def _tx_bytes(namespace: str, interface: str) -> int:

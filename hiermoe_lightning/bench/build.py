@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..cli.flags import add_timeout_and_json
 from ..layer import MoELayer
 from ..parallel import ExpertParallel
 from ..testing import Deadline, run_ranks
@@ -250,9 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="today: every rank builds every expert, then shard_; meta: device='meta', then shard_; "
                         "load: a generated local HF checkpoint (Qwen3-MoE of these layers), each rank reading its "
                         "experts (hf.load_pretrained_)")
-    p.add_argument("--timeout", type=float, default=1200.0,
-                   help="seconds for the whole command; when they pass, every rank is stopped (exit status 124)")
-    p.add_argument("--json", action="store_true")
+    add_timeout_and_json(p, 1200.0)
 
 
 def main(args) -> int:

@@ -15,6 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..cli.flags import add_timeout_and_json
 from ..layer import MoELayer
 from ..parallel import ExpertParallel
 from ..testing import Deadline, run_ranks
@@ -129,9 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (gloo) or cuda (one GPU per rank, NCCL; peak memory is then GPU memory allocated)")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds for the whole command; when they pass, every rank is stopped (exit status 124)")
-    p.add_argument("--json", action="store_true")
+    add_timeout_and_json(p, 600.0)
 
 
 def main(args) -> int:

@@ -77,6 +77,7 @@ class HFCausalLM(pl.LightningModule):
 
         self.converted = convert_(self.model)
         self._load_after_shard = False  # set by configure_model under HierMoEStrategy: on_after_shard loads
+        self._experts_unchecked = pretrained is not None  # until a forward has seen them real (a cheap test per step)
         if pretrained is not None:  # built on meta: every weight from the checkpoint, none drawn first. The dense
             # weights now; the MoE layers wait on meta for the trainer's setup (configure_model), so under
             # HierMoEStrategy each rank reads only its own experts, however the module was built (Python,
@@ -128,9 +129,14 @@ class HFCausalLM(pl.LightningModule):
         return report
 
     def _ensure_experts(self) -> None:
-        """Outside a trainer's setup (the module called directly), read every pending expert before computing."""
-        if self.hparams.pretrained is not None and not self._load_after_shard and self._moe_pending():
+        """Outside a trainer's setup (the module called directly), read every pending expert before computing. Once
+        the experts are real (loaded here, after sharding, or trained tensors a launcher handed back) nothing is
+        checked again: the module walk happens at most until then, not every step."""
+        if not self._experts_unchecked or self._load_after_shard:
+            return
+        if self._moe_pending():
             self.load_pretrained_weights()
+        self._experts_unchecked = False
 
     @override
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -53,12 +53,18 @@ _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
                "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "HIERMOE_SUPERVISOR_DIR")
 
 
+def user_environment() -> dict[str, str]:
+    """This process's environment as a user's shell would give a fresh command: without what a launcher (Lightning,
+    torchrun, hiermoe's own) leaves behind, which a new run would otherwise take for its own rendezvous."""
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV and not k.startswith("TORCHELASTIC")}
+
+
 def start(root: str, *extra: str) -> subprocess.Popen:
     """Start ``hiermoe fit`` in its own session (so a test can always kill all of it), with the environment a user's
     shell would give it (no launcher variables); stdout/stderr to files."""
     out = open(os.path.join(root, "stdout.txt"), "w")
     err = open(os.path.join(root, "stderr.txt"), "w")
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    env = user_environment()
     return subprocess.Popen([sys.executable, "-m", "hiermoe_lightning", "fit", "--config",
                              os.path.join(root, "fit.yaml"), *extra], cwd=root, stdout=out, stderr=err,
                             stdin=subprocess.DEVNULL, start_new_session=True, env=env)

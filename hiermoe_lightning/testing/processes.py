@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["alive", "children", "wait_for", "wait_gone", "kill_session", "SessionCommand"]
+__all__ = ["alive", "children", "wait_for", "wait_gone", "kill_session", "SessionCommand", "session_alive"]
 
 
 def alive(pid: int) -> bool:
@@ -21,6 +21,17 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):  # gone: no /proc entry, or it vanished between open and read (ESRCH)
         return False
+
+
+def session_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` (a session started with ``start_new_session``) still exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def children(pid: int) -> list[int]:

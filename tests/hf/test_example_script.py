@@ -4,7 +4,6 @@ join: the launcher must not wait for it to exit at the end of fit) and exports i
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hiermoe_lightning.testing.fit_process import _LAUNCH_ENV  # noqa: E402
+from hiermoe_lightning.testing.fit_process import user_environment  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_the_example_trains_on_two_ranks_and_exports_a_model_transformers_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    env = user_environment()
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_hf_moe.py"), "--devices", "2",
                            "--topology", "2", "--steps", "2", "--out", str(out)], cwd=tmp_path, env=env,
