@@ -309,7 +309,7 @@ class HierMoECallback(DedupMonitor):
             mine = {}
             for j, (i, name, layer) in enumerate(members):
                 owners[i] = j % ep.world_size
-                if owners[i] == ep.rank:
+                if owners[i] == ep.rank and ep.replica_index == 0:  # other replicas get the first one's plans
                     try:
                         mine[i] = (True, self._plan_layer(name, layer, optimizer))
                     except Exception as e:  # noqa: BLE001 - shared, then raised on every rank below

@@ -33,12 +33,15 @@ def _param_names(module: nn.Module, optimizer) -> list[str]:
     return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def sharded_tensors(module: nn.Module, optimizers) -> dict[str, torch.Tensor]:
-    """This rank's share: dense tensors (replicated) and, per expert id, its slices of expert tensors."""
+def sharded_tensors(module: nn.Module, optimizers, write_experts: bool = True) -> dict[str, torch.Tensor]:
+    """This rank's share: dense tensors (replicated) and, per expert id, its slices of expert tensors (none when
+    ``write_experts`` is False: another replica writes them)."""
     experts = expert_parameter_names(module)
     out = {}
     for name, t in module.state_dict().items():
         if name in experts:
+            if not write_experts:
+                continue
             layer, _ = experts[name]
             for slot, e in enumerate(layer.local_expert_ids().tolist()):
                 out[f"model/{name}/expert{e}"] = t[slot]
@@ -51,6 +54,8 @@ def sharded_tensors(module: nn.Module, optimizers) -> dict[str, torch.Tensor]:
                 if not isinstance(value, torch.Tensor):
                     continue
                 if name in experts and value.dim() > 0:
+                    if not write_experts:
+                        continue
                     layer, _ = experts[name]
                     for slot, e in enumerate(layer.local_expert_ids().tolist()):
                         out[f"optim{i}/{name}/{key}/expert{e}"] = value[slot]
@@ -75,17 +80,19 @@ def optimizer_structure(module: nn.Module, optimizers) -> list[dict]:
     return out
 
 
-def save_sharded(path, module: nn.Module, optimizers, meta: dict, is_rank_zero: bool, barrier) -> None:
+def save_sharded(path, module: nn.Module, optimizers, meta: dict, is_rank_zero: bool, barrier,
+                 write_experts: bool = True) -> None:
     """Collective: every rank writes its share with DCP; rank 0 writes the metadata file. Atomic: the shares go to
     ``<path>.partial`` and rank 0 renames it to ``path`` only once every rank has written (``barrier(name)`` is the
-    strategy's barrier), so a job that dies while saving never leaves a half checkpoint under the final name."""
+    strategy's barrier), so a job that dies while saving never leaves a half checkpoint under the final name. With
+    replicas only the first one passes ``write_experts``: each expert is written once."""
     path = os.fspath(path)
     partial = path.rstrip(os.sep) + ".partial"
     if is_rank_zero:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
         os.makedirs(partial)
     barrier("hiermoe_sharded_save_start")
-    dcp.save(sharded_tensors(module, optimizers), checkpoint_id=partial)
+    dcp.save(sharded_tensors(module, optimizers, write_experts), checkpoint_id=partial)
     if is_rank_zero:
         torch.save(meta, os.path.join(partial, META_FILE))
     barrier("hiermoe_sharded_save_written")

@@ -106,7 +106,8 @@ class DedupMonitor(pl.Callback):
         D = layers[0].expert_parallel.topology.num_levels
         sent = torch.zeros(D, dtype=torch.float64)
         flat = torch.zeros(D, dtype=torch.float64)
-        pairs = torch.zeros(trainer.world_size, dtype=torch.float64)
+        # per expert-parallel rank; with replicas the all-reduce below sums each rank's copies (the replica's load)
+        pairs = torch.zeros(layers[0].expert_parallel.world_size, dtype=torch.float64)
         predicted = 0.0
         for layer in layers:
             by_level = layer.last_handle.bytes_by_level()

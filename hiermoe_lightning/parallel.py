@@ -17,10 +17,11 @@ from .dispatch.transport import Transport, probe_group
 from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
 from .layer import MoELayer
 from .placement import Placement
+from .replicas import Replicas
 from .topology import Topology
 from .validation import check_flag, check_positive_int
 
-__all__ = ["ExpertParallel", "PendingRoutings", "pack_routings", "unpack_routings"]
+__all__ = ["ExpertParallel", "PendingRoutings", "fold_replicas", "pack_routings", "unpack_routings"]
 
 
 def pack_routings(samples: list[torch.Tensor], rows_per_rank: int) -> torch.Tensor:
@@ -74,23 +75,35 @@ class PendingRoutings:
     worker threads), so it may happen at a different point on each rank; dropping an unwaited handle is safe too.
     """
 
-    def __init__(self, work, parts: list[torch.Tensor], widths: list[int]):
-        self._work, self._parts, self._widths = work, parts, widths
+    def __init__(self, work, parts: list[torch.Tensor], widths: list[int], replicas: int = 1):
+        self._work, self._parts, self._widths, self._replicas = work, parts, widths, replicas
         self._result: list[torch.Tensor] | None = None
 
     def wait(self) -> list[torch.Tensor]:
         if self._result is None:
             if self._work is not None:
                 self._work.wait()
-            self._result = unpack_routings(torch.stack(self._parts), self._widths)
+            self._result = [fold_replicas(r, self._replicas)
+                            for r in unpack_routings(torch.stack(self._parts), self._widths)]
             self._work = self._parts = None
         return self._result
+
+
+def fold_replicas(routing: torch.Tensor, replicas: int) -> torch.Tensor:
+    """Every rank's routing ``[R * G, T, K]`` (replica-major: global rank ``k * G + g``) -> ``[G, R * T, K]``: the
+    tokens of expert-parallel rank ``g`` of every replica, as if one rank had routed them all (the traffic and the
+    load every replica's rank ``g`` puts on the network, summed). One replica: unchanged."""
+    if replicas == 1:
+        return routing
+    world, tokens, k = routing.shape
+    return routing.reshape(replicas, world // replicas, tokens, k).transpose(0, 1).reshape(
+        world // replicas, replicas * tokens, k).contiguous()
 
 
 class ExpertParallel:
     """Expert parallelism over ``group`` (default: the whole world) laid out as ``topology``.
 
-    Construction is collective over the ranks of ``group``: it creates one process group per phase group (own groups,
+    Construction is collective over the ranks of ``group`` (with ``replicas``: over the world): it creates one process group per phase group (own groups,
     never the default one, so DDP's gradient all-reduce can't interleave with the all-to-alls). Every argument is
     checked on every rank before the first collective, so bad input fails everywhere instead of hanging.
 
@@ -115,12 +128,25 @@ class ExpertParallel:
             transport.transport_for`), or a callable ``transport(peers: PeerGroup) -> Transport`` called once per
             phase group at setup (``peers.transport`` is the default one, to wrap or replace): the seam for another
             way of moving rows (:mod:`~hiermoe_lightning.dispatch.transport`).
+        replicas: None (one replica: ``group`` is all there is), or a :class:`~hiermoe_lightning.replicas.Replicas`
+            whose ``expert_group`` is ``group`` (None: taken from it): the routing gathers behind ``auto`` and the swap
+            planner then see every replica's tokens (folded per expert-parallel rank, :func:`fold_replicas`), and
+            :meth:`all_gather_object` returns the first replica's objects everywhere, so every replica makes the same
+            choices and keeps the same placement.
     """
 
     def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
                  verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1,
-                 shared_memory: bool = True, transport: "Callable[[PeerGroup], Transport] | None" = None):
+                 shared_memory: bool = True, transport: "Callable[[PeerGroup], Transport] | None" = None,
+                 replicas: "Replicas | None" = None):
         check_positive_int(auto_interval, "auto_interval")
+        if replicas is not None and not isinstance(replicas, Replicas):
+            raise TypeError(f"replicas must be None or a hiermoe_lightning.replicas.Replicas, got {replicas!r}")
+        if replicas is not None and replicas.num_replicas > 1:
+            if group is not None and group is not replicas.expert_group:
+                raise ValueError("group must be None or replicas.expert_group when replicas are given")
+            group = replicas.expert_group
+        self.replicas = replicas if replicas is not None and replicas.num_replicas > 1 else None
         if transport is not None and not callable(transport):
             raise TypeError(f"transport must be None or a callable (PeerGroup) -> Transport, got {transport!r}")
         self._transport_factory = transport
@@ -234,9 +260,10 @@ class ExpertParallel:
         exactly what :meth:`gather_routing` returns for it, with two ``all_gather``s in all instead of two per
         routing: the largest token count first, then :meth:`start_gather_routings` sized by it."""
         count = torch.tensor([max((e.shape[0] for e in expert_ids), default=0)], dtype=torch.long)
-        if self.world_size > 1:
-            counts = [torch.zeros_like(count) for _ in range(self.world_size)]
-            dist.all_gather(counts, count, group=self._peer_groups["a2a"].group)
+        group, size = self._gather_group()
+        if size > 1:
+            counts = [torch.zeros_like(count) for _ in range(size)]
+            dist.all_gather(counts, count, group=group)
             count = torch.stack(counts).max()
         return self.start_gather_routings(expert_ids, int(count)).wait()
 
@@ -249,20 +276,38 @@ class ExpertParallel:
         collectives on that group. One rank: nothing to exchange."""
         packed = pack_routings(expert_ids, rows_per_rank)
         widths = [e.shape[1] for e in expert_ids]
-        if self.world_size == 1:
+        group, size = self._gather_group()
+        if size == 1:
             return PendingRoutings(None, [packed], widths)
-        parts = [torch.empty_like(packed) for _ in range(self.world_size)]
-        work = dist.all_gather(parts, packed, group=self._peer_groups["a2a"].group, async_op=True)
-        return PendingRoutings(work, parts, widths)
+        parts = [torch.empty_like(packed) for _ in range(size)]
+        work = dist.all_gather(parts, packed, group=group, async_op=True)
+        return PendingRoutings(work, parts, widths, self.num_replicas)
 
     def all_gather_object(self, obj) -> list:
-        """Every expert-parallel rank's picklable ``obj``, in rank order (collective over the ``a2a`` group; one rank:
-        ``[obj]`` without a collective). Used to share results computed on one rank, e.g. a layer's swap plan."""
-        if self.world_size == 1:
+        """Every expert-parallel rank's picklable ``obj``, in rank order (collective over the ``a2a`` group, or the
+        world with replicas, where every replica gets the *first* replica's objects; one rank: ``[obj]`` without a
+        collective). Used to share results computed on one rank, e.g. a layer's swap plan."""
+        group, size = self._gather_group()
+        if size == 1:
             return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._peer_groups["a2a"].group)
-        return out
+        out = [None] * size
+        dist.all_gather_object(out, obj, group=group)
+        return out[: self.world_size]
+
+    @property
+    def num_replicas(self) -> int:
+        return 1 if self.replicas is None else self.replicas.num_replicas
+
+    @property
+    def replica_index(self) -> int:
+        """This rank's replica (0 without replicas); only the first replica's plans are used."""
+        return 0 if self.replicas is None else self.replicas.index
+
+    def _gather_group(self) -> tuple:
+        """(group, size) of the gathers every replica must agree on: the world with replicas, else ``a2a``."""
+        if self.replicas is not None:
+            return self.replicas.everyone, self.replicas.layout.world_size
+        return self._peer_groups["a2a"].group, self.world_size
 
     def choose_dispatch(self, layer: MoELayer, expert_ids: torch.Tensor) -> str:
         """Collective: predict every ``hd<d>`` on the live routing of all ranks and pick the fastest (same on all)."""

@@ -87,6 +87,8 @@ from .experts import derive_seed
 from .balancing import update_routing_biases
 from .layer import MoELayer
 from .parallel import ExpertParallel
+from .replicas import (ReplicaLayout, Replicas, average_over_copies_, build_replicas, check_expert_parallel_size,
+                       default_replica_topology)
 from .topology import Topology
 from .validation import check_flag, check_positive_int
 
@@ -102,8 +104,13 @@ class HierMoEStrategy(DDPStrategy):
     """Expert-parallel MoE training with hierarchical token deduplication.
 
     Args:
-        topology: expert-parallel layout, e.g. ``"2x2"``; None = ``f"{num_nodes}x{devices}"``. It may differ from the
-            physical layout (``"2x2"`` on ``devices=4`` emulates two nodes).
+        topology: expert-parallel layout of one replica, e.g. ``"2x2"``; None = ``f"{num_nodes}x{devices}"`` (with
+            ``expert_parallel_size``: :func:`~hiermoe_lightning.replicas.default_replica_topology`). It may differ
+            from the physical layout (``"2x2"`` on ``devices=4`` emulates two nodes).
+        expert_parallel_size: None = experts sharded over the whole world. Else the world is
+            ``world_size // expert_parallel_size`` replicas of that many consecutive ranks (:mod:`.replicas`): experts
+            sharded inside each replica, each expert's gradient averaged over its copies in the other replicas (one
+            bucketed all-reduce per optimizer step), dense parameters data-parallel over all ranks.
         dispatch: ``"flat" | "2dh" | "hd1" .. "hd<D>" | "auto"``.
         link_costs: preset name or YAML path of the alpha-beta link costs (``auto`` uses them), or ``"calibrate"`` to
             fit them on the live process groups at setup.
@@ -128,6 +135,7 @@ class HierMoEStrategy(DDPStrategy):
         self,
         topology: Optional[str] = None,
         dispatch: str = "auto",
+        expert_parallel_size: Optional[int] = None,
         link_costs: str = "paper-a6000",
         verify_splits: bool = False,
         auto_interval: int = 50,
@@ -147,6 +155,12 @@ class HierMoEStrategy(DDPStrategy):
     ):
         # validate everything that needs no process group now, identically on every rank
         self._topology = Topology.parse(topology) if topology is not None else None
+        self._expert_parallel_size = check_expert_parallel_size(expert_parallel_size)
+        if self._topology is not None and expert_parallel_size is not None \
+                and self._topology.world_size != expert_parallel_size:
+            raise ValueError(f"topology {self._topology} describes one replica of {self._topology.world_size} ranks, "
+                             f"but expert_parallel_size={expert_parallel_size}: give a topology of "
+                             f"{expert_parallel_size} ranks, or leave topology out")
         validate_dispatch(dispatch, self._topology.num_levels if self._topology is not None else 2)
         # "calibrate": fitted on the live process groups at setup (ExpertParallel does it)
         self._link_costs = link_costs if link_costs == "calibrate" else LinkCosts.resolve(link_costs)
@@ -173,6 +187,7 @@ class HierMoEStrategy(DDPStrategy):
         self.checkpoint_format = checkpoint_format
         self._check_finite = check_flag(check_finite, "check_finite")
         self.expert_parallel: ExpertParallel | None = None
+        self.replicas: Replicas | None = None  # set at setup when expert_parallel_size makes replicas
         self._grad_hooks: list = []
         self._stop_flag = StopFlag()
         self._stop_agreed = 0  # the signal every rank agreed to stop for (0: none), set at an optimizer step
@@ -192,9 +207,18 @@ class HierMoEStrategy(DDPStrategy):
     # ------------------------------------------------------------------ setup
     @property
     def topology(self) -> Topology:
+        """The expert-parallel layout (of one replica when ``expert_parallel_size`` is set)."""
         if self._topology is not None:
             return self._topology
-        return Topology([self.num_nodes, len(self.parallel_devices or [None])])
+        devices = len(self.parallel_devices or [None])
+        if self._expert_parallel_size is not None:
+            return Topology.parse(default_replica_topology(self._expert_parallel_size, devices))
+        return Topology([self.num_nodes, devices])
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks per expert-parallel replica (the world size unless ``expert_parallel_size`` was given)."""
+        return self._expert_parallel_size if self._expert_parallel_size is not None else self.world_size
 
     @property
     @override
@@ -248,10 +272,18 @@ class HierMoEStrategy(DDPStrategy):
         layers = [m for m in module.modules() if isinstance(m, MoELayer)]
         check_dense_materializable(module)  # before any collective: the same verdict on every rank
         if self.expert_parallel is None:
+            # checked on every rank before the first collective (new_group): a bad size fails everywhere
+            layout = ReplicaLayout.resolve(self._expert_parallel_size, self.world_size)
+            if self._expert_parallel_size is None and self.topology.world_size != self.world_size:
+                raise ValueError(f"topology {self.topology} has world size {self.topology.world_size} but there are "
+                                 f"{self.world_size} ranks: give a topology of {self.world_size} ranks, or set "
+                                 f"expert_parallel_size={self.topology.world_size} for "
+                                 f"{self.world_size / self.topology.world_size:g} data-parallel replicas")
+            self.replicas = build_replicas(layout, self.global_rank) if layout.num_replicas > 1 else None
             self.expert_parallel = ExpertParallel(self.topology, dispatch=self._dispatch, link_costs=self._link_costs,
                                                   verify_splits=self._verify_splits, auto_interval=self._auto_interval,
                                                   pipeline_chunks=self._pipeline_chunks,
-                                                  shared_memory=self._shared_memory)
+                                                  shared_memory=self._shared_memory, replicas=self.replicas)
         for layer in layers:
             layer.router.check_finite = self._check_finite
         if layers and not all(layer.is_sharded for layer in layers):
@@ -304,6 +336,7 @@ class HierMoEStrategy(DDPStrategy):
 
         def closure_then_agree():
             result = closure()
+            self._average_expert_grads_over_replicas()
             self._agree_after_closure(result)
             # automatic optimization: a None result means training_step returned None (backward skipped); in manual
             # optimization the closure returns nothing (as Lightning's MixedPrecision plugin reads it)
@@ -317,6 +350,17 @@ class HierMoEStrategy(DDPStrategy):
         taken = bool(ran) and all(ran) and (scale is None or scaler.get_scale() >= scale)
         self._update_routing_biases(taken)
         return output
+
+    def _average_expert_grads_over_replicas(self) -> None:
+        """With replicas: each expert's gradient (the sum over its replica's tokens, scaled by ``1 / E``) becomes the
+        mean over its copies, i.e. the one-process gradient. After the whole backward (and every accumulated
+        micro-batch), before clipping and the step; one bucketed all-reduce over this rank's copies."""
+        if self.replicas is None:
+            return
+        if self._checked_layers is None:
+            self._checked_layers = ckpt.moe_layers(self.lightning_module)
+        params = [p for layer in self._checked_layers.values() for p in layer.experts.slot_parameters()]
+        average_over_copies_(params, self.replicas.copies_group, self.replicas.num_replicas)
 
     def _balanced_layers(self) -> list[MoELayer]:
         """The MoE layers whose router learns its selection bias (``bias_update_rate > 0``), in model order."""
@@ -451,6 +495,7 @@ class HierMoEStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         meta = {"format": self.checkpoint_format, "version": 1, "topology": str(self.topology),
+                "expert_parallel_size": self.expert_parallel_size,
                 "placements": ckpt.placement_metadata(self.lightning_module)}
         if self.checkpoint_format == "sharded":
             from .checkpoint_sharded import optimizer_structure, save_sharded
@@ -458,7 +503,8 @@ class HierMoEStrategy(DDPStrategy):
             meta["optimizer_structure"] = optimizer_structure(self.lightning_module, self.optimizers)
             rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
             rest["hiermoe"] = meta
-            save_sharded(filepath, self.lightning_module, self.optimizers, rest, self.is_global_zero, self.barrier)
+            save_sharded(filepath, self.lightning_module, self.optimizers, rest, self.is_global_zero, self.barrier,
+                         write_experts=self.replicas is None or self.replicas.index == 0)  # once per expert
             return
         checkpoint["hiermoe"] = meta
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)

@@ -75,9 +75,10 @@ class SaveAtEnd(pl.Callback):
 def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimizer="adamw", clip=None,
         accumulate=1, ckpt_path=None, save_path=None, tag="run", samples=40, model_kwargs=None, check_replicas=False,
         checkpoint_format="full", extra_callbacks=(), link_costs="paper-a6000", logger=False, pipeline_chunks=1,
-        shared_memory=True, accelerator="cpu"):
+        shared_memory=True, accelerator="cpu", strategy_kwargs=None):
     """Train; return the recorded global losses. ``accelerator="gpu"``: ``world`` GPUs under HierMoEStrategy (even
-    one), started with spawn (CUDA may already be initialised in this process)."""
+    one), started with spawn (CUDA may already be initialised in this process). ``strategy_kwargs``: more
+    HierMoEStrategy arguments (e.g. ``expert_parallel_size``)."""
     losses_path = os.path.join(tmp, f"{tag}.json")
     callbacks = [RecordLosses(losses_path)] + ([SaveAtEnd(save_path)] if save_path else [])
     callbacks += list(extra_callbacks)
@@ -88,10 +89,13 @@ def fit(tmp, world: int, *, dispatch="flat", topology=None, max_epochs=1, optimi
         strategy, devices = "auto", 1
     else:
         start_method = "spawn" if accelerator == "gpu" else "fork"
-        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method=start_method,
+        if topology is None and "expert_parallel_size" not in (strategy_kwargs or {}):
+            topology = str(world)
+        strategy = HierMoEStrategy(topology=topology, dispatch=dispatch, start_method=start_method,
                                    timeout=60,
                                    checkpoint_format=checkpoint_format, link_costs=link_costs,
-                                   pipeline_chunks=pipeline_chunks, shared_memory=shared_memory)
+                                   pipeline_chunks=pipeline_chunks, shared_memory=shared_memory,
+                                   **(strategy_kwargs or {}))
         devices = world
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=max_epochs, logger=logger, callbacks=callbacks,
@@ -119,8 +123,18 @@ class CheckReplicas(pl.Callback):
         same = torch.tensor([int(torch.equal(ref, dense))])
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         local = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters() if n in experts])
+        verdict = {"dense_identical": bool(same), "expert_numel_per_rank": local.numel()}
+        replicas = getattr(trainer.strategy, "replicas", None)
+        if replicas is not None:  # every copy of an expert (one per replica) equals the first replica's
+            first = local.clone()
+            # this rank's copy in the first replica has global rank (global rank mod E)
+            dist.broadcast(first, src=trainer.global_rank % replicas.layout.expert_parallel_size,
+                           group=replicas.copies_group)
+            copies = torch.tensor([int(torch.equal(first, local))])
+            dist.all_reduce(copies, op=dist.ReduceOp.MIN)
+            verdict["experts_identical_across_replicas"] = bool(copies)
         if trainer.global_rank == 0:
-            json.dump({"dense_identical": bool(same), "expert_numel_per_rank": local.numel()}, open(self.path, "w"))
+            json.dump(verdict, open(self.path, "w"))
 
 
 # ------------------------------------------------------------------ resumable fits on the bundled text data
