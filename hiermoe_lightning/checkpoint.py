@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .dense_sharding import distribute_like, full_tensor
 from .layer import MoELayer
 from .placement import Placement
 
@@ -59,8 +60,9 @@ def local_slice(full: torch.Tensor, layer: MoELayer) -> torch.Tensor:
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with expert tensors gathered to ``[E, ...]`` (collective when sharded)."""
-    state = module.state_dict()
+    """``module.state_dict()`` with expert tensors gathered to ``[E, ...]`` and FSDP-sharded dense tensors gathered
+    whole (collective when sharded): exactly the unsharded model's state dict."""
+    state = {name: full_tensor(t) for name, t in module.state_dict().items()}
     for name, (layer, p) in expert_parameter_names(module).items():
         if name in state:
             state[name] = gather_full(state[name], layer)
@@ -68,11 +70,16 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def local_state_dict(module: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``full_state_dict`` for this rank: expert tensors sliced by the current placements."""
+    """The inverse of ``full_state_dict`` for this rank: expert tensors sliced by the current placements, dense
+    tensors sharded like the module's own where FSDP shards them (no communication)."""
     state = dict(full)
     for name, (layer, _) in expert_parameter_names(module).items():
         if name in state:
             state[name] = local_slice(state[name], layer)
+    current = module.state_dict()
+    for name, value in state.items():
+        if name in current and isinstance(value, torch.Tensor):
+            state[name] = distribute_like(value, current[name])
     return state
 
 
@@ -96,12 +103,15 @@ def _expert_param_slots(module: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return out
 
 
-def _map_expert_state(state: dict, slots: dict[int, MoELayer], fn) -> dict:
+def _map_expert_state(state: dict, slots: dict[int, MoELayer], fn, dense_fn=None) -> dict:
+    """``state`` with ``fn(value, layer)`` applied to every expert moment and ``dense_fn(value, index)`` (when given)
+    to every other tensor."""
     new = {"param_groups": state["param_groups"], "state": {}}
     for idx, entry in state["state"].items():
         layer = slots.get(int(idx))
         if layer is None:
-            new["state"][idx] = entry
+            new["state"][idx] = entry if dense_fn is None else {
+                k: dense_fn(v, int(idx)) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
             continue
         new["state"][idx] = {
             k: fn(v, layer) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] in (layer.experts.num_slots, layer.num_experts) else v
@@ -117,12 +127,20 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
     all ranks alike (the optimizer sees the same parameters everywhere).
     """
     state = optimizer.state_dict()
-    return _map_expert_state(state, _expert_param_slots(module, optimizer), gather_full)
+    return _map_expert_state(state, _expert_param_slots(module, optimizer), gather_full,
+                             lambda value, _: full_tensor(value))
 
 
 def local_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> dict:
-    """Slice a full optimizer state for this rank (inverse of ``full_optimizer_state``)."""
-    return _map_expert_state(full, _expert_param_slots(module, optimizer), local_slice)
+    """Slice a full optimizer state for this rank (inverse of ``full_optimizer_state``): expert moments by the
+    placements, the moments of FSDP-sharded parameters sharded like them."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def dense(value: torch.Tensor, index: int) -> torch.Tensor:
+        like = params[index] if index < len(params) else None
+        return distribute_like(value, like) if like is not None and value.shape == like.shape else value
+
+    return _map_expert_state(full, _expert_param_slots(module, optimizer), local_slice, dense)
 
 
 def placement_metadata(module: nn.Module) -> dict:

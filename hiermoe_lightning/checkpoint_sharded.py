@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from .checkpoint import expert_parameter_names
+from .dense_sharding import empty_like_sharded
 
 __all__ = ["META_FILE", "is_sharded_checkpoint", "sharded_tensors", "save_sharded", "load_sharded_model",
            "load_sharded_optimizer", "optimizer_structure"]
@@ -146,6 +147,7 @@ def load_sharded_optimizer(path, module: nn.Module, optimizers, structure: list[
     template, plan = {}, []
     for i, (opt, struct) in enumerate(zip(optimizers, structure)):
         inner = getattr(opt, "_optimizer", opt)
+        params = [p for g in inner.param_groups for p in g["params"]]
         for idx, name in enumerate(_param_names(module, inner)):
             for key, info in struct["keys"].get(name, {}).items():
                 dtype = getattr(torch, info["dtype"])
@@ -153,8 +155,8 @@ def load_sharded_optimizer(path, module: nn.Module, optimizers, structure: list[
                     layer, _ = experts[name]
                     for e in layer.local_expert_ids().tolist():
                         template[f"optim{i}/{name}/{key}/expert{e}"] = torch.empty(info["shape"][1:], dtype=dtype)
-                else:
-                    template[f"optim{i}/{name}/{key}"] = torch.empty(info["shape"], dtype=dtype)
+                else:  # sharded like its parameter under FSDP (DCP reshards whatever wrote it)
+                    template[f"optim{i}/{name}/{key}"] = empty_like_sharded(info["shape"], dtype, params[idx])
                 plan.append((i, idx, name, key, info["expert"]))
     if template:
         dcp.load(template, checkpoint_id=path)

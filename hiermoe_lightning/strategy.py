@@ -87,6 +87,7 @@ from .experts import derive_seed
 from .balancing import update_routing_biases
 from .layer import MoELayer
 from .parallel import ExpertParallel
+from .dense_sharding import check_dense_sharding, is_sharded_tensor, local_tensor, shard_dense_
 from .replicas import (ReplicaLayout, Replicas, average_over_copies_, build_replicas, check_expert_parallel_size,
                        default_replica_topology)
 from .topology import Topology
@@ -111,6 +112,12 @@ class HierMoEStrategy(DDPStrategy):
             ``world_size // expert_parallel_size`` replicas of that many consecutive ranks (:mod:`.replicas`): experts
             sharded inside each replica, each expert's gradient averaged over its copies in the other replicas (one
             bucketed all-reduce per optimizer step), dense parameters data-parallel over all ranks.
+        dense_sharding: ``"ddp"`` (dense parameters replicated, gradients all-reduced by DDP) or ``"fsdp"`` (dense
+            parameters, gradients and optimizer state sharded over all ranks with FSDP2, one unit per block:
+            :mod:`.dense_sharding`). The experts are expert-parallel either way (not sharded across replicas).
+        fsdp_reshard_after_forward: with ``"fsdp"``, free each block's gathered parameters after its forward and
+            gather them again for its backward (True: least memory) or keep them to the end of the backward (False:
+            one all-gather per block per step instead of two).
         dispatch: ``"flat" | "2dh" | "hd1" .. "hd<D>" | "auto"``.
         link_costs: preset name or YAML path of the alpha-beta link costs (``auto`` uses them), or ``"calibrate"`` to
             fit them on the live process groups at setup.
@@ -136,6 +143,8 @@ class HierMoEStrategy(DDPStrategy):
         topology: Optional[str] = None,
         dispatch: str = "auto",
         expert_parallel_size: Optional[int] = None,
+        dense_sharding: str = "ddp",
+        fsdp_reshard_after_forward: bool = True,
         link_costs: str = "paper-a6000",
         verify_splits: bool = False,
         auto_interval: int = 50,
@@ -156,6 +165,8 @@ class HierMoEStrategy(DDPStrategy):
         # validate everything that needs no process group now, identically on every rank
         self._topology = Topology.parse(topology) if topology is not None else None
         self._expert_parallel_size = check_expert_parallel_size(expert_parallel_size)
+        self.dense_sharding = check_dense_sharding(dense_sharding)
+        self._fsdp_reshard_after_forward = check_flag(fsdp_reshard_after_forward, "fsdp_reshard_after_forward")
         if self._topology is not None and expert_parallel_size is not None \
                 and self._topology.world_size != expert_parallel_size:
             raise ValueError(f"topology {self._topology} describes one replica of {self._topology.world_size} ranks, "
@@ -248,8 +259,39 @@ class HierMoEStrategy(DDPStrategy):
         device and DDP wrapping, which it does."""
         self._shard_model()
         self._ignore_experts_in_ddp()
+        if self.dense_sharding == "fsdp":
+            self._shard_dense()
         self.precision_plugin = GlobalNormClipping.adopt(self.precision_plugin, self)
         super().setup(trainer)
+
+    def _shard_dense(self) -> None:
+        """``dense_sharding="fsdp"``: every rank takes rank 0's dense values (as DDP's wrap would), then FSDP2 shards
+        them over all ranks (:func:`~hiermoe_lightning.dense_sharding.shard_dense_`); the sharded parameters join
+        the ignore list, so nothing broadcasts them outside fit. Once per module (a later validate keeps it)."""
+        from torch.distributed.fsdp import FSDPModule
+        from lightning.pytorch.overrides.distributed import _sync_module_states
+
+        module = self.lightning_module
+        if isinstance(module, FSDPModule):
+            return
+        if self.world_size > 1:
+            _sync_module_states(module)  # dense only: the experts are on the ignore list
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+        experts = [p for layer in ckpt.moe_layers(module).values() for p in layer.experts.slot_parameters()]
+        shard_dense_(module, mesh, experts, skip=(MoELayer,), reshard_after_forward=self._fsdp_reshard_after_forward)
+        ignore = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+        ignore += [n for n, p in module.named_parameters() if is_sharded_tensor(p)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
+
+    @override
+    def configure_ddp(self) -> None:
+        """DDP wraps the model unless ``dense_sharding="fsdp"`` (FSDP2 already owns the dense gradients; the strategy's
+        ``training_step`` then calls the LightningModule directly, as Lightning's ModelParallelStrategy does)."""
+        if self.dense_sharding == "fsdp":
+            return
+        super().configure_ddp()
 
     @override
     @contextmanager
@@ -461,14 +503,20 @@ class HierMoEStrategy(DDPStrategy):
         expert_ids = {id(p) for layer in ckpt.moe_layers(self.lightning_module).values()
                       for p in layer.experts.slot_parameters()}
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [local_tensor(p.grad) for p in params]  # FSDP: this rank's shard (a view: clipping reaches it)
         norms = torch._foreach_norm(grads) if grads else []
-        is_expert = torch.tensor([id(p) in expert_ids for p in params], dtype=torch.bool)
         squares = torch.stack([n.double() for n in norms]).pow(2) if norms else torch.zeros(0, dtype=torch.float64)
+        is_expert = torch.tensor([id(p) in expert_ids for p in params], dtype=torch.bool, device=squares.device)
         expert_sq = squares[is_expert].sum()
         dense_sq = squares[~is_expert].sum()
-        if self.expert_parallel is not None and self.expert_parallel.world_size > 1:
-            dist.all_reduce(expert_sq, group=self.expert_parallel.peer_group("a2a").group)
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            # one all-reduce over the world: FSDP dense shards add up; DDP dense replicas (identical) count 1/W each;
+            # every expert lives once per replica (copies identical after the average), so each copy counts 1/R
+            replicas = self.replicas.num_replicas if self.replicas is not None else 1
+            dense_copies = 1 if self.dense_sharding == "fsdp" else self.world_size
+            parts = torch.stack([dense_sq / dense_copies, expert_sq / replicas]).to(self.root_device)
+            dist.all_reduce(parts)
+            dense_sq, expert_sq = parts.cpu()
         total = (dense_sq + expert_sq).sqrt()
         coef = max_norm / (float(total) + 1e-6)
         if coef < 1.0:

@@ -116,14 +116,23 @@ class CheckReplicas(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         from hiermoe_lightning.checkpoint import expert_parameter_names
 
+        from hiermoe_lightning.dense_sharding import full_tensor
+
         experts = set(expert_parameter_names(pl_module))
-        dense = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters() if n not in experts])
+        dense = torch.cat([full_tensor(p.detach()).flatten() for n, p in pl_module.named_parameters()
+                           if n not in experts])
         ref = dense.clone()
         dist.broadcast(ref, src=0)
         same = torch.tensor([int(torch.equal(ref, dense))])
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         local = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters() if n in experts])
-        verdict = {"dense_identical": bool(same), "expert_numel_per_rank": local.numel()}
+        from hiermoe_lightning.dense_sharding import local_tensor
+
+        held = torch.tensor([sum(local_tensor(p.detach()).numel() for n, p in pl_module.named_parameters()
+                                 if n not in experts)])
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        verdict = {"dense_identical": bool(same), "expert_numel_per_rank": local.numel(),
+                   "dense_numel": dense.numel(), "dense_numel_held_per_rank_max": int(held)}
         replicas = getattr(trainer.strategy, "replicas", None)
         if replicas is not None:  # every copy of an expert (one per replica) equals the first replica's
             first = local.clone()

@@ -184,7 +184,7 @@ class _Val(torch.utils.data.Dataset):
         return self.base[i]
 
 
-def _validate(world, tmp_path):
+def _validate(world, tmp_path, **strategy_kwargs):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -199,7 +199,8 @@ def _validate(world, tmp_path):
                               sampler=DistributedSampler(ds, num_replicas=world, rank=dist.get_rank(), shuffle=False))
 
     model = Module(**MODEL)
-    strategy = "auto" if world == 1 else HierMoEStrategy(topology="2x2", dispatch="hd2", start_method="fork", timeout=60)
+    strategy = "auto" if world == 1 else HierMoEStrategy(topology="2x2", dispatch="hd2", start_method="fork", timeout=60,
+                                                         **strategy_kwargs)
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(tmp_path))
     return trainer.validate(model, verbose=False)[0]["val/loss"]

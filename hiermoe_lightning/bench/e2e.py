@@ -219,6 +219,9 @@ class E2EConfig:
     model_name: str = MOEGPT  # --model: moegpt, hf-qwen3-moe-tiny or the YAML path
     model_class: str = MOEGPT_CLASS  # the LightningModule class built from ``model``
     seed: int = 0  # torch.manual_seed of every rank before it builds the model
+    # variant name -> (dispatch, more HierMoEStrategy arguments): variants that are not just a dispatch (e.g. the
+    # expert-parallel size or dense sharding of ``bench scaleout``); a name not listed is its own dispatch
+    variant_options: tuple = ()
 
 
 def _resolve(args: argparse.Namespace) -> E2EConfig:
@@ -481,9 +484,21 @@ def _make_timer(warmup: int, monitor):
                 "sent": diff(sent, sent0), "flat": diff(flat, flat0), "swaps": swaps - swaps0,
                 "plan_seconds": plan - plan0, "migration_seconds": mig - mig0,
                 "dispatch_resolved": [m.dispatch for m in moe_layers(pl_module).values()],
+                "state_bytes_per_rank": _max_state_bytes(pl_module, trainer.optimizers),
             }
 
     return _StepTimer()
+
+
+def _max_state_bytes(module, optimizers) -> dict:
+    """The largest any rank holds of each part of the training state (:func:`~.memory.state_bytes`; collective)."""
+    from .memory import STATE_KINDS, state_bytes
+
+    mine = state_bytes(module, optimizers)
+    flat = torch.tensor([mine[part][kind] for part in ("dense", "expert") for kind in STATE_KINDS], dtype=torch.float64)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    values = iter(int(v) for v in flat.tolist())
+    return {part: {kind: next(values) for kind in STATE_KINDS} for part in ("dense", "expert")}
 
 
 def _rank_fn(rank: int, world: int, cfg: E2EConfig, variant: str) -> dict:
@@ -499,7 +514,8 @@ def _rank_fn(rank: int, world: int, cfg: E2EConfig, variant: str) -> dict:
     _quiet_child()
     torch.manual_seed(cfg.seed)
     swaps = variant == SWAPS_VARIANT
-    dispatch = "auto" if swaps else variant
+    dispatch, extra = dict((n, (d, kw)) for n, d, kw in cfg.variant_options).get(
+        variant, ("auto" if swaps else variant, {}))
     model = MoEGPT(**cfg.model) if cfg.model_class == MOEGPT_CLASS else _import_class(cfg.model_class)(**cfg.model)
     dataset = ByteTextDataModule(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size).train_dataset
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
@@ -510,9 +526,9 @@ def _rank_fn(rank: int, world: int, cfg: E2EConfig, variant: str) -> dict:
     else:
         monitor = DedupMonitor(print_summary=False)
     timer = _make_timer(cfg.warmup, monitor)
-    strategy = HierMoEStrategy(topology=str(cfg.topology), dispatch=dispatch, link_costs=cfg.link_costs,
-                               auto_interval=cfg.auto_interval, pipeline_chunks=cfg.pipeline_chunks,
-                               shared_memory=cfg.shared_memory)
+    strategy = HierMoEStrategy(**{**dict(topology=str(cfg.topology), dispatch=dispatch, link_costs=cfg.link_costs,
+                                         auto_interval=cfg.auto_interval, pipeline_chunks=cfg.pipeline_chunks,
+                                         shared_memory=cfg.shared_memory), **extra})
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, plugins=[ExternalRankEnvironment(rank, world)],
         max_steps=cfg.warmup + cfg.steps, max_epochs=-1, callbacks=[monitor, timer], logger=False,
@@ -567,15 +583,17 @@ def _summarise(runs: list[dict], tokens_per_step: int, steps: int, num_levels: i
         "plan_seconds": float(raw["plan_seconds"]),
         "migration_seconds": float(raw["migration_seconds"]),
         "plans": raw["plans"],
+        "state_bytes_per_rank": raw.get("state_bytes_per_rank"),
         "loss_first": raw["losses"][0] if raw["losses"] else None,
         "loss_last": raw["losses"][-1] if raw["losses"] else None,
         "step_ms": step_ms,
     }
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Validate, then train every variant on freshly forked ranks; return the report (JSON-serialisable)."""
-    cfg = _resolve(args)
+def run(args: argparse.Namespace, cfg: E2EConfig | None = None) -> dict:
+    """Validate, then train every variant on freshly forked ranks; return the report (JSON-serialisable). ``cfg``:
+    the ranks' configuration when the caller resolved it already (``bench scaleout``), else from ``args``."""
+    cfg = cfg if cfg is not None else _resolve(args)
     topology, world, names = cfg.topology, cfg.world, list(cfg.names)
     # one deadline for every launch (calibration, each variant and repeat): --timeout bounds the whole command
     launch = dict(timeout=Deadline(float(args.timeout), "--timeout"), pg_timeout=min(float(args.timeout), 300.0))

@@ -7,6 +7,7 @@ Subcommands::
     hiermoe bench comm ...                                      # dispatch+combine micro-benchmark (bench/comm.py)
     hiermoe bench layer ...                                     # one sharded MoELayer, time split (bench/layer.py)
     hiermoe bench build ...                                     # build + shard_ time and memory (bench/build.py)
+    hiermoe bench scaleout ...                                  # EP inside DP, FSDP dense (bench/scaleout.py)
 
 Errors (contract, "Errors"): bad input (``ValueError`` / ``TypeError``) and argparse errors print ONE line
 ``hiermoe: error: <message>`` on stderr and exit with status 2, without a traceback. ``--debug`` (before the
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "layer": ("layer", "forward+backward of one sharded MoELayer, time split"),
         "build": ("build", "per-rank build time and peak memory: every expert then shard_, against device='meta'"),
         "e2e": ("e2e", "tokens/s of training the bundled model per dispatch, with and without swaps"),
+        "scaleout": ("scaleout", "expert parallelism inside data parallelism and FSDP dense sharding: speed, memory"),
         "placement": ("placement", "swap planner vs no swap, EPLB-style and SmartMoE-style placements"),
         "simulate": ("simulate", "paper-scale predictions with the cost model, beside the paper's table"),
     }
