@@ -74,7 +74,7 @@ def check_expert_parallel_size(value) -> Optional[int]:
 def default_replica_topology(expert_parallel_size: int, devices_per_node: int) -> str:
     """The topology of one replica when none is given: ``f"{E // devices}x{devices}"`` when ``E`` is a multiple of
     the devices per node (a replica spans whole nodes), else one level of ``E`` ranks (it fits inside one node)."""
-    if devices_per_node > 1 and expert_parallel_size % devices_per_node == 0:
+    if expert_parallel_size % devices_per_node == 0:
         return f"{expert_parallel_size // devices_per_node}x{devices_per_node}"
     return str(expert_parallel_size)
 

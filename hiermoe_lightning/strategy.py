@@ -231,6 +231,14 @@ class HierMoEStrategy(DDPStrategy):
         """Ranks per expert-parallel replica (the world size unless ``expert_parallel_size`` was given)."""
         return self._expert_parallel_size if self._expert_parallel_size is not None else self.world_size
 
+    @override
+    def _get_process_group_backend(self) -> str:
+        """NCCL (the default on GPUs) joined by gloo for CPU tensors: the host-side collectives -- routing gathers
+        for ``auto`` and the swap planner, shared plans, checkpoint metadata -- hold CPU tensors, which NCCL alone
+        cannot carry (``"cpu:gloo,cuda:nccl"``, torch's per-device backend string)."""
+        backend = super()._get_process_group_backend()
+        return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:

@@ -33,7 +33,7 @@ def test_bad_sizes_name_the_parameter(size, error, match):
 
 
 @pytest.mark.parametrize("size, devices, expected", [(4, 2, "2x2"), (2, 2, "1x2"), (2, 4, "2"), (6, 4, "6"),
-                                                     (4, 1, "4")])
+                                                     (4, 1, "4x1")])
 def test_default_topology_of_one_replica(size, devices, expected):
     assert default_replica_topology(size, devices) == expected
 

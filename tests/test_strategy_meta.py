@@ -79,11 +79,12 @@ class RecordStates(pl.Callback):
         self._save(trainer, pl_module, "final")
 
 
-def _fit(tmp, world, model, tag, topology=None, dispatch="flat", build_under_init_module=False):
+def _fit(tmp, world, model, tag, topology=None, dispatch="flat", build_under_init_module=False, strategy_kwargs=None):
     callbacks = [RecordLosses(os.path.join(tmp, f"{tag}.json")), RecordStates(os.path.join(tmp, tag))]
     if world > 1:
         callbacks.append(CheckReplicas(os.path.join(tmp, f"{tag}.replicas.json")))
-        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60)
+        strategy = HierMoEStrategy(topology=topology or str(world), dispatch=dispatch, start_method="fork", timeout=60,
+                                   **(strategy_kwargs or {}))
     else:
         strategy = "auto"
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=1, logger=False,
@@ -106,12 +107,18 @@ def _is_moe(name):
     return name.startswith("moe.")
 
 
-@pytest.mark.parametrize("world, topology, dispatch, how", [(2, "2", "flat", "configure_model"),
-                                                            (4, "2x2", "hd2", "init_module")])
-def test_meta_built_model_trains_like_one_process_from_the_same_values(tmp_path, world, topology, dispatch, how):
+@pytest.mark.parametrize("world, topology, dispatch, how, kwargs", [
+    (2, "2", "flat", "configure_model", {}),
+    (4, "2x2", "hd2", "init_module", {}),
+    # built on meta, then two replicas of 2 and the dense part sharded with FSDP2
+    (4, "2", "hd1", "configure_model", {"expert_parallel_size": 2, "dense_sharding": "fsdp"}),
+])
+def test_meta_built_model_trains_like_one_process_from_the_same_values(tmp_path, world, topology, dispatch, how,
+                                                                       kwargs):
     tmp = str(tmp_path)
     if how == "configure_model":
-        losses, initial, trained = _fit(tmp, world, MetaLM("configure_model"), "meta", topology, dispatch)
+        losses, initial, trained = _fit(tmp, world, MetaLM("configure_model"), "meta", topology, dispatch,
+                                        strategy_kwargs=kwargs)
     else:
         losses, initial, trained = _fit(tmp, world, MetaLM, "meta", topology, dispatch, build_under_init_module=True)
     assert len(losses) == 5

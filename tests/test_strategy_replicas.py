@@ -110,3 +110,10 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 def test_topology_defaults_to_one_replica():
     assert str(HierMoEStrategy(expert_parallel_size=2, parallel_devices=[torch.device("cpu")] * 2).topology) == "1x2"
     assert str(HierMoEStrategy(expert_parallel_size=2, parallel_devices=[torch.device("cpu")] * 4).topology) == "2"
+
+
+def test_gpu_process_group_carries_cpu_tensors_too():
+    # the host-side gathers (auto, swap plans, the copies' presence flags) hold CPU tensors: NCCL alone would refuse
+    strategy = HierMoEStrategy(expert_parallel_size=2, process_group_backend="nccl")
+    assert strategy._get_process_group_backend() == "cpu:gloo,cuda:nccl"
+    assert HierMoEStrategy(process_group_backend="gloo")._get_process_group_backend() == "gloo"
