@@ -726,8 +726,14 @@ def format_report(report: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    return report_main(args, run, format_report)
+
+
+def report_main(args: argparse.Namespace, run_fn, format_fn) -> int:
+    """``run_fn(args)``, then the report as a table (``format_fn``) or JSON (``--json``), also written to ``--output``;
+    an emulation this machine cannot do is one line and exit status 3. Shared with ``bench scaleout``."""
     try:
-        report = run(args)
+        report = run_fn(args)
     except CLIError as e:
         if e.status != EMULATION_EXIT_STATUS or getattr(args, "debug", False):
             raise
@@ -738,5 +744,5 @@ def main(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             f.write(text + "\n")
-    print(text if args.json else format_report(report))
+    print(text if args.json else format_fn(report))
     return 0

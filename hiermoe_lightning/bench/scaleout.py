@@ -21,8 +21,6 @@ FSDP variant's dense share against the DDP variant of the same ``E`` (the target
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 from dataclasses import replace
 
@@ -159,11 +157,4 @@ def format_report(report: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = run(args)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    print(text if args.json else format_report(report))
-    return 0
+    return e2e.report_main(args, run, format_report)
