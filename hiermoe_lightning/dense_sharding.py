@@ -24,7 +24,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["DENSE_SHARDING", "check_dense_sharding", "distribute_like", "empty_like_sharded", "full_tensor", "fsdp_units",
+__all__ = ["DENSE_SHARDING", "check_dense_sharding", "distribute_like", "empty_like_sharded", "full_tensor",
+           "fsdp_units",
            "is_sharded_tensor", "local_tensor", "shard_dense_"]
 
 DENSE_SHARDING = ("ddp", "fsdp")

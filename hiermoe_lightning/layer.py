@@ -158,22 +158,50 @@ class MoELayer(nn.Module):
             self.routed_tokens += routed.tokens_per_expert
 
         layout = self.dispatcher.layout(expert_ids, weights)
-        expert_input, handle = self.dispatcher.dispatch(x2, layout)
-        pair_slot = self._expert_to_slot(x.device)[expert_input.pair_expert]
-        start = time.perf_counter()
-        y = apply_experts(self.experts, expert_input.rows, expert_input.pair_row, pair_slot, expert_input.pair_weight,
-                          expert_input.one_pair_per_row)
-        if self.expert_timings is not None:
-            self._time_expert_backward(y, expert_input.rows, time.perf_counter() - start)
-        out = self.dispatcher.combine(y, handle, x.dtype)
+        overlapped = getattr(self.dispatcher, "overlaps", False)
+        if overlapped:  # dispatch, experts, shared experts and combine as one pipeline
+            out, handle, pair_slot = self._overlapped(x2, layout)
+        else:
+            expert_input, handle = self.dispatcher.dispatch(x2, layout)
+            pair_slot = self._expert_to_slot(x.device)[expert_input.pair_expert]
+            start = time.perf_counter()
+            y = apply_experts(self.experts, expert_input.rows, expert_input.pair_row, pair_slot,
+                              expert_input.pair_weight, expert_input.one_pair_per_row)
+            if self.expert_timings is not None:
+                self._time_expert_backward(y, expert_input.rows, time.perf_counter() - start)
+            out = self.dispatcher.combine(y, handle, x.dtype)
         self.last_handle = handle
         self.last_local_slots = pair_slot.detach()  # [P] local slot of every pair this rank's experts processed
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x2)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x2)) * shared
-            out = out + shared
+        if self.shared_experts is not None and not overlapped:
+            out = out + self._shared(x2)
         return out.reshape(shape)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output ``[T, M]`` (gated when the layer has a shared-expert gate)."""
+        shared = self.shared_experts(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared
+
+    def _overlapped(self, x: torch.Tensor, layout) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """The routed part through the dispatcher's ``dispatch_experts_combine``: ``x`` ``[T, M]`` -> ``(out [T, M],
+        handle, pair_slot [P'])``, the slots of every pair this rank's experts served (over all programs)."""
+        slots: list[torch.Tensor] = []
+        table = self._expert_to_slot(x.device)
+
+        def experts(rows, pair_row, pair_expert, pair_weight, one_pair_per_row):
+            pair_slot = table[pair_expert]
+            slots.append(pair_slot.detach())
+            return apply_experts(self.experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_row)
+
+        params = [p for p in self.experts.parameters() if p.requires_grad]
+        side, side_params = None, []
+        if self.shared_experts is not None:
+            side = self._shared
+            side_params = [p for m in (self.shared_experts, self.shared_expert_gate) if m is not None
+                           for p in m.parameters() if p.requires_grad]
+        out, handle = self.dispatcher.dispatch_experts_combine(x, layout, experts, params, x.dtype, side, side_params)
+        return out, handle, torch.cat(slots) if slots else table.new_zeros(0)
 
     def _expert_to_slot(self, device: torch.device) -> torch.Tensor:
         """``[E]`` local slot of each expert of the current placement, on ``device`` (copied once per placement)."""

@@ -128,6 +128,10 @@ class ExpertParallel:
             transport.transport_for`), or a callable ``transport(peers: PeerGroup) -> Transport`` called once per
             phase group at setup (``peers.transport`` is the default one, to wrap or replace): the seam for another
             way of moving rows (:mod:`~hiermoe_lightning.dispatch.transport`).
+        overlap_chunks: > 1 runs each layer's dispatch, experts and combine as one pipeline of this many token chunks
+            (:mod:`~hiermoe_lightning.dispatch.overlap`): a chunk's experts compute while other chunks' rows travel,
+            forward and backward (1 = off; results equal, up to the order of floating-point sums). It takes the
+            place of ``pipeline_chunks`` where both are set.
         replicas: None (one replica: ``group`` is all there is), or a :class:`~hiermoe_lightning.replicas.Replicas`
             whose ``expert_group`` is ``group`` (None: taken from it): the routing gathers behind ``auto`` and the swap
             planner then see every replica's tokens (folded per expert-parallel rank, :func:`fold_replicas`), and
@@ -138,7 +142,7 @@ class ExpertParallel:
     def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
                  verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1,
                  shared_memory: bool = True, transport: "Callable[[PeerGroup], Transport] | None" = None,
-                 replicas: "Replicas | None" = None):
+                 replicas: "Replicas | None" = None, overlap_chunks: int = 1):
         check_positive_int(auto_interval, "auto_interval")
         if replicas is not None and not isinstance(replicas, Replicas):
             raise TypeError(f"replicas must be None or a hiermoe_lightning.replicas.Replicas, got {replicas!r}")
@@ -152,6 +156,7 @@ class ExpertParallel:
         self._transport_factory = transport
         self.shared_memory = check_flag(shared_memory, "shared_memory")
         self.pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
+        self.overlap_chunks = validate_pipeline_chunks(overlap_chunks, "overlap_chunks")
         self.auto_interval = auto_interval
         topo = Topology.parse(topology) if topology is not None else None
         validate_dispatch(dispatch, topo.num_levels if topo is not None else 1)
@@ -248,7 +253,8 @@ class ExpertParallel:
             peer_of_expert = phase_peer_index(self.topology, phase, nxt).to(device)
             levels = tuple(self.topology.link_level(self.rank, r) for r in peers.ranks)
             phases.append(PhaseRoute(phase, peers, peer_of_expert, levels))
-        return Route(spec, tuple(phases), self.topology.num_levels, self.verify_splits, self.pipeline_chunks)
+        return Route(spec, tuple(phases), self.topology.num_levels, self.verify_splits, self.pipeline_chunks,
+                     self.overlap_chunks)
 
     # ------------------------------------------------------------------ dispatch="auto"
     def gather_routing(self, expert_ids: torch.Tensor) -> torch.Tensor:

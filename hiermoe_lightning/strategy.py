@@ -125,6 +125,9 @@ class HierMoEStrategy(DDPStrategy):
         auto_interval: with ``dispatch="auto"``, re-choose each layer's depth every this many training forwards.
         pipeline_chunks: run each dispatch as a pipeline of this many token chunks, overlapping one chunk's
             intra-node hop with the next chunk's inter-node transfer (1 = off; results are identical).
+        overlap_chunks: run each MoE layer's dispatch, experts and combine as one pipeline of this many token chunks,
+            so one chunk's experts compute while another's rows travel, forward and backward (1 = off; results
+            equal; :mod:`.dispatch.overlap`). Takes the place of ``pipeline_chunks`` where both are set.
         shared_memory: between ranks of one host (and network namespace), CPU payloads of gloo groups go through
             shared memory instead of the loopback socket (False = always the process group; results are identical).
         check_finite: raise :class:`~hiermoe_lightning.faults.NonFiniteError` on every rank, naming the layer and the
@@ -149,6 +152,7 @@ class HierMoEStrategy(DDPStrategy):
         verify_splits: bool = False,
         auto_interval: int = 50,
         pipeline_chunks: int = 1,
+        overlap_chunks: int = 1,
         shared_memory: bool = True,
         checkpoint_format: str = "full",
         check_finite: bool = True,
@@ -192,6 +196,7 @@ class HierMoEStrategy(DDPStrategy):
         self._verify_splits = verify_splits
         self._auto_interval = check_positive_int(auto_interval, "auto_interval")
         self._pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
+        self._overlap_chunks = validate_pipeline_chunks(overlap_chunks, "overlap_chunks")
         self._shared_memory = check_flag(shared_memory, "shared_memory")
         if checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")
@@ -333,6 +338,7 @@ class HierMoEStrategy(DDPStrategy):
             self.expert_parallel = ExpertParallel(self.topology, dispatch=self._dispatch, link_costs=self._link_costs,
                                                   verify_splits=self._verify_splits, auto_interval=self._auto_interval,
                                                   pipeline_chunks=self._pipeline_chunks,
+                                                  overlap_chunks=self._overlap_chunks,
                                                   shared_memory=self._shared_memory, replicas=self.replicas)
         for layer in layers:
             layer.router.check_finite = self._check_finite

@@ -211,3 +211,11 @@ def test_validate_on_four_ranks_equals_one_process(tmp_path):
     single = _validate(1, tmp_path)
     four = _validate(4, tmp_path)
     assert abs(four - single) < 1e-4 and four > 0  # equal-size batches: the mean of rank means is the mean
+
+
+def test_overlapped_layers_train_like_one_process(tmp_path, reference_runs):
+    # dispatch, experts and combine as one pipeline of 3 chunks (forward and backward), hd2 on 2x2
+    losses, _ = fit(str(tmp_path), 4, topology="2x2", dispatch="hd2", max_epochs=2, tag="overlap",
+                    check_replicas=True, strategy_kwargs={"overlap_chunks": 3})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_runs["adamw"]), **TOL)
+    assert json.load(open(tmp_path / "overlap.replicas.json"))["dense_identical"]

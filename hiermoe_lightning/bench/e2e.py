@@ -142,6 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dispatch auto re-chooses each layer's depth every this many steps (default 50)")
     p.add_argument("--pipeline-chunks", type=int, default=1,
                    help="token chunks each dispatch runs as a pipeline (HierMoEStrategy pipeline_chunks; default 1)")
+    p.add_argument("--overlap-chunks", type=int, default=1,
+                   help="each MoE layer's dispatch, experts and combine as one pipeline of this many token chunks "
+                        "(HierMoEStrategy overlap_chunks; default 1 = off)")
     p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                    help="ranks of one node exchange through loopback sockets instead of shared memory "
                         "(HierMoEStrategy shared_memory=False), for an A/B")
@@ -212,6 +215,7 @@ class E2EConfig:
     auto_interval: int
     pipeline_chunks: int
     shared_memory: bool
+    overlap_chunks: int
     plan_every_n_steps: int  # auto+swaps: HierMoECallback's options
     max_swaps_per_plan: int
     charge_migration: bool
@@ -244,6 +248,7 @@ def _resolve(args: argparse.Namespace) -> E2EConfig:
                              (args.auto_interval, "--auto-interval", 1), (args.repeats, "--repeats", 1)):
         _int(value, flag, low)
     validate_pipeline_chunks(args.pipeline_chunks, "--pipeline-chunks")
+    validate_pipeline_chunks(getattr(args, "overlap_chunks", 1), "--overlap-chunks")
     if args.ffn_hidden_size is not None:
         _int(args.ffn_hidden_size, "--ffn-hidden-size", 1)
     model_name = getattr(args, "model", MOEGPT)
@@ -284,6 +289,7 @@ def _resolve(args: argparse.Namespace) -> E2EConfig:
                      data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                      warmup=args.warmup_steps, auto_interval=args.auto_interval,
                      pipeline_chunks=args.pipeline_chunks, shared_memory=bool(getattr(args, "shared_memory", True)),
+                     overlap_chunks=int(getattr(args, "overlap_chunks", 1)),
                      plan_every_n_steps=args.plan_every_n_steps, max_swaps_per_plan=args.max_swaps_per_plan,
                      charge_migration=bool(getattr(args, "charge_migration", True)), model_name=model_name,
                      model_class=model_class, seed=int(model_kwargs.get("seed", args.seed)))
@@ -528,7 +534,8 @@ def _rank_fn(rank: int, world: int, cfg: E2EConfig, variant: str) -> dict:
     timer = _make_timer(cfg.warmup, monitor)
     strategy = HierMoEStrategy(**{**dict(topology=str(cfg.topology), dispatch=dispatch, link_costs=cfg.link_costs,
                                          auto_interval=cfg.auto_interval, pipeline_chunks=cfg.pipeline_chunks,
-                                         shared_memory=cfg.shared_memory), **extra})
+                                         overlap_chunks=cfg.overlap_chunks, shared_memory=cfg.shared_memory),
+                                      **extra})
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, plugins=[ExternalRankEnvironment(rank, world)],
         max_steps=cfg.warmup + cfg.steps, max_epochs=-1, callbacks=[monitor, timer], logger=False,
@@ -653,6 +660,7 @@ def run(args: argparse.Namespace, cfg: E2EConfig | None = None) -> dict:
         "link_cost_phases": {k: {"alpha": pc.alpha, "beta": pc.beta, "r2": pc.r2}
                              for k, pc in cfg.link_costs.phases.items()},
         "auto_interval": args.auto_interval, "pipeline_chunks": args.pipeline_chunks,
+        "overlap_chunks": cfg.overlap_chunks,
         "shared_memory": cfg.shared_memory,
         "data": args.data or "default corpus (pydoc topics)",
         "bytes_note": BYTES_NOTE,
@@ -691,6 +699,7 @@ def format_report(report: dict) -> str:
             f"{report['batch_size_per_rank']}/rank = {report['tokens_per_step']} tokens/step; {report['steps']} timed steps after {report['warmup_steps']} warmup"
             + (f", median of {report['repeats']} repeats (round robin)" if report.get("repeats", 1) > 1 else "")
             + (f", {report['pipeline_chunks']} pipeline chunks" if report.get("pipeline_chunks", 1) != 1 else "")
+            + (f", {report['overlap_chunks']} overlap chunks" if report.get("overlap_chunks", 1) != 1 else "")
             + ("" if report.get("shared_memory", True) else ", no shared memory"))
     if "emulation" in report:
         em = report["emulation"]

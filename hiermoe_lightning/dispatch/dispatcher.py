@@ -131,6 +131,33 @@ class HopDispatcher:
     def combine(self, y: torch.Tensor, handle: DispatchHandle, out_dtype: torch.dtype) -> torch.Tensor:
         return combine(y, handle, out_dtype)
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether :meth:`dispatch_experts_combine` runs this layer (``overlap_chunks > 1`` and sharded)."""
+        return self.expert_parallel is not None and self.expert_parallel.overlap_chunks > 1
+
+    def dispatch_experts_combine(self, x: torch.Tensor, layout: TokenLayout, expert_fn, params,
+                                 out_dtype: torch.dtype, side_fn=None,
+                                 side_params=()) -> tuple[torch.Tensor, DispatchHandle]:
+        """The optional fourth call of a dispatcher that overlaps: dispatch, ``expert_fn`` and combine as one
+        pipeline (:func:`~hiermoe_lightning.dispatch.overlap.dispatch_experts_combine`), ``side_fn(x)`` (the
+        shared experts) computed while the first rows travel and added: ``x`` ``[T, M]`` -> ``([T, M] in out_dtype,
+        handle)``. A route with no phase (every expert here) falls back to the plain calls."""
+        from .overlap import dispatch_experts_combine
+
+        self._choose_when_due(layout.expert_ids)
+        ep = self.expert_parallel
+        route = ep.route(self.name, self.layer.placement, x.device)
+        handle = DispatchHandle(route.spec.name, route.num_levels, x.shape[-1] * x.element_size())
+        if not route.phases:  # nothing travels: nothing to overlap
+            rows, weight, pair_row, pair_expert = dispatch_blocks(x, layout.pair_weight, layout.pair_row,
+                                                                  layout.pair_expert, route, handle)
+            out = self.combine(expert_fn(rows, pair_row, pair_expert, weight, False), handle, out_dtype)
+            return (out if side_fn is None else out + side_fn(x)), handle
+        out = dispatch_experts_combine(x, layout.pair_weight, layout.pair_row, layout.pair_expert, route, handle,
+                                       expert_fn, params, out_dtype, ep.overlap_chunks, side_fn, side_params)
+        return out, handle
+
     def _choose_when_due(self, expert_ids: torch.Tensor) -> None:
         """With ``auto``: re-choose the depth at the first forward and every ``auto_interval`` training forwards."""
         ep = self.expert_parallel

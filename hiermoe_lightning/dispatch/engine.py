@@ -63,6 +63,7 @@ class Route:
     num_levels: int
     verify_splits: bool = False  # check collectively that every payload's splits agree before it moves
     pipeline_chunks: int = 1  # token chunks run as a software pipeline over the hops (1: one pass)
+    overlap_chunks: int = 1  # > 1: dispatch, experts and combine as one pipeline of this many chunks (overlap.py)
 
 
 @dataclass
@@ -205,6 +206,7 @@ class DispatchHandle:
     num_tokens: int = 0  # tokens this rank dispatched
     comm_seconds: float = 0.0  # wall time spent posting and waiting for exchanges (dispatch, combine, backwards)
     plan_seconds: float = 0.0  # wall time spent planning hops (pure bookkeeping)
+    compute_seconds: float = 0.0  # overlapped layers only: expert forward + backward inside the pipeline
     trace: list[TraceEvent] | None = None  # a list to record every post and wait into (off by default: None)
 
     @property
