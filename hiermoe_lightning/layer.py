@@ -39,6 +39,23 @@ def _shared_expert_gate(hidden_size: int, seed: int, dtype: torch.dtype) -> nn.L
     return gate
 
 
+class _BoundExperts:
+    """An expert bank called with other tensors in place of its parameters (``torch.func.functional_call``): what an
+    overlapped layer's experts compute with (aliases of the parameters, :mod:`~hiermoe_lightning.dispatch.overlap`)."""
+
+    def __init__(self, bank: nn.Module, params: dict[str, torch.Tensor]):
+        self.bank, self.params = bank, params
+
+    @property
+    def num_slots(self) -> int:
+        return self.bank.num_slots
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        from torch.func import functional_call
+
+        return functional_call(self.bank, self.params, args, kwargs)
+
+
 class MoELayer(nn.Module):
     """A token-choice MoE feed-forward layer; input ``[..., hidden_size]`` -> output of the same shape.
 
@@ -186,21 +203,34 @@ class MoELayer(nn.Module):
     def _overlapped(self, x: torch.Tensor, layout) -> tuple[torch.Tensor, object, torch.Tensor]:
         """The routed part through the dispatcher's ``dispatch_experts_combine``: ``x`` ``[T, M]`` -> ``(out [T, M],
         handle, pair_slot [P'])``, the slots of every pair this rank's experts served (over all programs)."""
+        from torch.func import functional_call
+
         slots: list[torch.Tensor] = []
         table = self._expert_to_slot(x.device)
+        names, params = zip(*self.experts.named_parameters())
 
-        def experts(rows, pair_row, pair_expert, pair_weight, one_pair_per_row):
+        def experts(rows, pair_row, pair_expert, pair_weight, one_pair_per_row, aliases):
             pair_slot = table[pair_expert]
             slots.append(pair_slot.detach())
-            return apply_experts(self.experts, rows, pair_row, pair_slot, pair_weight, one_pair_per_row)
+            bank = _BoundExperts(self.experts, dict(zip(names, aliases)))
+            return apply_experts(bank, rows, pair_row, pair_slot, pair_weight, one_pair_per_row)
 
-        params = [p for p in self.experts.parameters() if p.requires_grad]
         side, side_params = None, []
         if self.shared_experts is not None:
-            side = self._shared
-            side_params = [p for m in (self.shared_experts, self.shared_expert_gate) if m is not None
-                           for p in m.parameters() if p.requires_grad]
-        out, handle = self.dispatcher.dispatch_experts_combine(x, layout, experts, params, x.dtype, side, side_params)
+            parts = [(prefix, m) for prefix, m in (("shared", self.shared_experts), ("gate", self.shared_expert_gate))
+                     if m is not None]
+            keys = [(prefix, n) for prefix, m in parts for n, _ in m.named_parameters()]
+            side_params = [p for _, m in parts for p in m.parameters()]
+
+            def side(x_, aliases):
+                bound = {prefix: {n: a for (pre, n), a in zip(keys, aliases) if pre == prefix} for prefix, _ in parts}
+                shared = functional_call(self.shared_experts, bound["shared"], (x_,))
+                if self.shared_expert_gate is not None:
+                    shared = torch.sigmoid(functional_call(self.shared_expert_gate, bound["gate"], (x_,))) * shared
+                return shared
+
+        out, handle = self.dispatcher.dispatch_experts_combine(x, layout, experts, list(params), x.dtype, side,
+                                                               side_params)
         return out, handle, torch.cat(slots) if slots else table.new_zeros(0)
 
     def _expert_to_slot(self, device: torch.device) -> torch.Tensor:

@@ -76,3 +76,13 @@ def test_validate_with_fsdp_equals_one_process(tmp_path):
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         HierMoEStrategy(**kwargs)
+
+
+def test_fsdp_with_overlapped_layers_and_shared_experts_trains_like_one_process(tmp_path):
+    # the shared experts run inside the overlapped pipeline on aliases of their FSDP-gathered parameters; SGD and
+    # clipping expose any gradient counted twice or scaled wrongly
+    shared = {"num_shared_experts": 1}
+    ref, _ = fit(str(tmp_path), 1, max_epochs=1, tag="ref", model_kwargs=shared, optimizer="sgd", clip=0.5)
+    losses, _ = fit(str(tmp_path), 4, topology="2x2", dispatch="hd2", max_epochs=1, tag="fsdp", model_kwargs=shared,
+                    optimizer="sgd", clip=0.5, strategy_kwargs={**FSDP, "overlap_chunks": 2})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), **TOL)

@@ -152,8 +152,8 @@ class HopDispatcher:
         if not route.phases:  # nothing travels: nothing to overlap
             rows, weight, pair_row, pair_expert = dispatch_blocks(x, layout.pair_weight, layout.pair_row,
                                                                   layout.pair_expert, route, handle)
-            out = self.combine(expert_fn(rows, pair_row, pair_expert, weight, False), handle, out_dtype)
-            return (out if side_fn is None else out + side_fn(x)), handle
+            out = self.combine(expert_fn(rows, pair_row, pair_expert, weight, False, list(params)), handle, out_dtype)
+            return (out if side_fn is None else out + side_fn(x, list(side_params))), handle
         out = dispatch_experts_combine(x, layout.pair_weight, layout.pair_row, layout.pair_expert, route, handle,
                                        expert_fn, params, out_dtype, ep.overlap_chunks, side_fn, side_params)
         return out, handle

@@ -17,7 +17,10 @@ the transport's), the main thread computes the experts of another. Programs, in 
 The backward is the mirror, with the same overlap: each program receives its output gradient (the combine's
 backward), runs its experts' backward (``torch.autograd.grad`` on the graph its forward kept), and sends the row and
 weight gradients home (the dispatch's backward). The expert parameters are inputs of the autograd Function, so their
-gradients reach ``.grad`` (and its hooks) once, summed over the programs.
+gradients reach ``.grad`` (and its hooks) once, summed over the programs. Inside, the experts compute with detached
+aliases of the parameters (handed to ``expert_fn``), never the parameters themselves: the inner
+``torch.autograd.grad`` would otherwise fire the parameters' gradient hooks a second time (a hook that scales a
+gradient would scale it twice).
 
 Exactness: every pair meets the same expert, with the same weight, and every row's outputs are summed before they
 travel, exactly as in the sequential path; only the order of floating-point sums over programs differs. Every rank
@@ -37,8 +40,9 @@ from .engine import (Chunk, DispatchHandle, Route, _combine_backward_program, _c
 
 __all__ = ["ExpertFn", "SideFn", "even_bounds", "make_overlap_chunks", "dispatch_experts_combine"]
 
-# (rows [R, M], pair_row [P], pair_expert [P], pair_weight [P], one_pair_per_row) -> y [R, M] fp32
-ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+# (rows [R, M], pair_row [P], pair_expert [P], pair_weight [P], one_pair_per_row, params) -> y [R, M] fp32, computed
+# with ``params`` (aliases of the parameters the caller passed, in its order) in place of the module's own
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool, list], torch.Tensor]
 
 
 def even_bounds(num_tokens: int, num_chunks: int) -> list[int]:
@@ -70,8 +74,9 @@ def make_overlap_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, p
     return chunks
 
 
-# (x [T, M]) -> [T, M]: work of the layer that needs no communication (shared experts), run inside the pipeline
-SideFn = Callable[[torch.Tensor], torch.Tensor]
+# (x [T, M], params) -> [T, M]: work of the layer that needs no communication (shared experts), run inside the
+# pipeline with ``params`` (aliases of the side parameters) in place of the module's own
+SideFn = Callable[[torch.Tensor, list], torch.Tensor]
 
 
 class _Saved:
@@ -83,15 +88,21 @@ class _Saved:
         self.rows, self.weight, self.y = rows, weight, y
 
 
+def _aliases(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached tensors sharing the parameters' storage, requiring grad where they do: what the pipeline's inner
+    graphs are built on (the parameters' own hooks then fire once, when the Function returns their gradients)."""
+    return [p.detach().requires_grad_(p.requires_grad) for p in params]
+
+
 def _forward_program(route: Route, handle: DispatchHandle, chunk: Chunk, inputs, first_hop, expert_fn: ExpertFn,
-                     out_dtype: torch.dtype, out: torch.Tensor, weight_grad: bool):
+                     out_dtype: torch.dtype, out: torch.Tensor, weight_grad: bool, params: list):
     """Dispatch hops, then this program's experts (keeping their graph), then its combine hops into ``out``."""
     rows, weight, pair_row, pair_expert = yield from _dispatch_program(route, handle, chunk, *inputs, first_hop)
     start = time.perf_counter()
     with torch.enable_grad():
         rows = rows.detach().requires_grad_(True)
         weight = weight.detach().requires_grad_(weight_grad)
-        y = expert_fn(rows, pair_row, pair_expert, weight, bool(chunk.hops) and not route.spec.dedup)
+        y = expert_fn(rows, pair_row, pair_expert, weight, bool(chunk.hops) and not route.spec.dedup, params)
     handle.compute_seconds += time.perf_counter() - start
     yield from _combine_program(chunk, y.detach(), out_dtype, out)
     return _Saved(rows, weight, y)
@@ -103,26 +114,25 @@ def _backward_program(chunk: Chunk, saved: _Saved, grad_out: torch.Tensor, param
     weight gradients home (the dispatch's backward). Returns the gradient of its pairs' weights (or None)."""
     grad_y = yield from _combine_backward_program(chunk, grad_out[chunk.token_start:chunk.token_end])
     start = time.perf_counter()
-    wants = [saved.rows] + ([saved.weight] if saved.weight.requires_grad else []) + list(params)
+    trained = [i for i, p in enumerate(params) if p.requires_grad]
+    wants = [saved.rows] + ([saved.weight] if saved.weight.requires_grad else []) + [params[i] for i in trained]
     grads = torch.autograd.grad(saved.y, wants, grad_y.float(), allow_unused=True)
     handle.compute_seconds += time.perf_counter() - start
     grad_rows = grads[0] if grads[0] is not None else torch.zeros_like(saved.rows)
     grad_weight = None
     if saved.weight.requires_grad:
         grad_weight = grads[1] if grads[1] is not None else torch.zeros_like(saved.weight)
-    for i, g in enumerate(grads[len(wants) - len(params):]):
-        if g is not None:
-            param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+    _add_grads(param_grads, trained, grads[len(wants) - len(trained):])
     saved.y = None  # the graph is spent
     return (yield from _dispatch_backward_program(chunk, grad_rows, grad_weight, x_dtype, grad_x))
 
 
-def _side_program(x: torch.Tensor, side_fn: SideFn, out: torch.Tensor, handle: DispatchHandle):
+def _side_program(x: torch.Tensor, side_fn: SideFn, out: torch.Tensor, handle: DispatchHandle, params: list):
     """The side computation: no exchange, its output added to ``out``; keeps its graph for the backward."""
     start = time.perf_counter()
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
-        y = side_fn(leaf)
+        y = side_fn(leaf, params)
     out += y.detach().float()
     handle.compute_seconds += time.perf_counter() - start
     return _Saved(leaf, leaf, y)
@@ -132,16 +142,23 @@ def _side_program(x: torch.Tensor, side_fn: SideFn, out: torch.Tensor, handle: D
 def _side_backward_program(saved: _Saved, grad_out: torch.Tensor, params: Sequence[torch.Tensor], param_grads: list,
                            grad_x: torch.Tensor, handle: DispatchHandle):
     start = time.perf_counter()
-    grads = torch.autograd.grad(saved.y, [saved.rows, *params], grad_out.to(saved.y.dtype), allow_unused=True)
+    trained = [i for i, p in enumerate(params) if p.requires_grad]
+    grads = torch.autograd.grad(saved.y, [saved.rows, *(params[i] for i in trained)], grad_out.to(saved.y.dtype),
+                                allow_unused=True)
     handle.compute_seconds += time.perf_counter() - start
     if grads[0] is not None:
         grad_x += grads[0].float()
-    for i, g in enumerate(grads[1:]):
-        if g is not None:
-            param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+    _add_grads(param_grads, trained, grads[1:])
     saved.y = None
     return None
     yield
+
+
+def _add_grads(total: list, indices: list[int], grads) -> None:
+    """``total[indices[j]] += grads[j]`` (None: nothing yet / no gradient)."""
+    for i, g in zip(indices, grads):
+        if g is not None:
+            total[i] = g if total[i] is None else total[i] + g
 
 
 class _DispatchExpertsCombine(torch.autograd.Function):
@@ -161,17 +178,19 @@ class _DispatchExpertsCombine(torch.autograd.Function):
                                                            in zip(inputs, first) if f]) if any(first) else [])
         out = x.new_zeros(x.shape[0], x.shape[1], dtype=torch.float32)
         weight_grad = ctx.needs_input_grad[1]
+        aliases = _aliases(params[:num_params])
+        side_aliases = _aliases(params[num_params:])
         programs = [_forward_program(route, handle, c, args, next(first_hops) if f else None, expert_fn, out_dtype,
-                                     out, weight_grad)
+                                     out, weight_grad, aliases)
                     for c, args, f in zip(handle.chunks, inputs, first)]
         if side_fn is not None:  # after the programs whose first rows leave the rank: it runs while they travel
             leaving = sum(c.first_phase == 0 for c in handle.chunks)
-            programs.insert(leaving, _side_program(x, side_fn, out, handle))
+            programs.insert(leaving, _side_program(x, side_fn, out, handle, side_aliases))
         saved = _run_pipeline(programs, handle)
         ctx.side = saved.pop(leaving) if side_fn is not None else None
         ctx.saved = saved
         ctx.handle, ctx.x_dtype, ctx.out_dtype = handle, x.dtype, out_dtype
-        ctx.params, ctx.side_params = params[:num_params], params[num_params:]
+        ctx.params, ctx.side_params = aliases, side_aliases
         ctx.num_pairs = pair_weight.shape[0]
         return out.to(out_dtype)
 
