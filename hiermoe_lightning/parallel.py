@@ -12,7 +12,7 @@ from torch import nn
 from .cost.link_costs import LinkCosts
 from .dispatch.comm import PeerGroup
 from .dispatch.dispatcher import HopDispatcher
-from .dispatch.engine import PhaseRoute, Route, validate_pipeline_chunks
+from .dispatch.engine import PhaseRoute, Route, validate_overlap_chunks, validate_pipeline_chunks
 from .dispatch.transport import Transport, probe_group
 from .dispatch.spec import parse_dispatch, phase_groups, phase_next_rank, phase_peer_index, validate_dispatch
 from .layer import MoELayer
@@ -131,7 +131,10 @@ class ExpertParallel:
         overlap_chunks: > 1 runs each layer's dispatch, experts and combine as one pipeline of this many token chunks
             (:mod:`~hiermoe_lightning.dispatch.overlap`): a chunk's experts compute while other chunks' rows travel,
             forward and backward (1 = off; results equal, up to the order of floating-point sums). It takes the
-            place of ``pipeline_chunks`` where both are set.
+            place of ``pipeline_chunks`` where both are set. ``"auto"``: each layer chooses its count with the cost
+            model (:mod:`~hiermoe_lightning.cost.overlap`) from the predicted communication of its dispatch and the
+            slowest rank's measured expert compute, at its second training forward and every ``auto_interval``
+            after (:meth:`choose_overlap`).
         replicas: None (one replica: ``group`` is all there is), or a :class:`~hiermoe_lightning.replicas.Replicas`
             whose ``expert_group`` is ``group`` (None: taken from it): the routing gathers behind ``auto`` and the swap
             planner then see every replica's tokens (folded per expert-parallel rank, :func:`fold_replicas`), and
@@ -156,7 +159,7 @@ class ExpertParallel:
         self._transport_factory = transport
         self.shared_memory = check_flag(shared_memory, "shared_memory")
         self.pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
-        self.overlap_chunks = validate_pipeline_chunks(overlap_chunks, "overlap_chunks")
+        self.overlap_chunks = validate_overlap_chunks(overlap_chunks)
         self.auto_interval = auto_interval
         topo = Topology.parse(topology) if topology is not None else None
         validate_dispatch(dispatch, topo.num_levels if topo is not None else 1)
@@ -176,6 +179,8 @@ class ExpertParallel:
 
             self.link_costs.require(p for name in dispatch_names(topo.num_levels) if name.startswith("hd")
                                     for p in parse_dispatch(name, topo.num_levels).phases)
+        if self.overlap_chunks == "auto" and dispatch != "auto" and not calibrate:
+            self.link_costs.require(parse_dispatch(dispatch, topo.num_levels).phases)
         self.topology, self.dispatch, self.global_ranks = topo, dispatch, ranks
         self.verify_splits = bool(verify_splits)
         self.rank = ranks.index(dist.get_rank())
@@ -326,6 +331,25 @@ class ExpertParallel:
                        pipeline_chunks=self.pipeline_chunks)
         layer.auto_predictions = {name: pred.dispatch[name].predicted_ms for name in names}
         return pred.chosen
+
+    def choose_overlap(self, layer: MoELayer, expert_ids: torch.Tensor, dispatch: str, compute_ms: float) -> int:
+        """Collective: the chunk count of ``layer`` (:func:`~hiermoe_lightning.cost.overlap.choose_overlap_chunks`):
+        the cost model's time of ``dispatch`` on the live routing of every rank (dispatch and combine, forward and
+        backward: 4 x the one-way prediction) against the slowest rank's expert compute ``compute_ms`` (forward and
+        backward of the last step), the same on every rank."""
+        from .cost.model import predict
+        from .cost.overlap import choose_overlap_chunks, chunk_overhead_ms
+
+        routing = self.gather_routing(expert_ids)
+        element = torch.empty((), dtype=layer.experts.w_gate.dtype).element_size()
+        pred = predict(self.topology, layer.placement, routing, layer.hidden_size, element, self.link_costs,
+                       [dispatch])
+        slowest = torch.tensor([float(compute_ms)], dtype=torch.float64)
+        group, size = self._gather_group()
+        if size > 1:
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        overhead = chunk_overhead_ms(self.link_costs, parse_dispatch(dispatch, self.topology.num_levels).phases)
+        return choose_overlap_chunks(4 * pred.dispatch[dispatch].predicted_ms, float(slowest), overhead)
 
     def refresh_auto(self, module: nn.Module) -> None:
         """Force every ``auto`` layer to re-choose at its next forward (e.g. after a placement change)."""

@@ -81,7 +81,7 @@ from .faults.supervisor import die_with_parent
 from .faults.reports import report_dir_for, write_report
 from .faults.signals import StopFlag
 from .cost.link_costs import LinkCosts
-from .dispatch.engine import validate_pipeline_chunks
+from .dispatch.engine import validate_overlap_chunks, validate_pipeline_chunks
 from .dispatch.spec import validate_dispatch
 from .experts import derive_seed
 from .balancing import update_routing_biases
@@ -127,7 +127,8 @@ class HierMoEStrategy(DDPStrategy):
             intra-node hop with the next chunk's inter-node transfer (1 = off; results are identical).
         overlap_chunks: run each MoE layer's dispatch, experts and combine as one pipeline of this many token chunks,
             so one chunk's experts compute while another's rows travel, forward and backward (1 = off; results
-            equal; :mod:`.dispatch.overlap`). Takes the place of ``pipeline_chunks`` where both are set.
+            equal; :mod:`.dispatch.overlap`). Takes the place of ``pipeline_chunks`` where both are set. ``"auto"``:
+            chosen per layer by the cost model (:meth:`ExpertParallel.choose_overlap`).
         shared_memory: between ranks of one host (and network namespace), CPU payloads of gloo groups go through
             shared memory instead of the loopback socket (False = always the process group; results are identical).
         check_finite: raise :class:`~hiermoe_lightning.faults.NonFiniteError` on every rank, naming the layer and the
@@ -152,7 +153,7 @@ class HierMoEStrategy(DDPStrategy):
         verify_splits: bool = False,
         auto_interval: int = 50,
         pipeline_chunks: int = 1,
-        overlap_chunks: int = 1,
+        overlap_chunks: Union[int, str] = 1,
         shared_memory: bool = True,
         checkpoint_format: str = "full",
         check_finite: bool = True,
@@ -196,7 +197,7 @@ class HierMoEStrategy(DDPStrategy):
         self._verify_splits = verify_splits
         self._auto_interval = check_positive_int(auto_interval, "auto_interval")
         self._pipeline_chunks = validate_pipeline_chunks(pipeline_chunks)
-        self._overlap_chunks = validate_pipeline_chunks(overlap_chunks, "overlap_chunks")
+        self._overlap_chunks = validate_overlap_chunks(overlap_chunks)
         self._shared_memory = check_flag(shared_memory, "shared_memory")
         if checkpoint_format not in ("full", "sharded"):
             raise ValueError(f"checkpoint_format must be 'full' or 'sharded', got {checkpoint_format!r}")

@@ -64,7 +64,7 @@ from typing_extensions import override
 from ..cli.flags import int_flag, topology_flag
 from ..cli.main import CLIError
 from ..cost.link_costs import LinkCosts
-from ..dispatch.engine import validate_pipeline_chunks
+from ..dispatch.engine import validate_overlap_chunks, validate_pipeline_chunks
 from ..placement.records import PlanRecord
 from ..testing.launch import Deadline, run_ranks
 from ..topology import Topology
@@ -176,10 +176,31 @@ def _number(value: object, flag: str, low: float, high: float | None = None, str
     return float(value)
 
 
+OVERLAP_SUFFIX = ":overlap="
+
+
 def variant_names(args: argparse.Namespace, num_levels: int) -> list[str]:
-    """The ``--dispatch`` values (checked for the topology, duplicates dropped), then ``auto+swaps`` with --swaps."""
-    names = parse_dispatch_list(args.dispatch, num_levels)
-    return names + ([SWAPS_VARIANT] if args.swaps else [])
+    """The ``--dispatch`` values (checked for the topology, duplicates dropped), then ``auto+swaps`` with --swaps.
+    A value may end in ``:overlap=C`` (e.g. ``auto:overlap=2``): that dispatch with ``overlap_chunks=C``."""
+    if not isinstance(args.dispatch, str):
+        raise TypeError(f"--dispatch must be a comma-separated string, got {args.dispatch!r}")
+    items = [n.strip() for n in args.dispatch.split(",")]
+    parse_dispatch_list(",".join(n.split(OVERLAP_SUFFIX)[0] for n in items), num_levels)
+    for item in items:
+        _overlap_of(item)
+    return list(dict.fromkeys(items)) + ([SWAPS_VARIANT] if args.swaps else [])
+
+
+def _overlap_of(variant: str) -> "int | str":
+    """``"auto:overlap=2"`` -> 2; a plain dispatch -> 1; a bad count is a ValueError naming --dispatch."""
+    if OVERLAP_SUFFIX not in variant:
+        return 1
+    text = variant.split(OVERLAP_SUFFIX, 1)[1]
+    try:
+        return validate_overlap_chunks(text if text == "auto" else int(text))
+    except ValueError:
+        raise ValueError(f"--dispatch {variant!r}: the overlap count must be 'auto' or an int in 1..64, got "
+                         f"{text!r}") from None
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:
@@ -285,7 +306,10 @@ def _resolve(args: argparse.Namespace) -> E2EConfig:
     if data.num_train_samples < world * args.batch_size:
         raise ValueError(f"--data: {data.num_train_samples} training windows of {args.seq_len + 1} bytes are fewer "
                          f"than one global batch ({world} ranks x --batch-size {args.batch_size})")
+    overlapped = tuple((n, n.split(OVERLAP_SUFFIX)[0], {"overlap_chunks": _overlap_of(n)}) for n in names
+                       if OVERLAP_SUFFIX in n)
     return E2EConfig(topology=topology, world=world, names=tuple(names), link_costs=link_costs, model=model_kwargs,
+                     variant_options=overlapped,
                      data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                      warmup=args.warmup_steps, auto_interval=args.auto_interval,
                      pipeline_chunks=args.pipeline_chunks, shared_memory=bool(getattr(args, "shared_memory", True)),

@@ -111,6 +111,10 @@ class HopDispatcher:
         self.name = "local" if expert_parallel is None else expert_parallel.dispatch
         self.auto_calls = 0  # training forwards seen by dispatch="auto"
         self.auto_predictions: dict[str, float] = {}  # hd<d> -> predicted ms at the last auto choice
+        # overlap: the chunk count in use (overlap_chunks="auto": chosen by the cost model, 1 until then)
+        chunks = 1 if expert_parallel is None else expert_parallel.overlap_chunks
+        self.overlap_in_use = 1 if chunks == "auto" else chunks
+        self.overlap_calls = 0  # training forwards seen by overlap_chunks="auto"
 
     def layout(self, expert_ids: torch.Tensor, weights: torch.Tensor) -> TokenLayout:
         return token_layout(expert_ids, weights, self.layer.capacity_factor is not None)
@@ -134,7 +138,8 @@ class HopDispatcher:
     @property
     def overlaps(self) -> bool:
         """Whether :meth:`dispatch_experts_combine` runs this layer (``overlap_chunks > 1`` and sharded)."""
-        return self.expert_parallel is not None and self.expert_parallel.overlap_chunks > 1
+        chunks = None if self.expert_parallel is None else self.expert_parallel.overlap_chunks
+        return chunks == "auto" or (chunks is not None and chunks > 1)
 
     def dispatch_experts_combine(self, x: torch.Tensor, layout: TokenLayout, expert_fn, params,
                                  out_dtype: torch.dtype, side_fn=None,
@@ -146,6 +151,7 @@ class HopDispatcher:
         from .overlap import dispatch_experts_combine
 
         self._choose_when_due(layout.expert_ids)
+        self._choose_chunks_when_due(layout.expert_ids)
         ep = self.expert_parallel
         route = ep.route(self.name, self.layer.placement, x.device)
         handle = DispatchHandle(route.spec.name, route.num_levels, x.shape[-1] * x.element_size())
@@ -155,8 +161,20 @@ class HopDispatcher:
             out = self.combine(expert_fn(rows, pair_row, pair_expert, weight, False, list(params)), handle, out_dtype)
             return (out if side_fn is None else out + side_fn(x, list(side_params))), handle
         out = dispatch_experts_combine(x, layout.pair_weight, layout.pair_row, layout.pair_expert, route, handle,
-                                       expert_fn, params, out_dtype, ep.overlap_chunks, side_fn, side_params)
+                                       expert_fn, params, out_dtype, self.overlap_in_use, side_fn, side_params)
         return out, handle
+
+    def _choose_chunks_when_due(self, expert_ids: torch.Tensor) -> None:
+        """With ``overlap_chunks="auto"``: choose the chunk count at the second training forward (the first one's
+        expert compute is measured by then) and every ``auto_interval`` training forwards after (collective)."""
+        ep = self.expert_parallel
+        if ep.overlap_chunks != "auto" or not self.layer.training:
+            return
+        self.overlap_calls += 1
+        calls = self.overlap_calls
+        last = self.layer.last_handle
+        if (calls == 2 or (calls > 2 and (calls - 2) % ep.auto_interval == 0)) and last is not None:
+            self.overlap_in_use = ep.choose_overlap(self.layer, expert_ids, self.name, 1e3 * last.compute_seconds)
 
     def _choose_when_due(self, expert_ids: torch.Tensor) -> None:
         """With ``auto``: re-choose the depth at the first forward and every ``auto_interval`` training forwards."""

@@ -47,6 +47,16 @@ class PhaseRoute:
 MAX_PIPELINE_CHUNKS = 64
 
 
+def validate_overlap_chunks(value: object, what: str = "overlap_chunks") -> "int | str":
+    """``"auto"`` (chosen per layer by the cost model: :mod:`~hiermoe_lightning.cost.overlap`) or a chunk count in
+    ``1 .. MAX_PIPELINE_CHUNKS``; else a ValueError naming ``what``."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIPELINE_CHUNKS:
+        raise ValueError(f"{what} must be 'auto' or an int in 1..{MAX_PIPELINE_CHUNKS}, got {value!r}")
+    return value
+
+
 def validate_pipeline_chunks(value: object, what: str = "pipeline_chunks") -> int:
     """``value`` as a chunk count in ``1 .. MAX_PIPELINE_CHUNKS``; else a ValueError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIPELINE_CHUNKS:
@@ -63,7 +73,7 @@ class Route:
     num_levels: int
     verify_splits: bool = False  # check collectively that every payload's splits agree before it moves
     pipeline_chunks: int = 1  # token chunks run as a software pipeline over the hops (1: one pass)
-    overlap_chunks: int = 1  # > 1: dispatch, experts and combine as one pipeline of this many chunks (overlap.py)
+    overlap_chunks: "int | str" = 1  # > 1 or "auto": dispatch, experts and combine as one pipeline (overlap.py)
 
 
 @dataclass

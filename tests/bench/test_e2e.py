@@ -37,12 +37,12 @@ def check_result(r: dict, num_levels: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def plain_report():
-    return e2e.run(parse([*TINY, "--dispatch", "flat,auto", "--pipeline-chunks", "2"]))
+    return e2e.run(parse([*TINY, "--dispatch", "flat,auto,hd2:overlap=2", "--pipeline-chunks", "2"]))
 
 
 def test_flat_and_auto_on_four_ranks(plain_report):
     r = plain_report
-    assert r["world_size"] == 4 and r["topology"] == "2x2" and r["variants"] == ["flat", "auto"]
+    assert r["world_size"] == 4 and r["topology"] == "2x2" and r["variants"] == ["flat", "auto", "hd2:overlap=2"]
     assert r["pipeline_chunks"] == 2 and r["shared_memory"] is True
     assert r["tokens_per_step"] == 4 * 2 * 16
     assert "emulation" not in r
@@ -58,6 +58,10 @@ def test_flat_and_auto_on_four_ranks(plain_report):
     # same seed and same batches: the dispatch changes where rows go, not what is computed
     assert auto["loss_first"] == pytest.approx(flat["loss_first"], rel=1e-5)
     assert auto["flat_bytes_by_level"] == flat["flat_bytes_by_level"]
+    overlapped = r["results"]["hd2:overlap=2"]  # hd2 with overlap_chunks=2: the same training, overlapped
+    check_result(overlapped)
+    assert overlapped["dispatch_resolved"] == ["hd2", "hd2"]
+    assert overlapped["loss_last"] == pytest.approx(flat["loss_last"], rel=1e-4)
     json.dumps(r)
     text = e2e.format_report(r)
     assert "tokens/s" in text and "1.00x" in text
@@ -102,6 +106,9 @@ def test_emulation_unavailable_exits_3(monkeypatch, capsys):
     (["--hidden-size", "30"], "model"),
     (["--topology", "1"], "at least 2"),
     (["--pipeline-chunks", "0"], "--pipeline-chunks"),
+    (["--overlap-chunks", "0"], "--overlap-chunks"),
+    (["--dispatch", "auto:overlap=0"], "overlap count must be an int in 1..64"),
+    (["--dispatch", "hd9:overlap=2"], "--dispatch"),
 ])
 def test_bad_input_fails_before_spawning(argv, match):
     with pytest.raises((ValueError, TypeError), match=match):

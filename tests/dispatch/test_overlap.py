@@ -65,12 +65,52 @@ def test_even_bounds_split_tokens_into_nearly_equal_chunks():
     assert even_bounds(0, 3) == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("value", [0, 65, 2.0, True])
+@pytest.mark.parametrize("value", [0, 65, 2.0, True, "Auto"])
 def test_overlap_chunks_is_validated(value):
-    from hiermoe_lightning import ExpertParallel
+    from hiermoe_lightning import ExpertParallel, HierMoEStrategy
 
-    with pytest.raises(ValueError, match="overlap_chunks must be an int in 1..64"):
+    with pytest.raises(ValueError, match="overlap_chunks must be 'auto' or an int in 1..64"):
         ExpertParallel("2", dispatch="flat", overlap_chunks=value)
+    with pytest.raises(ValueError, match="overlap_chunks must be 'auto' or an int in 1..64"):
+        HierMoEStrategy(overlap_chunks=value)
+
+
+def _auto_chunks(rank, world):
+    from hiermoe_lightning import ExpertParallel, MoELayer
+    from hiermoe_lightning.cost.link_costs import LinkCosts
+
+    # bandwidth-bound links with almost no latency (any measurable compute is worth hiding, an extra chunk costs
+    # 16 microseconds), then links whose every exchange costs 50 ms (no compute here is worth another chunk)
+    out = []
+    for costs in ({"a2a": (1e-3, 1e-3), "inter1": (1e-3, 1e-3), "intra1": (1e-3, 1e-3)},
+                  {"a2a": (50.0, 1e-9), "inter1": (50.0, 1e-9), "intra1": (50.0, 1e-9)}):
+        layer = MoELayer(32, 64, 8, 2, seed=0)
+        ExpertParallel("2x2", dispatch="hd2", overlap_chunks="auto", link_costs=LinkCosts(costs)).shard_(layer)
+        x = torch.randn(256, 32, generator=torch.Generator().manual_seed(rank))
+        chosen = []
+        for _ in range(3):
+            layer(x).sum().backward()
+            chosen.append(layer.dispatcher.overlap_in_use)
+        out.append(chosen)
+    return out
+
+
+def test_auto_chunk_count_is_chosen_at_the_second_forward_alike_on_every_rank():
+    from hiermoe_lightning.testing import run_ranks
+
+    results = run_ranks(_auto_chunks, 4)
+    assert all(r == results[0] for r in results)  # every rank the same count (the programs must match)
+    slow_link, huge_alpha = results[0]
+    assert slow_link[0] == 1 and slow_link[1] > 1  # 1 until measured; then overlap pays on a bandwidth-bound link
+    assert huge_alpha == [1, 1, 1]  # 50 ms per extra exchange: one chunk
+
+
+def test_overlap_auto_matches_reference():
+    cases = [Case("2x2", name, 8, 3, [5, 0, 4, 6], seed=i, parallel_kwargs={"overlap_chunks": "auto"})
+             for i, name in enumerate(["hd2", "flat"])]
+    results = run_sharded(4, cases)
+    for i, case in enumerate(cases):
+        assert_matches_reference(case, [r[i] for r in results])
 
 
 def test_shared_experts_and_their_gate_run_inside_the_pipeline_exactly():
