@@ -590,6 +590,20 @@ def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return t if index is None else t[index]
 
 
+def chunk_inputs(route: Route, handle: DispatchHandle, x, pair_weight, pair_row, pair_expert) -> list[tuple]:
+    """Per program of ``handle.chunks``: ``((rows, weight, pair_row, pair_expert), first_hop)``, its slice of the
+    input (pair rows relative to its first token) and its first hop planned with its counts exchanged, or None.
+    Programs starting on a socket group share one first-hop count exchange (:func:`_plan_first_hops`); on shared
+    memory the counts ride with the rows and none is needed."""
+    inputs = [(x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
+               _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
+              for c in handle.chunks]
+    first = [c.first_phase == 0 and not sizes_ride_along(route.phases[0].peers, x) for c in handle.chunks]
+    planned = iter(_plan_first_hops(route, handle, [(rows, row, expert) for (rows, _, row, expert), f
+                                                    in zip(inputs, first) if f]) if any(first) else [])
+    return [(args, next(planned) if f else None) for args, f in zip(inputs, first)]
+
+
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -608,15 +622,9 @@ class _Dispatch(torch.autograd.Function):
             return pair_weight.view_as(pair_weight), pair_row.view_as(pair_row), pair_expert.view_as(pair_expert), \
                 x.view_as(x)
         handle.chunks = _make_chunks(route, x.shape[0], pair_row, pair_expert)
-        inputs = [(x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
-                   _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
-                  for c in handle.chunks]
-        # programs starting on a socket group share one first-hop count exchange; on shared memory none is needed
-        first = [c.first_phase == 0 and not sizes_ride_along(route.phases[0].peers, x) for c in handle.chunks]
-        first_hops = iter(_plan_first_hops(route, handle, [(rows, row, expert) for (rows, _, row, expert), f
-                                                           in zip(inputs, first) if f]) if any(first) else [])
-        programs = [_dispatch_program(route, handle, c, *args, next(first_hops) if f else None)
-                    for c, args, f in zip(handle.chunks, inputs, first)]
+        programs = [_dispatch_program(route, handle, c, *args, first_hop)
+                    for c, (args, first_hop) in zip(handle.chunks, chunk_inputs(route, handle, x, pair_weight,
+                                                                                pair_row, pair_expert))]
         outs = _run_pipeline(programs, handle)
         row_offset = 0
         pair_rows = []

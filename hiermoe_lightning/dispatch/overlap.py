@@ -34,9 +34,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .comm import sizes_ride_along
 from .engine import (Chunk, DispatchHandle, Route, _combine_backward_program, _combine_program,
-                     _dispatch_backward_program, _dispatch_program, _pick, _plan_first_hops, _run_pipeline)
+                     _dispatch_backward_program, _dispatch_program, _run_pipeline, chunk_inputs)
 
 __all__ = ["ExpertFn", "SideFn", "even_bounds", "make_overlap_chunks", "dispatch_experts_combine"]
 
@@ -170,19 +169,14 @@ class _DispatchExpertsCombine(torch.autograd.Function):
                 num_params: int, *params):
         handle.num_tokens = x.shape[0]
         handle.chunks = make_overlap_chunks(route, x.shape[0], pair_row, pair_expert, num_chunks)
-        inputs = [(x[c.token_start:c.token_end], _pick(pair_weight, c.pair_index),
-                   _pick(pair_row, c.pair_index) - c.token_start, _pick(pair_expert, c.pair_index))
-                  for c in handle.chunks]
-        first = [c.first_phase == 0 and not sizes_ride_along(route.phases[0].peers, x) for c in handle.chunks]
-        first_hops = iter(_plan_first_hops(route, handle, [(rows, row, expert) for (rows, _, row, expert), f
-                                                           in zip(inputs, first) if f]) if any(first) else [])
         out = x.new_zeros(x.shape[0], x.shape[1], dtype=torch.float32)
         weight_grad = ctx.needs_input_grad[1]
         aliases = _aliases(params[:num_params])
         side_aliases = _aliases(params[num_params:])
-        programs = [_forward_program(route, handle, c, args, next(first_hops) if f else None, expert_fn, out_dtype,
-                                     out, weight_grad, aliases)
-                    for c, args, f in zip(handle.chunks, inputs, first)]
+        programs = [_forward_program(route, handle, c, args, first_hop, expert_fn, out_dtype, out, weight_grad,
+                                     aliases)
+                    for c, (args, first_hop) in zip(handle.chunks, chunk_inputs(route, handle, x, pair_weight,
+                                                                                pair_row, pair_expert))]
         if side_fn is not None:  # after the programs whose first rows leave the rank: it runs while they travel
             leaving = sum(c.first_phase == 0 for c in handle.chunks)
             programs.insert(leaving, _side_program(x, side_fn, out, handle, side_aliases))

@@ -107,7 +107,7 @@ def test_emulation_unavailable_exits_3(monkeypatch, capsys):
     (["--topology", "1"], "at least 2"),
     (["--pipeline-chunks", "0"], "--pipeline-chunks"),
     (["--overlap-chunks", "0"], "--overlap-chunks"),
-    (["--dispatch", "auto:overlap=0"], "overlap count must be an int in 1..64"),
+    (["--dispatch", "auto:overlap=0"], "overlap count must be .auto. or an int in 1..64"),
     (["--dispatch", "hd9:overlap=2"], "--dispatch"),
 ])
 def test_bad_input_fails_before_spawning(argv, match):
