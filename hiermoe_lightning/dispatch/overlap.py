@@ -94,11 +94,12 @@ def _aliases(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _forward_program(route: Route, handle: DispatchHandle, chunk: Chunk, inputs, first_hop, expert_fn: ExpertFn,
-                     out_dtype: torch.dtype, out: torch.Tensor, weight_grad: bool, params: list):
-    """Dispatch hops, then this program's experts (keeping their graph), then its combine hops into ``out``."""
+                     out_dtype: torch.dtype, out: torch.Tensor, weight_grad: bool, params: list, keep_graph: bool):
+    """Dispatch hops, then this program's experts (keeping their graph when a backward will follow), then its
+    combine hops into ``out``."""
     rows, weight, pair_row, pair_expert = yield from _dispatch_program(route, handle, chunk, *inputs, first_hop)
     start = time.perf_counter()
-    with torch.enable_grad():
+    with torch.set_grad_enabled(keep_graph):
         rows = rows.detach().requires_grad_(True)
         weight = weight.detach().requires_grad_(weight_grad)
         y = expert_fn(rows, pair_row, pair_expert, weight, bool(chunk.hops) and not route.spec.dedup, params)
@@ -126,10 +127,11 @@ def _backward_program(chunk: Chunk, saved: _Saved, grad_out: torch.Tensor, param
     return (yield from _dispatch_backward_program(chunk, grad_rows, grad_weight, x_dtype, grad_x))
 
 
-def _side_program(x: torch.Tensor, side_fn: SideFn, out: torch.Tensor, handle: DispatchHandle, params: list):
+def _side_program(x: torch.Tensor, side_fn: SideFn, out: torch.Tensor, handle: DispatchHandle, params: list,
+                  keep_graph: bool):
     """The side computation: no exchange, its output added to ``out``; keeps its graph for the backward."""
     start = time.perf_counter()
-    with torch.enable_grad():
+    with torch.set_grad_enabled(keep_graph):
         leaf = x.detach().requires_grad_(True)
         y = side_fn(leaf, params)
     out += y.detach().float()
@@ -166,7 +168,7 @@ class _DispatchExpertsCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pair_weight, pair_row, pair_expert, route: Route, handle: DispatchHandle,
                 expert_fn: ExpertFn, out_dtype: torch.dtype, num_chunks: int, side_fn: SideFn | None,
-                num_params: int, *params):
+                keep_graph: bool, num_params: int, *params):
         handle.num_tokens = x.shape[0]
         handle.chunks = make_overlap_chunks(route, x.shape[0], pair_row, pair_expert, num_chunks)
         out = x.new_zeros(x.shape[0], x.shape[1], dtype=torch.float32)
@@ -174,12 +176,12 @@ class _DispatchExpertsCombine(torch.autograd.Function):
         aliases = _aliases(params[:num_params])
         side_aliases = _aliases(params[num_params:])
         programs = [_forward_program(route, handle, c, args, first_hop, expert_fn, out_dtype, out, weight_grad,
-                                     aliases)
+                                     aliases, keep_graph)
                     for c, (args, first_hop) in zip(handle.chunks, chunk_inputs(route, handle, x, pair_weight,
                                                                                 pair_row, pair_expert))]
         if side_fn is not None:  # after the programs whose first rows leave the rank: it runs while they travel
             leaving = sum(c.first_phase == 0 for c in handle.chunks)
-            programs.insert(leaving, _side_program(x, side_fn, out, handle, side_aliases))
+            programs.insert(leaving, _side_program(x, side_fn, out, handle, side_aliases, keep_graph))
         saved = _run_pipeline(programs, handle)
         ctx.side = saved.pop(leaving) if side_fn is not None else None
         ctx.saved = saved
@@ -210,7 +212,7 @@ class _DispatchExpertsCombine(torch.autograd.Function):
             grad_pair_weight = grad_x.new_zeros(ctx.num_pairs, dtype=outs[0].dtype if outs else torch.float32)
             for c, g in zip(handle.chunks, outs):
                 grad_pair_weight[c.pair_index] = g
-        return (grad_x.to(ctx.x_dtype), grad_pair_weight, None, None, None, None, None, None, None, None, None,
+        return (grad_x.to(ctx.x_dtype), grad_pair_weight, None, None, None, None, None, None, None, None, None, None,
                 *param_grads, *side_grads)
 
 
@@ -225,5 +227,7 @@ def dispatch_experts_combine(x: torch.Tensor, pair_weight: torch.Tensor, pair_ro
     at least one phase (a layer alone on its rank has nothing to overlap)."""
     if not route.phases:
         raise ValueError("dispatch_experts_combine needs a route with at least one phase")
+    # inference (no_grad, eval): no inner graphs to keep, nothing saved
+    keep_graph = torch.is_grad_enabled()
     return _DispatchExpertsCombine.apply(x, pair_weight, pair_row, pair_expert, route, handle, expert_fn, out_dtype,
-                                         num_chunks, side_fn, len(params), *params, *side_params)
+                                         num_chunks, side_fn, keep_graph, len(params), *params, *side_params)

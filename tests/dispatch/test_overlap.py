@@ -121,3 +121,28 @@ def test_shared_experts_and_their_gate_run_inside_the_pipeline_exactly():
     results = run_sharded(4, cases)
     for i, case in enumerate(cases):
         assert_matches_reference(case, [r[i] for r in results])
+
+
+def _inference(rank, world):
+    from hiermoe_lightning import ExpertParallel
+
+    case = Case("2x2", "hd2", 8, 3, [5, 3, 0, 4], seed=4, layer_kwargs={"num_shared_experts": 1})
+    layer = case.build().eval()
+    ExpertParallel("2x2", dispatch="hd2", overlap_chunks=2).shard_(layer)
+    x, _ = case.inputs()
+    start = sum(case.tokens[:rank])
+    with torch.no_grad():
+        out = layer(x[start:start + case.tokens[rank]])
+    return out, out.requires_grad
+
+
+def test_inference_under_no_grad_keeps_no_graph_and_matches_reference():
+    from hiermoe_lightning.testing import run_ranks
+
+    case = Case("2x2", "hd2", 8, 3, [5, 3, 0, 4], seed=4, layer_kwargs={"num_shared_experts": 1})
+    layer = case.build().eval()
+    with torch.no_grad():
+        expected = layer(case.inputs()[0])
+    results = run_ranks(_inference, 4)
+    assert not any(grad for _, grad in results)
+    torch.testing.assert_close(torch.cat([out for out, _ in results]), expected, atol=2e-5, rtol=1e-4)
