@@ -89,6 +89,9 @@ def test_every_dispatch_on_nccl_equals_the_unsharded_layer():
     cases = [Case(topo, name, 8, 3, tokens, seed=4) for name in names]
     cases += [Case(topo, "hd2" if world == 4 else "hd1", 8, 3, tokens, seed=5, parallel_kwargs={"pipeline_chunks": 2})]
     cases += [Case(topo, "flat", 8, 2, tokens, dtype=torch.bfloat16, seed=6)]
+    # overlapped layers (experts between the hops, shared experts inside the pipeline) on NCCL too
+    cases += [Case(topo, "hd2" if world == 4 else "hd1", 8, 3, tokens, seed=7, layer_kwargs={"num_shared_experts": 1},
+                   parallel_kwargs={"overlap_chunks": 2})]
     results = run_sharded(world, cases, timeout=240, backend="nccl")
     for i, case in enumerate(cases):
         tol = dict(atol=3e-2, rtol=3e-2) if case.dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-3)
