@@ -217,18 +217,19 @@ class MoELayer(nn.Module):
 
         side, side_params = None, []
         if self.shared_experts is not None:
-            parts = [(prefix, m) for prefix, m in (("shared", self.shared_experts), ("gate", self.shared_expert_gate))
-                     if m is not None]
-            keys = [(prefix, n) for prefix, m in parts for n, _ in m.named_parameters()]
-            side_params = [p for _, m in parts for p in m.parameters()]
+            gate = self.shared_expert_gate
+            shared_names = [n for n, _ in self.shared_experts.named_parameters()]
+            gate_names = [n for n, _ in gate.named_parameters()] if gate is not None else []
+            side_params = list(self.shared_experts.parameters()) + (list(gate.parameters()) if gate is not None else [])
 
-            def side(x_, aliases):
-                bound = {prefix: {n: a for (pre, n), a in zip(keys, aliases) if pre == prefix} for prefix, _ in parts}
-                shared = functional_call(self.shared_experts, bound["shared"], (x_,))
-                if self.shared_expert_gate is not None:
-                    shared = torch.sigmoid(functional_call(self.shared_expert_gate, bound["gate"], (x_,))) * shared
+            def shared_on(x_, aliases):  # _shared, on the aliases (shared experts' first, then the gate's)
+                cut = len(shared_names)
+                shared = functional_call(self.shared_experts, dict(zip(shared_names, aliases[:cut])), (x_,))
+                if gate is not None:
+                    shared = torch.sigmoid(functional_call(gate, dict(zip(gate_names, aliases[cut:])), (x_,))) * shared
                 return shared
 
+            side = shared_on
         out, handle = self.dispatcher.dispatch_experts_combine(x, layout, experts, list(params), x.dtype, side,
                                                                side_params)
         return out, handle, torch.cat(slots) if slots else table.new_zeros(0)

@@ -103,8 +103,9 @@ def fold_replicas(routing: torch.Tensor, replicas: int) -> torch.Tensor:
 class ExpertParallel:
     """Expert parallelism over ``group`` (default: the whole world) laid out as ``topology``.
 
-    Construction is collective over the ranks of ``group`` (with ``replicas``: over the world): it creates one process group per phase group (own groups,
-    never the default one, so DDP's gradient all-reduce can't interleave with the all-to-alls). Every argument is
+    Construction is collective over the ranks of ``group`` (with ``replicas``: over the world): it creates one process
+    group per phase group (own groups, never the default one, so DDP's gradient all-reduce can't interleave with the
+    all-to-alls). Every argument is
     checked on every rank before the first collective, so bad input fails everywhere instead of hanging.
 
     Args:
@@ -145,7 +146,7 @@ class ExpertParallel:
     def __init__(self, topology=None, dispatch: str = "auto", link_costs="paper-a6000", group=None, *,
                  verify_splits: bool = False, auto_interval: int = 50, pipeline_chunks: int = 1,
                  shared_memory: bool = True, transport: "Callable[[PeerGroup], Transport] | None" = None,
-                 replicas: "Replicas | None" = None, overlap_chunks: int = 1):
+                 replicas: "Replicas | None" = None, overlap_chunks: "int | str" = 1):
         check_positive_int(auto_interval, "auto_interval")
         if replicas is not None and not isinstance(replicas, Replicas):
             raise TypeError(f"replicas must be None or a hiermoe_lightning.replicas.Replicas, got {replicas!r}")
@@ -258,8 +259,7 @@ class ExpertParallel:
             peer_of_expert = phase_peer_index(self.topology, phase, nxt).to(device)
             levels = tuple(self.topology.link_level(self.rank, r) for r in peers.ranks)
             phases.append(PhaseRoute(phase, peers, peer_of_expert, levels))
-        return Route(spec, tuple(phases), self.topology.num_levels, self.verify_splits, self.pipeline_chunks,
-                     self.overlap_chunks)
+        return Route(spec, tuple(phases), self.topology.num_levels, self.verify_splits, self.pipeline_chunks)
 
     # ------------------------------------------------------------------ dispatch="auto"
     def gather_routing(self, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -322,28 +322,29 @@ class ExpertParallel:
 
     def choose_dispatch(self, layer: MoELayer, expert_ids: torch.Tensor) -> str:
         """Collective: predict every ``hd<d>`` on the live routing of all ranks and pick the fastest (same on all)."""
+        names = [f"hd{d}" for d in range(1, self.topology.num_levels + 1)]
+        pred = self._predict(layer, expert_ids, names, self.pipeline_chunks)
+        layer.auto_predictions = {name: pred.dispatch[name].predicted_ms for name in names}
+        return pred.chosen
+
+    def _predict(self, layer: MoELayer, expert_ids: torch.Tensor, names: list[str], pipeline_chunks: int = 1):
+        """Collective: the cost model's prediction of the dispatches ``names`` for ``layer`` on the live routing of
+        every rank (the same on every rank)."""
         from .cost.model import predict
 
         routing = self.gather_routing(expert_ids)
-        names = [f"hd{d}" for d in range(1, self.topology.num_levels + 1)]
         element = torch.empty((), dtype=layer.experts.w_gate.dtype).element_size()
-        pred = predict(self.topology, layer.placement, routing, layer.hidden_size, element, self.link_costs, names,
-                       pipeline_chunks=self.pipeline_chunks)
-        layer.auto_predictions = {name: pred.dispatch[name].predicted_ms for name in names}
-        return pred.chosen
+        return predict(self.topology, layer.placement, routing, layer.hidden_size, element, self.link_costs, names,
+                       pipeline_chunks=pipeline_chunks)
 
     def choose_overlap(self, layer: MoELayer, expert_ids: torch.Tensor, dispatch: str, compute_ms: float) -> int:
         """Collective: the chunk count of ``layer`` (:func:`~hiermoe_lightning.cost.overlap.choose_overlap_chunks`):
         the cost model's time of ``dispatch`` on the live routing of every rank (dispatch and combine, forward and
         backward: 4 x the one-way prediction) against the slowest rank's expert compute ``compute_ms`` (forward and
         backward of the last step), the same on every rank."""
-        from .cost.model import predict
         from .cost.overlap import choose_overlap_chunks, chunk_overhead_ms
 
-        routing = self.gather_routing(expert_ids)
-        element = torch.empty((), dtype=layer.experts.w_gate.dtype).element_size()
-        pred = predict(self.topology, layer.placement, routing, layer.hidden_size, element, self.link_costs,
-                       [dispatch])
+        pred = self._predict(layer, expert_ids, [dispatch])
         slowest = torch.tensor([float(compute_ms)], dtype=torch.float64)
         group, size = self._gather_group()
         if size > 1:

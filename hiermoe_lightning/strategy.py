@@ -414,16 +414,18 @@ class HierMoEStrategy(DDPStrategy):
         micro-batch), before clipping and the step; one bucketed all-reduce over this rank's copies."""
         if self.replicas is None:
             return
-        if self._checked_layers is None:
-            self._checked_layers = ckpt.moe_layers(self.lightning_module)
-        params = [p for layer in self._checked_layers.values() for p in layer.experts.slot_parameters()]
+        params = [p for layer in self._moe_layers().values() for p in layer.experts.slot_parameters()]
         average_over_copies_(params, self.replicas.copies_group, self.replicas.num_replicas)
 
     def _balanced_layers(self) -> list[MoELayer]:
         """The MoE layers whose router learns its selection bias (``bias_update_rate > 0``), in model order."""
+        return [layer for layer in self._moe_layers().values() if layer.router.bias_update_rate > 0]
+
+    def _moe_layers(self) -> dict[str, MoELayer]:
+        """The MoE layers in model order, found once per fit (not a module walk per step)."""
         if self._checked_layers is None:
             self._checked_layers = ckpt.moe_layers(self.lightning_module)
-        return [layer for layer in self._checked_layers.values() if layer.router.bias_update_rate > 0]
+        return self._checked_layers
 
     def _update_routing_biases(self, step_taken: bool) -> None:
         """Aux-loss-free balancing done by the strategy, for any LightningModule: after every optimizer step, the
@@ -441,9 +443,7 @@ class HierMoEStrategy(DDPStrategy):
         update_routing_biases(layers, dist.group.WORLD if distributed else None, step_taken=step_taken)
 
     def _agree_after_closure(self, loss) -> None:
-        if self._checked_layers is None:  # the MoE layers in model order, found once (not a module walk per step)
-            self._checked_layers = ckpt.moe_layers(self.lightning_module)
-        layers = self._checked_layers
+        layers = self._moe_layers()
         routers = [layer.router.take_nonfinite() for layer in layers.values()] if self._check_finite else []
         # kept on the device: the all-reduce below is the step's only host sync
         loss_bad = (~torch.isfinite(loss.detach()).all() if self._check_finite and isinstance(loss, torch.Tensor)
@@ -515,8 +515,7 @@ class HierMoEStrategy(DDPStrategy):
     @torch.no_grad()
     def clip_by_global_norm(self, optimizer, max_norm: float) -> torch.Tensor:
         """Clip all gradients by the norm over dense parameters (replicated) and every rank's experts."""
-        expert_ids = {id(p) for layer in ckpt.moe_layers(self.lightning_module).values()
-                      for p in layer.experts.slot_parameters()}
+        expert_ids = {id(p) for layer in self._moe_layers().values() for p in layer.experts.slot_parameters()}
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         grads = [local_tensor(p.grad) for p in params]  # FSDP: this rank's shard (a view: clipping reaches it)
         norms = torch._foreach_norm(grads) if grads else []

@@ -31,10 +31,12 @@ combine must return ``x * (sum of the token's weights)``; ``max_abs_err`` report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -63,6 +65,27 @@ DEFAULT_DISPATCH = "flat,2dh,hd1,hd2,auto"
 DEFAULT_TOP_K = 4
 DEFAULT_TOKENS_PER_RANK = 2048
 EMULATION_EXIT_STATUS = 3
+
+
+@contextlib.contextmanager
+def emulated_network(inter_mbit: "int | None", num_nodes: int, latency_ms: float = 0.0
+                     ) -> "Iterator[EmulatedNetwork | None]":
+    """``--emulate-inter-mbit`` for the benches that start ranks: ``num_nodes`` emulated nodes with ``inter_mbit``
+    Mbit/s links for the duration of the block (None without emulation), always cleaned up; a machine that cannot
+    emulate is a :class:`CLIError` with exit status :data:`EMULATION_EXIT_STATUS`."""
+    if inter_mbit is None:
+        yield None
+        return
+    try:
+        net = EmulatedNetwork(num_nodes, inter_mbit, latency_ms=float(latency_ms or 0.0))
+        net.setup()
+    except EmulationUnavailable as e:
+        raise CLIError(f"--emulate-inter-mbit: network emulation is not available: {e}",
+                       EMULATION_EXIT_STATUS) from None
+    try:
+        yield net
+    finally:
+        net.cleanup()
 PREDICTED_NOTE = ("predicted_ms = 2 x the cost model's one-way time (cost.model.predict with these link costs and "
                   "pipeline_chunks): median_ms = the slowest rank's dispatch window + the slowest rank's combine "
                   "window (each after a barrier; the stand-in expert step between them is not timed), which move "

@@ -68,8 +68,7 @@ from ..dispatch.engine import validate_overlap_chunks, validate_pipeline_chunks
 from ..placement.records import PlanRecord
 from ..testing.launch import Deadline, run_ranks
 from ..topology import Topology
-from .comm import EMULATION_EXIT_STATUS, parse_dispatch_list
-from .netem import EmulatedNetwork, EmulationUnavailable
+from .comm import EMULATION_EXIT_STATUS, emulated_network, parse_dispatch_list
 
 __all__ = ["add_arguments", "run", "main", "format_report", "variant_names", "ExternalRankEnvironment", "E2EConfig",
            "SWAPS_VARIANT", "EMULATION_EXIT_STATUS", "RESULT_KEYS", "BYTES_NOTE", "MODELS", "HF_QWEN3_MOE_TINY"]
@@ -643,20 +642,8 @@ def run(args: argparse.Namespace, cfg: E2EConfig | None = None) -> dict:
                 raw[name].append(run_ranks(_rank_fn, world, cfg, name, **launch, **extra)[0])
 
     try:
-        if args.emulate_inter_mbit is None:
-            train_all()
-        else:
-            try:
-                net = EmulatedNetwork(topology.sizes[0], args.emulate_inter_mbit,
-                                      latency_ms=float(args.emulate_latency_ms))
-                net.setup()
-            except EmulationUnavailable as e:
-                raise CLIError(f"--emulate-inter-mbit: network emulation is not available: {e}",
-                               EMULATION_EXIT_STATUS) from None
-            try:
-                train_all(net)
-            finally:
-                net.cleanup()
+        with emulated_network(args.emulate_inter_mbit, topology.sizes[0], args.emulate_latency_ms) as net:
+            train_all(net)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -18,7 +18,6 @@ one ``error`` line with its exception. Without ``--impl`` the command does what 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -29,14 +28,12 @@ import torch
 import torch.distributed as dist
 
 from ..cli.flags import add_timeout_and_json, int_flag, topology_flag
-from ..cli.main import CLIError
 from ..layer import MoELayer
 from ..parallel import ExpertParallel
 from ..testing import Deadline, run_ranks
 from ..testing.launch import RankFailure, RanksTimeout
 from ..topology import Topology
-from .comm import EMULATION_EXIT_STATUS
-from .netem import EmulatedNetwork, EmulationUnavailable
+from .comm import emulated_network
 from .peers import HIERMOE, MEGATRON_STYLE, BuiltLayer, ImplSpec, LayerShape, make_impl, parse_impls, quiet_peers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -313,25 +310,6 @@ def _time_steps(built: BuiltLayer, rank: int, cfg: ImplConfig) -> dict:
 
 
 # ---- in the parent
-@contextlib.contextmanager
-def _network(args: argparse.Namespace, topology: Topology):
-    """The emulated network for the whole command (None without --emulate-inter-mbit)."""
-    if args.emulate_inter_mbit is None:
-        yield None
-        return
-    try:
-        net = EmulatedNetwork(topology.sizes[0], args.emulate_inter_mbit,
-                              latency_ms=float(args.emulate_latency_ms or 0))
-        net.setup()
-    except EmulationUnavailable as e:
-        raise CLIError(f"--emulate-inter-mbit: network emulation is not available: {e}",
-                       EMULATION_EXIT_STATUS) from None
-    try:
-        yield net
-    finally:
-        net.cleanup()
-
-
 def _launch(spec: ImplSpec, cfg: ImplConfig, launch: dict) -> "list[dict] | str":
     """One launch of ``spec`` on every rank: the per-rank results, or the error that stopped it."""
     try:
@@ -387,7 +365,7 @@ def run_impls(args: argparse.Namespace) -> dict:
     runnable = [name for name in impls if SKIPPED not in results[name]]
     launches: dict[str, list] = {name: [] for name in runnable}
     launch = dict(timeout=Deadline(float(args.timeout), "--timeout"), pg_timeout=min(float(args.timeout), 300.0))
-    with _network(args, topology) as net:
+    with emulated_network(args.emulate_inter_mbit, topology.sizes[0], args.emulate_latency_ms) as net:
         if net is not None:
             launch.update(netns=net, ranks_per_node=world // topology.sizes[0])
         for r in range(cfg.repeats):

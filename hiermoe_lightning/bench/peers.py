@@ -458,9 +458,7 @@ class HierMoEImpl(LayerImpl):
 
     @override
     def unavailable(self) -> str | None:
-        if self.spec.overlap_chunks is not None and not _accepts(_expert_parallel(), "overlap_chunks"):
-            return f"{self.name}: this ExpertParallel has no overlap_chunks yet"
-        return None
+        return None  # this package: always here
 
     @override
     def settings(self, shape: LayerShape) -> dict:
@@ -477,24 +475,13 @@ class HierMoEImpl(LayerImpl):
     @override
     def build(self, rank: int, world: int, topology: Topology, shape: LayerShape) -> BuiltLayer:
         from ..layer import MoELayer
+        from ..parallel import ExpertParallel
 
         layer = MoELayer(shape.hidden_size, shape.ffn_hidden_size, shape.num_experts, shape.top_k, seed=shape.seed,
                          dtype=shape.dtype, aux_loss_coef=0.0)
-        options = {} if self.spec.overlap_chunks is None else {"overlap_chunks": self.spec.overlap_chunks}
-        _expert_parallel()(str(topology), dispatch=self.spec.dispatch, **options).shard_(layer)
+        ExpertParallel(str(topology), dispatch=self.spec.dispatch,
+                       overlap_chunks=self.spec.overlap_chunks or 1).shard_(layer)
         return _BuiltHierMoE(layer)
-
-
-def _expert_parallel():
-    from ..parallel import ExpertParallel
-
-    return ExpertParallel
-
-
-def _accepts(fn, keyword: str) -> bool:
-    import inspect
-
-    return keyword in inspect.signature(fn).parameters
 
 
 # ---- megatron-style

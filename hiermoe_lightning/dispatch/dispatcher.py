@@ -137,7 +137,7 @@ class HopDispatcher:
 
     @property
     def overlaps(self) -> bool:
-        """Whether :meth:`dispatch_experts_combine` runs this layer (``overlap_chunks > 1`` and sharded)."""
+        """Whether :meth:`dispatch_experts_combine` runs this layer (sharded, ``overlap_chunks`` > 1 or ``"auto"``)."""
         chunks = None if self.expert_parallel is None else self.expert_parallel.overlap_chunks
         return chunks == "auto" or (chunks is not None and chunks > 1)
 

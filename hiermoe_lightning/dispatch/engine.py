@@ -73,7 +73,6 @@ class Route:
     num_levels: int
     verify_splits: bool = False  # check collectively that every payload's splits agree before it moves
     pipeline_chunks: int = 1  # token chunks run as a software pipeline over the hops (1: one pass)
-    overlap_chunks: "int | str" = 1  # > 1 or "auto": dispatch, experts and combine as one pipeline (overlap.py)
 
 
 @dataclass
