@@ -13,9 +13,11 @@ of fit a heatmap of expert load per rank over time and the placement history are
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from typing_extensions import override
@@ -25,7 +27,9 @@ from .metrics import DedupMonitor
 from .validation import check_bool_arg, check_int, check_number_arg
 from .parallel import PendingRoutings
 from .placement import Placement
+from .placement.background import PlanningJob
 from .placement.migrate import expert_state_bytes, migrate_
+from .placement.payoff import BackOff, a2as_per_step, net_gain_ms, plan_migration_ms, realised_saving_ms
 from .placement.planners import PlannerArg, PlanRequest, check_plan, resolve_planner
 from .placement.records import LayerPlan, PlanRecord
 from .placement.window import RoutingWindow
@@ -40,6 +44,41 @@ def _by_expert_parallel(layers: dict) -> list[tuple]:
     for i, (name, layer) in enumerate(layers.items()):
         groups.setdefault(id(layer.expert_parallel), (layer.expert_parallel, []))[1].append((i, name, layer))
     return list(groups.values())
+
+
+@dataclass
+class _InFlight:
+    """A plan started after optimizer step ``step`` from ``inputs`` (name -> :meth:`HierMoECallback._layer_inputs`),
+    to be applied after step ``apply_step``; ``interval`` / ``tokens_scale``: the schedule when it started; ``jobs``:
+    this rank's running :class:`PlanningJob` by layer index (not checkpointed: a resume starts them again)."""
+
+    step: int
+    apply_step: int
+    interval: int
+    tokens_scale: float
+    inputs: dict
+    jobs: dict
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "apply_step": self.apply_step, "interval": self.interval,
+                "tokens_scale": self.tokens_scale, "inputs": self.inputs}
+
+
+def _plan_layer_job(planner, request: PlanRequest, inputs: dict) -> LayerPlan:
+    """One layer's plan (runs on the owner's planning thread; pure): the planner's checked plan, its migration ms
+    (priced with the expert's real bytes whether or not the planner was charged), the ``[G]`` load per rank and, when
+    the inputs carry the routing seen since the layer's previous plan, that plan's realised before/after ms."""
+    plan = check_plan(planner(request), request)
+    migration = plan_migration_ms(plan.swaps, request.placement, request.topology, request.link_costs,
+                                  inputs["expert_bytes"])
+    realised = None
+    if "recent_ids" in inputs:
+        before = Placement(inputs["before_rank"], inputs["before_slot"], request.placement.world_size)
+        realised = realised_saving_ms(inputs["recent_ids"], inputs["recent_weights"], before, request.placement,
+                                      request.topology, request.link_costs,
+                                      request.hidden_size * request.bytes_per_elem)
+    load = HierMoECallback._rank_load(request.expert_ids, request.token_weights, request.placement)
+    return LayerPlan.of(plan, load, migration, realised)
 
 
 class HierMoECallback(DedupMonitor):
@@ -62,6 +101,22 @@ class HierMoECallback(DedupMonitor):
             ``planner(request: PlanRequest) -> SwapPlan`` (:mod:`hiermoe_lightning.placement.planners`), called on
             one rank per layer with the layer's window, placement, topology, link costs and the options above; it
             must be deterministic and, with a spawn launcher, picklable.
+        plan_in_background: run the search on a planning thread of the owner rank while training goes on (one
+            torch intra-op thread, so it never takes the compute threads' pool); the plan made from the statistics of
+            step ``S`` is applied after step ``S + plan_lag_steps``, on every rank alike (the step waits there only
+            if the search has not finished). False: the step that plans waits for the search.
+        plan_lag_steps: steps between a background plan's statistics and its application (an int >= 1; at most the
+            plan interval).
+        charge_planning: the pay-off gate: a layer's plan is applied only if its predicted saving over the horizon
+            exceeds its migration (with ``charge_migration``) plus its measured planning time (CPU time in the
+            background, wall time when the step waits), whatever the planner; None: the same as
+            ``charge_migration``. Pass False with a load-balancing planner (``"eplb"``, ``"smartmoe"``) whose plans
+            aim at a compute balance the all-to-all cost model does not price.
+        back_off: judge every plan that moved experts on the routing that followed it; when swaps did not pay (or a
+            plan kept none) double the interval between plans (up to ``max_plan_interval``) and halve the swap budget,
+            when they paid walk both back to ``plan_every_n_steps`` and ``max_swaps_per_plan``.
+        max_plan_interval: the longest interval back-off may reach (an int >= plan_every_n_steps; None: 8 x
+            ``plan_every_n_steps``).
 
     Every argument is checked at construction: a ``TypeError`` (wrong type; flags must be real bools) or
     ``ValueError`` (out of range) names it and what it allows. The state Lightning checkpoints is complete
@@ -83,6 +138,11 @@ class HierMoECallback(DedupMonitor):
         print_summary: bool = True,
         save_plots: bool = True,
         planner: PlannerArg = "hiermoe",
+        plan_in_background: bool = True,
+        plan_lag_steps: int = 2,
+        charge_planning: bool | None = None,
+        back_off: bool = True,
+        max_plan_interval: int | None = None,
     ):
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
         self.plan_every_n_steps = check_int(plan_every_n_steps, "plan_every_n_steps", 1)
@@ -98,6 +158,26 @@ class HierMoECallback(DedupMonitor):
         self.save_plots = check_bool_arg("save_plots", save_plots)
         self.planner = planner
         self._planner = resolve_planner(planner)  # a bad name or type raises here, before any collective
+        self.plan_in_background = check_bool_arg("plan_in_background", plan_in_background)
+        self.plan_lag_steps = check_int(plan_lag_steps, "plan_lag_steps", 1)
+        self.charge_planning = self.charge_migration if charge_planning is None else check_bool_arg(
+            "charge_planning", charge_planning)
+        self.back_off = check_bool_arg("back_off", back_off)
+        self._backoff = BackOff(self.plan_every_n_steps,
+                                8 * self.plan_every_n_steps if max_plan_interval is None else max_plan_interval,
+                                self.max_swaps_per_plan)
+        self.max_plan_interval = self._backoff.max_interval
+        self._interval = self.plan_every_n_steps  # optimizer steps between plans now (back-off changes it)
+        self._swap_budget = self.max_swaps_per_plan  # swaps per layer and plan now (back-off changes it)
+        self._next_plan_step = self.plan_every_n_steps
+        self._inflight: _InFlight | None = None
+        self._restore_inflight: dict | None = None  # a checkpoint's plan in flight, restarted at on_train_start
+        self._last_change: dict | None = None  # the last plan that moved experts, until the next plan judges it
+        self.recent: dict[str, RoutingWindow] = {}  # routing since the last plan that moved experts
+        self.realised: list[dict] = []  # one entry per judged plan: predicted vs realised saving and net gain
+        self.blocked_seconds = 0.0  # time training steps waited for planning, sharing plans and applying them
+        self.plan_started_steps: list[int] = []
+        self.plan_applied_steps: list[int] = []
         self.windows: dict[str, RoutingWindow] = {}
         self.swaps_total = 0
         self.history: list[PlanRecord] = []  # one entry per (plan, layer)
@@ -133,6 +213,13 @@ class HierMoECallback(DedupMonitor):
             "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
             "last_step": self._last_step, "tokens_scale": self._tokens_scale,
             "layers": self._layer_states(),
+            "schedule": {"interval": self._interval, "swap_budget": self._swap_budget,
+                         "next_plan_step": self._next_plan_step},
+            "inflight": self._inflight.state_dict() if self._inflight is not None else self._restore_inflight,
+            "last_change": self._last_change,
+            "recent": {name: w.state_dict() for name, w in self.recent.items()},
+            "realised": json.dumps(self.realised), "blocked_seconds": self.blocked_seconds,
+            "plan_started_steps": list(self.plan_started_steps), "plan_applied_steps": list(self.plan_applied_steps),
         })
         return state
 
@@ -153,6 +240,25 @@ class HierMoECallback(DedupMonitor):
         self._last_step = int(state.get("last_step", -1))
         self._tokens_scale = float(state.get("tokens_scale", 1.0))
         self._restore = state.get("layers") or None
+        schedule = state.get("schedule")
+        if schedule is None:  # a checkpoint of a version without back-off: plans at multiples of the interval
+            self._interval, self._swap_budget = self.plan_every_n_steps, self.max_swaps_per_plan
+            self._next_plan_step = (max(self._last_step, 0) // self.plan_every_n_steps + 1) * self.plan_every_n_steps
+        else:
+            self._interval, self._swap_budget = int(schedule["interval"]), int(schedule["swap_budget"])
+            self._next_plan_step = int(schedule["next_plan_step"])
+        self._inflight = None
+        self._restore_inflight = state.get("inflight") or None
+        self._last_change = state.get("last_change") or None
+        self.recent = {}
+        for name, ws in (state.get("recent") or {}).items():
+            w = RoutingWindow(self.window_tokens_per_rank, 1.0)
+            w.load_state_dict(ws)
+            self.recent[name] = w
+        self.realised = json.loads(state.get("realised", "[]"))
+        self.blocked_seconds = float(state.get("blocked_seconds", 0.0))
+        self.plan_started_steps = [int(s) for s in state.get("plan_started_steps", [])]
+        self.plan_applied_steps = [int(s) for s in state.get("plan_applied_steps", [])]
 
     def _layer_states(self) -> dict[str, dict]:
         """Each sharded MoE layer's placement and ``auto`` dispatch state (plain tensors, ints and strings); those
@@ -178,6 +284,29 @@ class HierMoECallback(DedupMonitor):
         restore, self._restore = self._restore, None
         if restore:
             self._restore_layers(trainer, pl_module, restore)
+        inflight, self._restore_inflight = self._restore_inflight, None
+        if inflight:
+            self._restart_plan(pl_module, inflight)
+
+    def _restart_plan(self, pl_module, saved: dict) -> None:
+        """Start again the plan a checkpoint had in flight, from its saved inputs (planners are deterministic, so
+        it gives the plan the uninterrupted run applied, at the same step). Dropped when the sharded layers or their
+        placements differ from the saved ones (a resume on another world size or model)."""
+        layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded}
+        inputs = saved["inputs"]
+        if list(inputs) != list(layers):
+            return
+        for name, layer in layers.items():
+            rank = torch.as_tensor(inputs[name]["expert_to_rank"]).long()
+            if rank.numel() != layer.num_experts or int(torch.as_tensor(inputs[name]["expert_ids"]).shape[0]) != \
+                    layer.placement.world_size:
+                return
+            if Placement(rank, torch.as_tensor(inputs[name]["expert_to_slot"]).long(),
+                         layer.placement.world_size) != layer.placement:
+                return
+        self._inflight = _InFlight(step=int(saved["step"]), apply_step=int(saved["apply_step"]),
+                                   interval=int(saved["interval"]), tokens_scale=float(saved["tokens_scale"]),
+                                   inputs=inputs, jobs=self._submit(layers, inputs))
 
     @torch.no_grad()
     def _restore_layers(self, trainer, pl_module, restore: dict) -> None:
@@ -252,6 +381,11 @@ class HierMoECallback(DedupMonitor):
             if window is None:
                 window = self.windows[name] = RoutingWindow(self.window_tokens_per_rank, self.window_decay)
             window.ingest(trace)
+            if self._last_change is not None and name in self._last_change["before"]:  # to judge that plan later
+                recent = self.recent.get(name)
+                if recent is None or (not recent.empty and recent.trace(normalize=False)[0].shape[0] != trace.shape[0]):
+                    recent = self.recent[name] = RoutingWindow(self.window_tokens_per_rank, 1.0)
+                recent.ingest(trace)
 
     @override
     @torch.no_grad()
@@ -265,90 +399,212 @@ class HierMoECallback(DedupMonitor):
         if step == self._last_step:  # still inside a gradient-accumulation cycle
             return
         self._last_step = step
-        if self.swap and layers and step > 0 and step % self.plan_every_n_steps == 0:
+        if self._inflight is not None and step >= self._inflight.apply_step:
+            self._finish_plan(trainer, pl_module, layers)
+        if (self.swap and layers and step > 0 and self._inflight is None and step >= self._next_plan_step
+                and self.max_swaps_per_plan > 0):
             self._complete_pending()  # the plan sees this batch's sample too
-            self._plan_and_migrate(trainer, pl_module, layers)
+            self._start_plan(trainer, layers)
+            if not self.plan_in_background:
+                self._finish_plan(trainer, pl_module, layers)
         pl_module.log("swaps", float(self.swaps_total), prog_bar=True, logger=False, rank_zero_only=True)
         for logger in trainer.loggers:
             logger.log_metrics({"hiermoe/swaps": float(self.swaps_total)}, step=step)
 
-    def _plan_and_migrate(self, trainer, pl_module, layers) -> None:
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        start = time.perf_counter()
-        outcomes = self._plan_layers(layers, optimizer)  # identical on every rank
-        targets, records, loads = [], [], []
-        for i, (name, layer) in enumerate(layers.items()):
-            out = outcomes[i]
-            targets.append(out.placement(layer.placement.world_size))
-            loads.append(list(out.load))
-            records.append(out.record(trainer.global_step, i, name))
-        self.plan_seconds += time.perf_counter() - start
-        changed = [(layer, target) for layer, target in zip(layers.values(), targets) if target != layer.placement]
-        if changed:
-            stats = migrate_([c[0] for c in changed], [c[1] for c in changed], optimizer)
-            self.migration_seconds += stats.seconds
-            ep = changed[0][0].expert_parallel
-            ep.refresh_auto(pl_module)
-        self.swaps_total += sum(len(r.swaps) for r in records)
-        self.history.extend(records)
-        self.load_history.append(loads)
-        metrics = {}
-        for r in records:
-            metrics[f"hiermoe/plan/layer{r.layer}/predicted_ms_before"] = r.predicted_ms_before
-            metrics[f"hiermoe/plan/layer{r.layer}/predicted_ms_after"] = r.predicted_ms_after
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+    # ------------------------------------------------------------------ planning: start, beside training, finish
+    def _lag(self) -> int:
+        """Optimizer steps between a plan's statistics and its migration: ``plan_lag_steps`` (at most the interval),
+        0 when planning blocks the step."""
+        return min(self.plan_lag_steps, self._interval) if self.plan_in_background else 0
 
-    def _plan_layers(self, layers: dict, optimizer) -> dict[int, LayerPlan]:
-        """Every layer's :meth:`_plan_layer` outcome by layer index, the same on every rank: the ``j``-th layer of an
-        ExpertParallel is planned by its rank ``j % world_size`` only, then one ``all_gather_object`` per
-        ExpertParallel shares the outcomes. A planning error is shared too and raised on every rank (no hang)."""
-        outcomes: dict[int, tuple[bool, object]] = {}
+    def _start_plan(self, trainer, layers: dict) -> None:
+        """Snapshot every layer's plan inputs (on every rank: they go into checkpoints), start the jobs this rank
+        owns, and schedule their application ``_lag()`` steps later."""
+        start = time.perf_counter()
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        step = trainer.global_step
+        inputs = {name: self._layer_inputs(name, layer, optimizer) for name, layer in layers.items()}
+        jobs = self._submit(layers, inputs)
+        self._inflight = _InFlight(step=step, apply_step=step + self._lag(), interval=self._interval,
+                                   tokens_scale=self._tokens_scale, inputs=inputs, jobs=jobs)
+        self._next_plan_step = step + self._interval
+        self.plan_started_steps.append(step)
+        inline = 0.0 if self.plan_in_background else sum(job.wall_seconds for job in jobs.values())
+        self.blocked_seconds += time.perf_counter() - start - inline  # snapshots (an inline search counts on wait)
+
+    def _layer_inputs(self, name: str, layer, optimizer) -> dict:
+        """One layer's plan inputs as plain tensors and numbers (a checkpoint holds them while a plan is in flight):
+        its window, placement, the swap budget, migration bytes and horizon, and, when its last plan moved experts,
+        the placement before that plan and the routing seen since (to judge whether it paid)."""
+        ids, weights = self.windows[name].trace()
+        placement = layer.placement
+        out = {"expert_ids": ids, "token_weights": weights, "expert_to_rank": placement.expert_to_rank.clone(),
+               "expert_to_slot": placement.expert_to_slot.clone(), "max_swaps": self._swap_budget,
+               "expert_bytes": float(expert_state_bytes(layer, optimizer)),
+               "horizon_steps": max(1, round(self._interval * a2as_per_step(self._tokens_scale)))}
+        before = (self._last_change or {}).get("before", {}).get(name)
+        recent = self.recent.get(name)
+        if before is not None and recent is not None and not recent.empty:
+            recent_ids, recent_weights = recent.trace()
+            before_rank = torch.as_tensor(before[0]).long()
+            if recent_ids.shape[0] == placement.world_size and before_rank.numel() == layer.num_experts and \
+                    int(before_rank.max()) < placement.world_size:  # not after a resume on another world size
+                out["recent_ids"], out["recent_weights"] = recent_ids, recent_weights
+                out["before_rank"], out["before_slot"] = before_rank, torch.as_tensor(before[1]).long()
+        return out
+
+    def _request(self, inputs: dict, layer) -> PlanRequest:
+        """The planner's :class:`PlanRequest` for one layer from its :meth:`_layer_inputs`."""
+        ep = layer.expert_parallel
+        charge = self.charge_migration
+        return PlanRequest(
+            inputs["expert_ids"], inputs["token_weights"],
+            Placement(inputs["expert_to_rank"], inputs["expert_to_slot"], layer.placement.world_size),
+            ep.topology, ep.link_costs, layer.hidden_size, layer.experts.w_gate.element_size(),
+            max_swaps=int(inputs["max_swaps"]), gamma=self.gamma,
+            expert_bytes=inputs["expert_bytes"] if charge else None,
+            horizon_steps=int(inputs["horizon_steps"]) if charge else None,
+            compute_balance_tolerance=self.compute_balance_tolerance)
+
+    def _submit(self, layers: dict, inputs: dict) -> dict[int, PlanningJob]:
+        """Start the jobs this rank owns: the ``j``-th layer of an ExpertParallel is planned by its rank
+        ``j % world_size`` of the first replica (deterministic functions, so the owner's plan is everyone's)."""
+        jobs = {}
+        for ep, members in _by_expert_parallel(layers):
+            for j, (i, name, layer) in enumerate(members):
+                if j % ep.world_size == ep.rank and ep.replica_index == 0:
+                    job = functools.partial(_plan_layer_job, self._planner, self._request(inputs[name], layer),
+                                            inputs[name])
+                    jobs[i] = PlanningJob(job, background=self.plan_in_background)
+        return jobs
+
+    def _collect(self, layers: dict, jobs: dict[int, PlanningJob]) -> dict[int, tuple[LayerPlan, float]]:
+        """Every layer's ``(plan, planning seconds)``, the same on every rank: the owners wait for their jobs, then
+        one ``all_gather_object`` per ExpertParallel shares them. A planning error is shared and raised on every rank
+        (no hang). The seconds are the job's CPU time in the background, its wall time when the step waited."""
+        outcomes: dict[int, tuple[bool, object, float]] = {}
         owners: dict[int, int] = {}
         for ep, members in _by_expert_parallel(layers):
             mine = {}
             for j, (i, name, layer) in enumerate(members):
                 owners[i] = j % ep.world_size
-                if owners[i] == ep.rank and ep.replica_index == 0:  # other replicas get the first one's plans
-                    try:
-                        mine[i] = (True, self._plan_layer(name, layer, optimizer))
-                    except Exception as e:  # noqa: BLE001 - shared, then raised on every rank below
-                        mine[i] = (False, f"{type(e).__name__}: {e}")
+                if i in jobs:
+                    ok, payload = jobs[i].wait()
+                    self.blocked_seconds += jobs[i].waited_seconds
+                    seconds = jobs[i].cpu_seconds if self.plan_in_background else jobs[i].wall_seconds
+                    mine[i] = (ok, payload, seconds)
             for shared in ep.all_gather_object(mine):
                 outcomes.update(shared)
         names = list(layers)
         failed = [f"layer {i} ({names[i]}) on expert-parallel rank {owners[i]}: {msg}"
-                  for i, (ok, msg) in sorted(outcomes.items()) if not ok]
+                  for i, (ok, msg, _) in sorted(outcomes.items()) if not ok]
         if failed:
             raise RuntimeError("HierMoECallback: planning failed for " + "; ".join(failed))
-        return {i: payload for i, (_, payload) in outcomes.items()}
+        return {i: (payload, seconds) for i, (_, payload, seconds) in outcomes.items()}
 
-    def _plan_request(self, name: str, layer, optimizer) -> PlanRequest:
-        """What the planner sees for one layer: its window (tokens and weights), placement, topology, link costs and
-        row size, and the callback's options (with ``charge_migration``: the bytes one expert's migration moves and
-        the horizon over which a saving counts)."""
-        ep = layer.expert_parallel
-        ids, weights = self.windows[name].trace()
-        return PlanRequest(
-            ids, weights, layer.placement, ep.topology, ep.link_costs, layer.hidden_size,
-            layer.experts.w_gate.element_size(), max_swaps=self.max_swaps_per_plan, gamma=self.gamma,
-            expert_bytes=expert_state_bytes(layer, optimizer) if self.charge_migration else None,
-            horizon_steps=self._horizon() if self.charge_migration else None,
-            compute_balance_tolerance=self.compute_balance_tolerance,
-        )
+    def _plan_layers(self, layers: dict, optimizer) -> dict[int, LayerPlan]:
+        """Plan every layer now (blocking) and return the plans by layer index, the same on every rank."""
+        inputs = {name: self._layer_inputs(name, layer, optimizer) for name, layer in layers.items()}
+        return {i: plan for i, (plan, _) in self._collect(layers, self._submit(layers, inputs)).items()}
 
-    def _plan_layer(self, name: str, layer, optimizer) -> LayerPlan:
-        """One layer's plan by the planner on its window (:meth:`_plan_request`), checked (:func:`check_plan`), as
-        plain values (small, picklable): swaps, predicted times, chosen dispatches, the placement after and the
-        ``[G]`` load per rank under the current placement."""
-        request = self._plan_request(name, layer, optimizer)
-        plan = check_plan(self._planner(request), request)
-        return LayerPlan.of(plan, self._rank_load(request.expert_ids, request.token_weights, layer.placement))
+    def _finish_plan(self, trainer, pl_module, layers: dict) -> None:
+        """Apply the plan in flight after its step: collect the plans, refuse those that do not pay (their saving
+        over the horizon must exceed migration plus planning), migrate the rest, judge the previous plan on the
+        routing seen since it was applied, set the next interval and budget, log it all."""
+        inflight, self._inflight = self._inflight, None
+        if set(inflight.inputs) != set(layers):  # the model's sharded layers changed under the plan: drop it
+            return
+        start = time.perf_counter()
+        outcomes = self._collect(layers, inflight.jobs)
+        step = trainer.global_step
+        horizon = inflight.interval * a2as_per_step(inflight.tokens_scale)
+        targets, records, loads, kept = [], [], [], {}
+        for i, (name, layer) in enumerate(layers.items()):
+            plan, seconds = outcomes[i]
+            self.plan_seconds += seconds
+            planning_ms = 1000.0 * seconds if self.charge_planning else 0.0
+            migration_ms = plan.migration_ms if self.charge_migration else 0.0
+            net = net_gain_ms(plan.predicted_ms_before - plan.predicted_ms_after, horizon, migration_ms, planning_ms)
+            refused = 0
+            if self.charge_planning and plan.swaps and net <= 0.0:  # the pay-off gate
+                refused, plan = len(plan.swaps), plan.kept_nothing(layer.placement)
+            if plan.swaps:
+                kept[name] = (plan, planning_ms, migration_ms, layer.placement)
+            targets.append(plan.placement(layer.placement.world_size))
+            loads.append(list(plan.load))
+            records.append(plan.record(inflight.step, i, name, applied_step=step, planning_seconds=seconds,
+                                       refused_swaps=refused))
+        verdict = self._judge(outcomes, layers, inflight.step)
+        changed = [(layer, target) for layer, target in zip(layers.values(), targets) if target != layer.placement]
+        migration_seconds = 0.0
+        if changed:
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            migration_seconds = migrate_([c[0] for c in changed], [c[1] for c in changed], optimizer).seconds
+            self.migration_seconds += migration_seconds
+            changed[0][0].expert_parallel.refresh_auto(pl_module)
+        self._remember_change(kept, step, horizon)
+        if self.back_off:
+            paid = False if not kept else verdict
+            self._interval, self._swap_budget = self._backoff.after(self._interval, self._swap_budget, paid)
+        self._next_plan_step = max(inflight.step + self._interval, step)
+        self.swaps_total += sum(len(r.swaps) for r in records)
+        self.history.extend(records)
+        self.load_history.append(loads)
+        self.plan_applied_steps.append(step)
+        self.blocked_seconds += time.perf_counter() - start - migration_seconds - sum(
+            job.waited_seconds for job in inflight.jobs.values())  # sharing and bookkeeping (waits counted already)
+        metrics = {f"hiermoe/plan/layer{r.layer}/predicted_ms_{k}": getattr(r, f"predicted_ms_{k}")
+                   for r in records for k in ("before", "after")}
+        metrics.update({"hiermoe/swap/refused": float(sum(r.refused_swaps for r in records)),
+                        "hiermoe/swap/planning_ms": 1000.0 * sum(r.planning_seconds for r in records),
+                        "hiermoe/swap/predicted_saving_ms": sum(p.predicted_ms_before - p.predicted_ms_after
+                                                                for p, *_ in kept.values()),
+                        "hiermoe/swap/plan_interval": float(self._interval),
+                        "hiermoe/swap/budget": float(self._swap_budget)})
+        if self.realised and self.realised[-1]["judged_at"] == inflight.step:
+            last = self.realised[-1]
+            metrics.update({"hiermoe/swap/realised_saving_ms": last["realised_saving_ms"],
+                            "hiermoe/swap/realised_net_ms": last["realised_net_ms"]})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
-    def _horizon(self) -> int:
-        """All-to-alls until the next plan, in units of the window's one-way step: every training step runs four
-        (dispatch and combine, forward and backward) on all tokens, while the window holds a per-rank sample."""
-        return max(1, round(self.plan_every_n_steps * 4 * self._tokens_scale))
+    def _judge(self, outcomes: dict, layers: dict, step: int) -> bool | None:
+        """Whether the previous plan that moved experts paid: its realised saving per all-to-all (the owners priced
+        the placement before and after it on the routing seen since) times the all-to-alls since, against its
+        migration and planning charge. None when there is nothing to judge. Recorded in :attr:`realised`."""
+        last, self._last_change = self._last_change, None
+        if last is None:
+            return None
+        saving, judged = 0.0, False
+        for i, name in enumerate(layers):
+            plan = outcomes[i][0]
+            if name in last["before"] and plan.realised_ms_before is not None:
+                saving += plan.realised_ms_before - plan.realised_ms_after
+                judged = True
+        if not judged:
+            return None
+        a2as = max(0, step - last["applied_step"]) * a2as_per_step(self._tokens_scale)
+        net = net_gain_ms(saving, a2as, last["migration_ms"], last["planning_ms"])
+        self.realised.append({"applied_step": last["applied_step"], "judged_at": step,
+                              "predicted_saving_ms": last["predicted_saving_ms"], "realised_saving_ms": saving,
+                              "predicted_net_ms": last["predicted_net_ms"], "realised_net_ms": net})
+        return net > 0.0
+
+    def _remember_change(self, kept: dict, step: int, horizon: float) -> None:
+        """What the next plan needs to judge this one (``kept``: name -> (plan, planning ms, migration ms, placement
+        before)): the placement before it of every layer it moved, its predicted saving per all-to-all, migration and
+        planning charge; and a fresh record of the routing from now on."""
+        self.recent = {}
+        if not kept:
+            return
+        saving = sum(p.predicted_ms_before - p.predicted_ms_after for p, *_ in kept.values())
+        planning = sum(c for _, c, _, _ in kept.values())
+        migration = sum(m for _, _, m, _ in kept.values())
+        self._last_change = {
+            "applied_step": step, "predicted_saving_ms": saving, "migration_ms": migration, "planning_ms": planning,
+            "predicted_net_ms": net_gain_ms(saving, horizon, migration, planning),
+            "before": {name: (before.expert_to_rank.clone(), before.expert_to_slot.clone())
+                       for name, (_, _, _, before) in kept.items()}}
 
     @staticmethod
     def _rank_load(ids: torch.Tensor, weights: torch.Tensor, placement) -> torch.Tensor:
@@ -366,11 +622,13 @@ class HierMoECallback(DedupMonitor):
     @override
     def on_exception(self, trainer, pl_module, exception):
         self._pending = None  # another rank may be gone: drop the gather rather than wait (gloo finishes or fails it)
+        self._inflight = None  # planning threads are daemons: they finish on their own, nobody waits for them
 
     @override
     def teardown(self, trainer, pl_module, stage):
         self._pending = None
         self._restore = None  # restored by a validate/test: no later fit without a checkpoint may apply it
+        self._inflight = self._restore_inflight = None  # a later fit without a checkpoint starts its own plans
 
     @override
     def on_fit_end(self, trainer, pl_module):
@@ -382,8 +640,10 @@ class HierMoECallback(DedupMonitor):
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, "hiermoe_placement_history.json"), "w") as f:
             json.dump({"swaps_total": self.swaps_total, "plans": [r.to_dict() for r in self.history],
-                       "load_per_rank": self.load_history,
-                       "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds}, f, indent=1)
+                       "load_per_rank": self.load_history, "realised": self.realised,
+                       "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
+                       "blocked_seconds": self.blocked_seconds, "plan_in_background": self.plan_in_background},
+                      f, indent=1)
         if self.save_plots and self.load_history:
             self._heatmap(os.path.join(log_dir, "hiermoe_expert_load.png"))
 
@@ -414,8 +674,10 @@ class HierMoECallback(DedupMonitor):
     def summary(self, trainer, log_dir: str | None = None) -> str:
         text = super().summary(trainer, log_dir)
         if self.swap:
+            where = "CPU s in the background" if self.plan_in_background else "s"
             text += (f"\nexpert swaps                {self.swaps_total} in {len({h.step for h in self.history})} plans "
-                     f"(planning {self.plan_seconds:.2f} s, migration {self.migration_seconds:.2f} s)")
+                     f"(planning {self.plan_seconds:.2f} {where}, migration {self.migration_seconds:.2f} s; "
+                     f"plan interval now {self._interval} steps)")
             if self.history:
                 first = [h for h in self.history if h.step == self.history[0].step]
                 last = [h for h in self.history if h.step == self.history[-1].step]
@@ -429,7 +691,15 @@ class HierMoECallback(DedupMonitor):
 
                 text += (f"\nexpert load imbalance        {imbalance(self.load_history[0]):.3f} at the first plan -> "
                          f"{imbalance(self.load_history[-1]):.3f} at the last (max/mean over ranks)")
+            if self.realised:
+                paid = sum(r["realised_net_ms"] > 0 for r in self.realised)
+                text += (f"\nswaps that paid             {paid} of {len(self.realised)} judged plans (realised saving "
+                         f"{sum(r['realised_saving_ms'] for r in self.realised):.3f} ms per all-to-all in all, "
+                         f"predicted {sum(r['predicted_saving_ms'] for r in self.realised):.3f})")
             if self._start:
-                share = (self.plan_seconds + self.migration_seconds) / max(time.perf_counter() - self._start, 1e-9)
-                text += f"\nswap overhead               {100 * share:.2f}% of training time"
+                elapsed = max(time.perf_counter() - self._start, 1e-9)
+                share = (self.blocked_seconds + self.migration_seconds) / elapsed
+                text += f"\nswap overhead               {100 * share:.2f}% of training time on the critical path"
+                if self.plan_in_background:
+                    text += f" (+ {100 * self.plan_seconds / elapsed:.2f}% CPU in the background)"
         return text

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from hiermoe_lightning import ExpertParallel, HierMoECallback, LinkCosts, MoELayer
+from hiermoe_lightning import callback as callback_module
 from hiermoe_lightning.checkpoint import moe_layers
 from hiermoe_lightning.placement import Placement
 from hiermoe_lightning.placement.planner import plan_swaps
@@ -96,6 +97,13 @@ def test_resume_after_swaps_continues_exactly(tmp_path, reference, resume_world)
     ({"print_summary": None}, TypeError, "print_summary must be True or False"),
     ({"save_plots": 1}, TypeError, "save_plots must be True or False"),
     ({"planner": "greedy"}, ValueError, "planner must be one of 'hiermoe', 'eplb', 'smartmoe', 'none' or a callable"),
+    ({"plan_in_background": 1}, TypeError, "plan_in_background must be True or False"),
+    ({"plan_lag_steps": 0}, ValueError, "plan_lag_steps must be an int >= 1"),
+    ({"plan_lag_steps": 1.0}, TypeError, "plan_lag_steps must be an int >= 1"),
+    ({"charge_planning": "yes"}, TypeError, "charge_planning must be True or False"),
+    ({"back_off": None}, TypeError, "back_off must be True or False"),
+    ({"max_plan_interval": 10}, ValueError, r"max_plan_interval must be an int >= plan_every_n_steps \(50\)"),
+    ({"max_plan_interval": 100.0}, ValueError, "max_plan_interval must be an int"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -108,11 +116,15 @@ def test_every_argument_is_checked_and_the_edges_are_accepted():
 
     checked = {"plan_every_n_steps", "swap", "max_swaps_per_plan", "gamma", "window_tokens_per_rank", "window_decay",
                "sample_tokens_per_rank", "charge_migration", "compute_balance_tolerance", "log_every_n_steps",
-               "print_summary", "save_plots", "planner"}
+               "print_summary", "save_plots", "planner", "plan_in_background", "plan_lag_steps", "charge_planning",
+               "back_off", "max_plan_interval"}
     assert set(inspect.signature(HierMoECallback).parameters) == checked
     cb = HierMoECallback(plan_every_n_steps=1, swap=False, max_swaps_per_plan=0, gamma=None, window_tokens_per_rank=1,
                          window_decay=1, sample_tokens_per_rank=1, charge_migration=False,
-                         compute_balance_tolerance=None, log_every_n_steps=1, print_summary=False, save_plots=False)
+                         compute_balance_tolerance=None, log_every_n_steps=1, print_summary=False, save_plots=False,
+                         plan_in_background=False, plan_lag_steps=1, charge_planning=None, back_off=False,
+                         max_plan_interval=1)
+    assert cb.charge_planning is False and cb.max_plan_interval == 1  # charge_planning None follows charge_migration
     assert cb.window_decay == 1.0 and cb.gamma is None and cb.compute_balance_tolerance is None
     assert HierMoECallback(gamma=1, compute_balance_tolerance=1).gamma == 1.0
 
@@ -159,7 +171,8 @@ class _Recording(HierMoECallback):
     ``save_at_batch`` and writes everything to ``<out_dir>/rank<r>.pt`` at the end of training."""
 
     def __init__(self, out_dir: str, save_at_batch: int):
-        super().__init__(**PLAN_KWARGS, print_summary=False, save_plots=False)
+        # in the background, applied one step after the statistics; no back-off: every 2 steps whatever they gain
+        super().__init__(**PLAN_KWARGS, print_summary=False, save_plots=False, plan_lag_steps=1, back_off=False)
         self.out_dir, self.save_at_batch = out_dir, save_at_batch
         self.samples, self.plans, self.planned = [], [], []
 
@@ -170,19 +183,23 @@ class _Recording(HierMoECallback):
         if batch_idx == self.save_at_batch:  # a non-plan step: its gather is still in flight here
             trainer.save_checkpoint(os.path.join(self.out_dir, "mid.ckpt"))
 
-    def _plan_and_migrate(self, trainer, pl_module, layers):
-        def placements():
-            return {n: (m.placement.expert_to_rank.clone(), m.placement.expert_to_slot.clone())
-                    for n, m in layers.items()}
+    @staticmethod
+    def _placements(layers):
+        return {n: (m.placement.expert_to_rank.clone(), m.placement.expert_to_slot.clone()) for n, m in layers.items()}
 
-        record = {"batches": len(self.samples), "before": placements(),
-                  "traces": {n: self.windows[n].trace() for n in layers}}
-        super()._plan_and_migrate(trainer, pl_module, layers)
-        self.plans.append({**record, "after": placements()})
+    def _start_plan(self, trainer, layers):
+        self._started = {"batches": len(self.samples), "before": self._placements(layers),
+                         "traces": {n: self.windows[n].trace() for n in layers}}
+        super()._start_plan(trainer, layers)
 
-    def _plan_layer(self, name, layer, optimizer):
-        self.planned.append(name)
-        return super()._plan_layer(name, layer, optimizer)
+    def _finish_plan(self, trainer, pl_module, layers):
+        super()._finish_plan(trainer, pl_module, layers)
+        self.plans.append({**self._started, "after": self._placements(layers)})
+
+    def _submit(self, layers, inputs):
+        jobs = super()._submit(layers, inputs)
+        self.planned.extend(name for i, name in enumerate(layers) if i in jobs)
+        return jobs
 
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
@@ -258,14 +275,16 @@ def _plan_on_ranks(rank, world, fail):
         callback.windows[name] = RoutingWindow(64, 0.9)
         callback.windows[name].ingest(_window_ids(i, layer.top_k))
     planned = []
+    job = callback_module._plan_layer_job
 
-    def plan_layer(name, layer, optimizer):
+    def plan_layer_job(planner, request, inputs):  # on the owner's planning thread (this forked rank only)
+        name = {2: "l0", 1: "l1", 3: "l2"}[request.expert_ids.shape[-1]]
         planned.append(name)
         if name == fail:
             raise ValueError("injected")
-        return HierMoECallback._plan_layer(callback, name, layer, optimizer)
+        return job(planner, request, inputs)
 
-    callback._plan_layer = plan_layer
+    callback_module._plan_layer_job = plan_layer_job
     try:
         return callback._plan_layers(layers, None), planned
     except RuntimeError as e:

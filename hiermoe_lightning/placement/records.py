@@ -13,7 +13,7 @@ for the string-keyed dicts these records replace keeps working; new code should 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterator
 
 import torch
@@ -57,7 +57,9 @@ class _RecordMapping(Mapping):
 class LayerPlan(_RecordMapping):
     """One layer's plan, as its owner rank shares it: the swaps, the predicted one-way all-to-all ms and chosen
     ``hd<d>`` before and after, the placement after (``expert_to_rank`` / ``expert_to_slot``, ``E`` each) and the
-    ``G`` weighted (token, expert) pairs each rank's experts process under the placement the plan started from."""
+    ``G`` weighted (token, expert) pairs each rank's experts process under the placement the plan started from;
+    the predicted ms its migration takes; and, when the layer's previous plan moved experts, the one-way ms of the
+    placement before and after that plan on the routing seen since (``realised_ms_before`` / ``_after``, else None)."""
 
     swaps: tuple[tuple[int, int], ...]
     predicted_ms_before: float
@@ -67,37 +69,60 @@ class LayerPlan(_RecordMapping):
     expert_to_rank: tuple[int, ...]
     expert_to_slot: tuple[int, ...]
     load: tuple[float, ...]
+    migration_ms: float = 0.0
+    realised_ms_before: float | None = None
+    realised_ms_after: float | None = None
 
     @classmethod
-    def of(cls, plan: SwapPlan, load: torch.Tensor) -> "LayerPlan":
-        """From a planner's :class:`SwapPlan` and the ``[G]`` load per rank."""
+    def of(cls, plan: SwapPlan, load: torch.Tensor, migration_ms: float = 0.0,
+           realised: tuple[float, float] | None = None) -> "LayerPlan":
+        """From a planner's :class:`SwapPlan`, the ``[G]`` load per rank, the plan's migration ms and the previous
+        plan's realised ``(ms before, ms after)``."""
         after = plan.placement_after
         return cls(swaps=tuple((int(a), int(b)) for a, b in plan.swaps),
                    predicted_ms_before=float(plan.predicted_ms_before),
                    predicted_ms_after=float(plan.predicted_ms_after),
                    chosen_before=str(plan.chosen_before), chosen_after=str(plan.chosen_after),
                    expert_to_rank=tuple(after.expert_to_rank.tolist()),
-                   expert_to_slot=tuple(after.expert_to_slot.tolist()), load=tuple(load.tolist()))
+                   expert_to_slot=tuple(after.expert_to_slot.tolist()), load=tuple(load.tolist()),
+                   migration_ms=float(migration_ms),
+                   realised_ms_before=None if realised is None else float(realised[0]),
+                   realised_ms_after=None if realised is None else float(realised[1]))
+
+    def kept_nothing(self, current: Placement) -> "LayerPlan":
+        """This plan with its swaps dropped (the pay-off gate refused them): it stays on ``current``, the placement
+        it started from."""
+        return replace(self, swaps=(), predicted_ms_after=self.predicted_ms_before, chosen_after=self.chosen_before,
+                       migration_ms=0.0, expert_to_rank=tuple(current.expert_to_rank.tolist()),
+                       expert_to_slot=tuple(current.expert_to_slot.tolist()))
 
     def placement(self, world_size: int) -> Placement:
         """The placement after the plan."""
         return Placement(torch.tensor(self.expert_to_rank, dtype=torch.long),
                          torch.tensor(self.expert_to_slot, dtype=torch.long), world_size)
 
-    def record(self, step: int, layer: int, name: str) -> "PlanRecord":
-        """The history entry of this plan, made at optimizer step ``step`` for layer ``layer`` (``name``)."""
+    def record(self, step: int, layer: int, name: str, *, applied_step: int | None = None,
+               planning_seconds: float = 0.0, refused_swaps: int = 0) -> "PlanRecord":
+        """The history entry of this plan, made at optimizer step ``step`` for layer ``layer`` (``name``) and applied
+        after step ``applied_step`` (default ``step``)."""
         return PlanRecord(step=step, layer=layer, name=name, swaps=self.swaps,
                           predicted_ms_before=self.predicted_ms_before, predicted_ms_after=self.predicted_ms_after,
                           chosen_before=self.chosen_before, chosen_after=self.chosen_after,
-                          placement_after=self.expert_to_rank)
+                          placement_after=self.expert_to_rank,
+                          applied_step=step if applied_step is None else int(applied_step),
+                          migration_ms=self.migration_ms, planning_seconds=float(planning_seconds),
+                          refused_swaps=int(refused_swaps))
 
 
 @dataclass(frozen=True, eq=True)
 class PlanRecord(_RecordMapping):
     """One plan of one layer in ``HierMoECallback.history``: the optimizer step, the layer's index and name, the
-    swaps, the predicted one-way all-to-all ms and chosen ``hd<d>`` before and after, and the rank of each expert
-    after the plan. :meth:`to_dict` / :meth:`from_dict` are the JSON form (checkpoints, the placement history file);
-    ``record["swaps"]`` reads it too."""
+    swaps, the predicted one-way all-to-all ms and chosen ``hd<d>`` before and after, the rank of each expert
+    after the plan, the optimizer step after which it was applied (later than ``step`` when planned in the
+    background), its predicted migration ms, the seconds its planning cost (CPU time in the background, wall time
+    when the step waited), and how many swaps the planner proposed that the pay-off gate refused.
+    :meth:`to_dict` / :meth:`from_dict` are the JSON form (checkpoints, the placement history file); ``record["swaps"]``
+    reads it too."""
 
     step: int
     layer: int
@@ -108,6 +133,10 @@ class PlanRecord(_RecordMapping):
     chosen_before: str
     chosen_after: str
     placement_after: tuple[int, ...]
+    applied_step: int = -1
+    migration_ms: float = 0.0
+    planning_seconds: float = 0.0
+    refused_swaps: int = 0
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> "PlanRecord":
@@ -116,4 +145,8 @@ class PlanRecord(_RecordMapping):
                    swaps=tuple(tuple(s) for s in entry["swaps"]),
                    predicted_ms_before=entry["predicted_ms_before"], predicted_ms_after=entry["predicted_ms_after"],
                    chosen_before=entry["chosen_before"], chosen_after=entry["chosen_after"],
-                   placement_after=tuple(entry["placement_after"]))
+                   placement_after=tuple(entry["placement_after"]),
+                   applied_step=int(entry.get("applied_step", entry["step"])),
+                   migration_ms=float(entry.get("migration_ms", 0.0)),
+                   planning_seconds=float(entry.get("planning_seconds", 0.0)),
+                   refused_swaps=int(entry.get("refused_swaps", 0)))

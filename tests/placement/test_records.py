@@ -1,5 +1,7 @@
-"""Typed plan records: frozen, read-only Mapping access in the JSON form, and the JSON the string-keyed dicts they
-replace wrote (checkpoints and the placement history file stay byte for byte the same)."""
+"""Typed plan records: frozen, read-only Mapping access in the JSON form; the JSON the string-keyed dicts they
+replace wrote still loads, and is written back with the same values plus the fields added since (when a plan was
+applied, its migration and planning cost, the swaps the pay-off gate refused), which default to "applied at once,
+free, nothing refused"."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from hiermoe_lightning.placement.records import LayerPlan, PlanRecord
 OLD_ENTRY = {"step": 4, "layer": 1, "name": "blocks.1.moe", "swaps": [[0, 5], [2, 7]],
              "predicted_ms_before": 0.7360083199999999, "predicted_ms_after": 0.734768,
              "chosen_before": "hd1", "chosen_after": "hd2", "placement_after": [2, 0, 3, 1, 2, 0, 3, 1]}
+ADDED = {"applied_step": 4, "migration_ms": 0.0, "planning_seconds": 0.0, "refused_swaps": 0}  # OLD_ENTRY's defaults
+NEW_ENTRY = {**OLD_ENTRY, **ADDED}
 
 
 def _plan() -> SwapPlan:
@@ -29,15 +33,18 @@ def _plan() -> SwapPlan:
 def test_plan_record_json_form_equals_the_old_dicts():
     record = PlanRecord.from_dict(OLD_ENTRY)
     assert record.swaps == ((0, 5), (2, 7)) and record.placement_after == (2, 0, 3, 1, 2, 0, 3, 1)
-    assert json.dumps(record.to_dict()) == json.dumps(OLD_ENTRY)
-    assert json.dumps([PlanRecord.from_dict(e).to_dict() for e in json.loads(json.dumps([OLD_ENTRY] * 2))]) == \
-        json.dumps([OLD_ENTRY] * 2)
+    assert json.dumps(record.to_dict()) == json.dumps(NEW_ENTRY)  # the old keys first, in their order
+    assert json.dumps([PlanRecord.from_dict(e).to_dict() for e in json.loads(json.dumps([NEW_ENTRY] * 2))]) == \
+        json.dumps([NEW_ENTRY] * 2)
+    later = PlanRecord.from_dict({**OLD_ENTRY, "applied_step": 6, "migration_ms": 1.5, "planning_seconds": 0.25,
+                                  "refused_swaps": 3})
+    assert (later.applied_step, later.migration_ms, later.planning_seconds, later.refused_swaps) == (6, 1.5, 0.25, 3)
 
 
 def test_plan_record_reads_like_the_old_dict_and_is_frozen():
     record = PlanRecord.from_dict(OLD_ENTRY)
     assert record["swaps"] == [[0, 5], [2, 7]] and record["step"] == 4 and record.get("name") == "blocks.1.moe"
-    assert list(record.keys()) == list(OLD_ENTRY) and dict(record) == OLD_ENTRY and len(record) == 9
+    assert list(record.keys()) == list(NEW_ENTRY) and dict(record) == NEW_ENTRY and len(record) == 13
     assert "swaps" in record and "seconds" not in record and record.get("seconds") is None
     with pytest.raises(KeyError):
         record["seconds"]
@@ -54,5 +61,13 @@ def test_layer_plan_from_a_swap_plan_and_its_record():
     assert shared["expert_to_rank"] == plan.placement_after.expert_to_rank.tolist()
     assert shared.placement(4) == plan.placement_after  # slots too
     assert pickle.loads(pickle.dumps(shared)) == shared
+    assert shared.migration_ms == 0.0 and shared.realised_ms_before is None
     record = shared.record(4, 1, "blocks.1.moe")
-    assert record.to_dict() == OLD_ENTRY
+    assert record.to_dict() == NEW_ENTRY
+    priced = LayerPlan.of(plan, torch.zeros(4), migration_ms=2.5, realised=(1.0, 0.75))
+    assert (priced.migration_ms, priced.realised_ms_before, priced.realised_ms_after) == (2.5, 1.0, 0.75)
+    late = priced.record(4, 1, "blocks.1.moe", applied_step=6, planning_seconds=0.5, refused_swaps=1)
+    assert (late.applied_step, late.migration_ms, late.planning_seconds, late.refused_swaps) == (6, 2.5, 0.5, 1)
+    refused = priced.kept_nothing(plan.placement_before)
+    assert refused.swaps == () and refused.placement(4) == plan.placement_before
+    assert refused.predicted_ms_after == refused.predicted_ms_before and refused.migration_ms == 0.0
