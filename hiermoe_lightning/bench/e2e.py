@@ -30,6 +30,21 @@ Traffic: every variant runs a :class:`~hiermoe_lightning.metrics.DedupMonitor` (
 rows again, not counted) against ``flat_bytes_by_level`` (what a flat dispatch would have moved for the same
 routing), ``dedup_saving`` and, with swaps, ``swaps`` / ``plan_seconds`` / ``migration_seconds``.
 
+Clustered routing (``--router-clusters C``, ``--router-cluster-strength S``; ``moegpt`` only): the MoEGPT is built with
+``router_clusters=C, router_cluster_strength=S`` (:mod:`~hiermoe_lightning.models.clustered_routing`), so tokens route
+mostly inside one of ``C`` interleaved expert clusters (expert ``e`` in cluster ``e % C``), a stand-in for the
+co-activation of trained MoE routers; a fresh router routes near uniformly and swaps cannot gain on it. The report's
+``router_clustering`` (and a header line) holds ``C``, ``S``, the chance level and the measured within-cluster share
+(:func:`~hiermoe_lightning.models.clustered_routing.within_cluster_share` of every layer's top-k on each rank's batch)
+at the first training step and at the last, mean over layers and ranks (and over variants; each variant's own values
+are in its result, ``within_cluster_share``).
+
+Plan steps (``auto+swaps``): the timer records the ``trainer.global_step`` of every timed step and reads the swap
+callback's ``plan_started_steps`` / ``plan_applied_steps`` (empty when the callback does not keep them); a timed step
+whose global step is in either list is a plan step. The variant's result gets ``step_ran_plan`` (one flag per entry of
+``step_ms``), the median repeat's ``plan_started_steps`` / ``plan_applied_steps``, and ``step_ms_median_plan_steps``
+/ ``step_ms_median_other_steps`` (None when there are no such steps).
+
 ``--repeats R`` trains every variant R times, round robin (round ``i`` starts with the ``i``-th variant), and
 reports the median repeat's tokens/s (``tokens_per_s_repeats`` holds them all): on a shared machine the load of
 other processes easily moves one run by 10-20 %. ``--link-costs calibrate`` first measures the link costs of these
@@ -123,6 +138,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=8,
                    help="experts per token (default 8, as in Qwen3-30B-A3B and DeepSeek-V3)")
     p.add_argument("--num-layers", type=int, default=2, help="transformer blocks, each with an MoE FFN (default 2)")
+    p.add_argument("--router-clusters", type=int, default=0, metavar="C",
+                   help="moegpt only: clustered routing (MoEGPT router_clusters): every MoE layer's gate makes the "
+                        "experts e with the same e %% C co-activate, as trained routers do, so swaps have clusters "
+                        "to gather; C must divide --num-experts; 0 = the usual near-uniform init (default 0)")
+    p.add_argument("--router-cluster-strength", type=float, default=None, metavar="S",
+                   help=f"with --router-clusters: MoEGPT router_cluster_strength, the cluster term's norm relative "
+                        f"to a gate row's (0 = no clustering; default {_default_strength():g}, MoEGPT's)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank and step (default 8)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant (default 20)")
@@ -164,6 +186,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 _int = int_flag  # shared validator (cli/flags.py)
+
+
+def _default_strength() -> float:
+    """MoEGPT's default ``router_cluster_strength``."""
+    from ..models.clustered_routing import DEFAULT_STRENGTH
+
+    return DEFAULT_STRENGTH
 
 
 def _number(value: object, flag: str, low: float, high: float | None = None, strict: bool = False) -> float:
@@ -213,9 +242,34 @@ def default_ffn_hidden_size(hidden_size: int) -> int:
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
     ffn = args.ffn_hidden_size or default_ffn_hidden_size(args.hidden_size)
-    return dict(vocab_size=256, seq_len=args.seq_len, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                num_heads=args.num_heads, ffn_hidden_size=ffn,
-                num_experts=args.num_experts, top_k=args.top_k, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+    kwargs = dict(vocab_size=256, seq_len=args.seq_len, num_layers=args.num_layers, hidden_size=args.hidden_size,
+                  num_heads=args.num_heads, ffn_hidden_size=ffn,
+                  num_experts=args.num_experts, top_k=args.top_k, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+    clusters = getattr(args, "router_clusters", 0)
+    if clusters:  # only then: the model's keyword arguments (and the report's "model") are unchanged otherwise
+        strength = getattr(args, "router_cluster_strength", None)
+        kwargs.update(router_clusters=clusters,
+                      router_cluster_strength=_default_strength() if strength is None else float(strength))
+    return kwargs
+
+
+def _check_router_clusters(args: argparse.Namespace, model_name: str) -> None:
+    """``--router-clusters`` / ``--router-cluster-strength``: moegpt only, C a divisor of --num-experts (<= the
+    hidden size), S >= 0 and only with C > 0. Errors name the flag."""
+    from ..models.clustered_routing import check_clusters
+
+    clusters = getattr(args, "router_clusters", 0)
+    strength = getattr(args, "router_cluster_strength", None)
+    _int(clusters, "--router-clusters", 0)
+    if strength is not None:
+        _number(strength, "--router-cluster-strength", 0.0)
+        if not clusters:
+            raise ValueError("--router-cluster-strength needs --router-clusters C (C >= 1)")
+    if clusters and model_name != MOEGPT:
+        raise ValueError(f"--router-clusters applies to --model {MOEGPT} only (MoEGPT's router_clusters), got "
+                         f"--model {model_name}")
+    if clusters:
+        check_clusters(clusters, args.num_experts, "--router-clusters", allow_zero=True, hidden_size=args.hidden_size)
 
 
 @dataclass(frozen=True)
@@ -272,6 +326,7 @@ def _resolve(args: argparse.Namespace) -> E2EConfig:
     if args.ffn_hidden_size is not None:
         _int(args.ffn_hidden_size, "--ffn-hidden-size", 1)
     model_name = getattr(args, "model", MOEGPT)
+    _check_router_clusters(args, model_name)
     if model_name == MOEGPT and args.top_k > args.num_experts:
         raise ValueError(f"--top-k ({args.top_k}) must be <= --num-experts ({args.num_experts})")
     if model_name == MOEGPT and args.num_experts % world:
@@ -448,7 +503,20 @@ def _quiet_child() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def _make_timer(warmup: int, monitor):
+def _cluster_share(pl_module, clusters: int) -> float:
+    """Mean over this rank's MoE layers of the within-cluster share of their last forward's top-k (nan: none)."""
+    from ..checkpoint import moe_layers
+    from ..models.clustered_routing import within_cluster_share
+
+    shares = [within_cluster_share(m.last_expert_ids, clusters) for m in moe_layers(pl_module).values()
+              if m.last_expert_ids is not None and bool((m.last_expert_ids >= 0).any())]
+    return sum(shares) / len(shares) if shares else float("nan")
+
+
+def _make_timer(warmup: int, monitor, clusters: int = 0, track_plans: bool = False):
+    """The step timer of one rank. ``clusters > 0``: also the within-cluster share of the routing at the first and
+    the last training step (mean over layers and ranks). ``track_plans``: also which timed steps ran a swap plan
+    (``monitor.plan_started_steps`` / ``plan_applied_steps``, read with a default: empty without them)."""
     import lightning.pytorch as pl
 
     class _StepTimer(pl.Callback):
@@ -457,6 +525,8 @@ def _make_timer(warmup: int, monitor):
         def __init__(self):
             self.stamps: list[float] = []
             self.losses: list[float] = []
+            self.global_steps: list[int] = []  # trainer.global_step after each batch (stamps[1:])
+            self.first_share = float("nan")  # within-cluster share of the first step's routing (clusters > 0)
             self.snapshot = None
             self.result: dict | None = None
 
@@ -475,6 +545,9 @@ def _make_timer(warmup: int, monitor):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if isinstance(outputs, dict) and "loss" in outputs:
                 self.losses.append(float(outputs["loss"]))
+            self.global_steps.append(int(trainer.global_step))
+            if clusters and len(self.global_steps) == 1:  # the first step's routing (the last: on_train_end)
+                self.first_share = _cluster_share(pl_module, clusters)
             dist.barrier()
             self.stamps.append(time.perf_counter())
             if len(self.stamps) - 1 == warmup:
@@ -507,7 +580,22 @@ def _make_timer(warmup: int, monitor):
                 last = [h for h in history if h.step == plan_steps[-1]]
                 plans["predicted_ms_before_first"] = sum(h.predicted_ms_before for h in first)
                 plans["predicted_ms_after_last"] = sum(h.predicted_ms_after for h in last)
+            extra = {}
+            if clusters:
+                # the layers still hold the last training step's routing (no validation runs)
+                shares = torch.tensor([self.first_share, _cluster_share(pl_module, clusters)], dtype=torch.float64)
+                dist.all_reduce(shares)
+                shares /= dist.get_world_size()
+                extra["within_cluster_share"] = {"first": float(shares[0]), "last": float(shares[1])}
+            if track_plans:
+                started = sorted(int(s) for s in getattr(monitor, "plan_started_steps", []))
+                applied = sorted(int(s) for s in getattr(monitor, "plan_applied_steps", []))
+                ran = set(started) | set(applied)
+                timed = self.global_steps[warmup:]  # the global step of each timed step, as step_seconds
+                extra.update(plan_started_steps=started, plan_applied_steps=applied, timed_global_steps=timed,
+                             timed_plan_flags=[g in ran for g in timed])
             self.result = {
+                **extra,
                 "plans": plans,
                 "step_seconds": steps.tolist(), "elapsed_s": float(elapsed), "losses": losses.tolist(),
                 "sent": diff(sent, sent0), "flat": diff(flat, flat0), "swaps": swaps - swaps0,
@@ -554,7 +642,8 @@ def _rank_fn(rank: int, world: int, cfg: E2EConfig, variant: str) -> dict:
                                   charge_migration=cfg.charge_migration, print_summary=False, save_plots=False)
     else:
         monitor = DedupMonitor(print_summary=False)
-    timer = _make_timer(cfg.warmup, monitor)
+    clusters = int(cfg.model.get("router_clusters", 0) or 0) if cfg.model_class == MOEGPT_CLASS else 0
+    timer = _make_timer(cfg.warmup, monitor, clusters=clusters, track_plans=swaps)
     strategy = HierMoEStrategy(**{**dict(topology=str(cfg.topology), dispatch=dispatch, link_costs=cfg.link_costs,
                                          auto_interval=cfg.auto_interval, pipeline_chunks=cfg.pipeline_chunks,
                                          overlap_chunks=cfg.overlap_chunks, shared_memory=cfg.shared_memory),
@@ -598,6 +687,17 @@ def _summarise(runs: list[dict], tokens_per_step: int, steps: int, num_levels: i
     sent = raw["sent"] or [0.0] * num_levels
     flat = raw["flat"] or [0.0] * num_levels
     step_ms = [s * 1e3 for r in runs for s in r["step_seconds"]]
+    extra = {}
+    if all("timed_plan_flags" in r for r in runs):  # a variant with swaps: which timed steps ran a plan
+        flags = [bool(f) for r in runs for f in r["timed_plan_flags"]]
+        plan_ms = [ms for ms, f in zip(step_ms, flags) if f]
+        other_ms = [ms for ms, f in zip(step_ms, flags) if not f]
+        extra.update(step_ran_plan=flags, plan_started_steps=raw["plan_started_steps"],
+                     plan_applied_steps=raw["plan_applied_steps"],
+                     step_ms_median_plan_steps=statistics.median(plan_ms) if plan_ms else None,
+                     step_ms_median_other_steps=statistics.median(other_ms) if other_ms else None)
+    if "within_cluster_share" in raw:
+        extra["within_cluster_share"] = raw["within_cluster_share"]
     return {
         "tokens_per_s": statistics.median(rates),
         "step_ms_median": statistics.median(step_ms),
@@ -617,6 +717,7 @@ def _summarise(runs: list[dict], tokens_per_step: int, steps: int, num_levels: i
         "loss_first": raw["losses"][0] if raw["losses"] else None,
         "loss_last": raw["losses"][-1] if raw["losses"] else None,
         "step_ms": step_ms,
+        **extra,
     }
 
 
@@ -677,6 +778,8 @@ def run(args: argparse.Namespace, cfg: E2EConfig | None = None) -> dict:
         "bytes_note": BYTES_NOTE,
         "cpu_count": os.cpu_count(),
     }
+    if cfg.model_class == MOEGPT_CLASS and cfg.model.get("router_clusters"):
+        report["router_clustering"] = _router_clustering(cfg.model, results)
     if args.swaps:
         report["swaps"] = {"plan_every_n_steps": args.plan_every_n_steps,
                            "max_swaps_per_plan": args.max_swaps_per_plan,
@@ -686,6 +789,24 @@ def run(args: argparse.Namespace, cfg: E2EConfig | None = None) -> dict:
                                "num_nodes": topology.sizes[0], "ranks_per_node": world // topology.sizes[0],
                                "link": "each node's namespace <-> hub bridge, tbf rate limit on both directions"}
     return report
+
+
+def _router_clustering(model: dict, results: dict) -> dict:
+    """The report's ``router_clustering``: C, S, the chance share of uniform routing and the measured within-cluster
+    share at the first and last step (mean over the variants of their means over layers and ranks)."""
+    from ..models.clustered_routing import chance_within_cluster_share
+
+    def mean(key: str) -> float | None:
+        values = [r["within_cluster_share"][key] for r in results.values() if "within_cluster_share" in r]
+        return sum(values) / len(values) if values else None
+
+    clusters = int(model["router_clusters"])
+    return {"clusters": clusters, "strength": float(model["router_cluster_strength"]),
+            "assignment": "interleaved: expert e in cluster e % clusters",
+            "chance_share": chance_within_cluster_share(model["num_experts"], model["top_k"], clusters),
+            "within_cluster_share_first": mean("first"), "within_cluster_share_last": mean("last"),
+            "share_note": "share of a token's (token, expert) pairs in the cluster holding most of them, "
+                          "mean over MoE layers and ranks, at the first training step and the last"}
 
 
 def _describe_model(report: dict) -> str:
@@ -712,6 +833,16 @@ def format_report(report: dict) -> str:
             + (f", {report['pipeline_chunks']} pipeline chunks" if report.get("pipeline_chunks", 1) != 1 else "")
             + (f", {report['overlap_chunks']} overlap chunks" if report.get("overlap_chunks", 1) != 1 else "")
             + ("" if report.get("shared_memory", True) else ", no shared memory"))
+    if "router_clustering" in report:
+        rc = report["router_clustering"]
+
+        def share(v):
+            return "?" if v is None or v != v else f"{100 * v:.1f}%"
+
+        head += (f"\nrouting clustered: {rc['clusters']} interleaved expert clusters, strength {rc['strength']:g}; "
+                 f"within-cluster share {share(rc['within_cluster_share_first'])} at the first step, "
+                 f"{share(rc['within_cluster_share_last'])} at the last (mean over layers and ranks; uniform "
+                 f"routing: {share(rc['chance_share'])})")
     if "emulation" in report:
         em = report["emulation"]
         head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "
@@ -740,9 +871,25 @@ def format_report(report: dict) -> str:
         sw = report["swaps"]
         foot.append(f"{SWAPS_VARIANT}: HierMoECallback plans every {sw['plan_every_n_steps']} steps, "
                     f"<= {sw['max_swaps_per_plan']} swaps per layer and plan (planning + migration inside the timing)")
+        r = results.get(SWAPS_VARIANT)
+        if r is not None and "step_ran_plan" in r:
+            foot.append(_plan_step_line(r))
     foot.append("L<i> MiB: forward dispatch+combine payload over level-i links, all ranks and timed steps; "
                 "loss: mean over ranks at the last step")
     return "\n".join([head, "", *lines, "", *foot])
+
+
+def _plan_step_line(r: dict) -> str:
+    """One line: the median step time of the timed steps that started or applied a swap plan, and of the others."""
+    n_plan = sum(r["step_ran_plan"])
+    n_other = len(r["step_ran_plan"]) - n_plan
+    if not n_plan:
+        return (f"{SWAPS_VARIANT}: no timed step started or applied a plan (the callback records none: "
+                f"plan_started_steps / plan_applied_steps empty); median step {r['step_ms_median']:.1f} ms")
+    other = (f"{r['step_ms_median_other_steps']:.1f} ms on the other {n_other}" if n_other
+             else "no other timed step")
+    return (f"{SWAPS_VARIANT}: median step {r['step_ms_median_plan_steps']:.1f} ms on the {n_plan} timed steps that "
+            f"started or applied a plan, {other}")
 
 
 def main(args: argparse.Namespace) -> int:

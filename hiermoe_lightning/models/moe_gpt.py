@@ -35,6 +35,7 @@ from ..balancing import update_routing_biases
 from ..experts import SwiGLU, derive_seed
 from ..layer import MoELayer
 from ..validation import check_choice, check_int, check_number
+from .clustered_routing import DEFAULT_STRENGTH, ClusteredMoELayer, check_clusters, layer_cluster_seed
 from .lm_metrics import TokenMetrics
 from .optim import OPTIMIZERS, make_optimizer
 
@@ -181,6 +182,13 @@ class MoEGPT(pl.LightningModule):
     (``dense_ffn_hidden_size``, default ``ffn_hidden_size * top_k``: the routed FFN width a token activates), as in
     DeepSeek-V3. With ``bias_update_rate > 0`` the model runs the aux-loss-free bias update of every MoE layer after
     each training batch (token counts summed over the default process group when one exists).
+
+    ``router_clusters`` (0: off, the usual init) gives every MoE layer a clustered gate
+    (:mod:`~hiermoe_lightning.models.clustered_routing`): experts ``e`` with the same ``e % router_clusters`` share a
+    gate direction of norm ``router_cluster_strength`` (relative to the ~1 norm of a normally initialised gate row),
+    so tokens route mostly inside one cluster, as trained MoE routers co-activate experts in clusters. MoE layer ``j``
+    (counted without the dense blocks) gets ``layer_cluster_seed(seed, j)``: the same gates as
+    ``cluster_routers_(MoEGPT(seed=seed), router_clusters, router_cluster_strength, seed)``, on meta too.
     """
 
     def __init__(
@@ -211,6 +219,8 @@ class MoEGPT(pl.LightningModule):
         shared_ffn_hidden_size: int | None = None,
         dense_ffn_hidden_size: int | None = None,
         drop_policy: str = "probs",
+        router_clusters: int = 0,
+        router_cluster_strength: float = DEFAULT_STRENGTH,
     ):
         super().__init__()
         for name, value, minimum in (
@@ -230,6 +240,9 @@ class MoEGPT(pl.LightningModule):
         check_number(momentum, "momentum", low=0.0)
         if dense_ffn_hidden_size is not None:
             check_int(dense_ffn_hidden_size, "dense_ffn_hidden_size", 1)
+        check_int(num_experts, "num_experts", 1)
+        check_clusters(router_clusters, num_experts, "router_clusters", allow_zero=True, hidden_size=hidden_size)
+        check_number(router_cluster_strength, "router_cluster_strength", low=0.0)
         self.save_hyperparameters()
         self._init_seed = seed  # reset_parameters' seed (hparams can be edited or absent in a subclass)
 
@@ -242,12 +255,16 @@ class MoEGPT(pl.LightningModule):
                 ffn: nn.Module = DenseSwiGLU(hidden_size, dense_ffn_hidden_size or ffn_hidden_size * top_k,
                                              seed=derive_seed(seed, "dense", i) % (2**31))
             else:
-                ffn = MoELayer(
+                # router_clusters > 0: the same layer with a clustered gate (clustered_routing.py), also when built
+                # on meta (the layer clusters its gate when materialize_ gives it storage)
+                clustered = dict(router_clusters=router_clusters, router_cluster_strength=router_cluster_strength,
+                                 router_cluster_seed=layer_cluster_seed(seed, i - dense_layers))
+                ffn = (ClusteredMoELayer if router_clusters else MoELayer)(
                     hidden_size, ffn_hidden_size, num_experts, top_k, seed=derive_seed(seed, "moe", i) % (2**31),
                     score_func=score_func, norm_topk_prob=norm_topk_prob, num_expert_groups=num_expert_groups,
                     topk_groups=topk_groups, aux_loss_coef=aux_loss_coef, bias_update_rate=bias_update_rate,
                     num_shared_experts=num_shared_experts, shared_ffn_hidden_size=shared_ffn_hidden_size,
-                    capacity_factor=capacity_factor, drop_policy=drop_policy,
+                    capacity_factor=capacity_factor, drop_policy=drop_policy, **(clustered if router_clusters else {}),
                 )
             blocks.append(Block(attn, ffn, hidden_size))
         self.blocks = nn.ModuleList(blocks)

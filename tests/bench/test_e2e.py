@@ -206,3 +206,77 @@ def test_model_yaml_needs_a_model_section_with_moe_layers(tmp_path):
                    + json.dumps(dict(e2e.HF_QWEN3_MOE_TINY, num_experts=6)) + "\n")
     with pytest.raises(ValueError, match="6 experts, not divisible by the 4 ranks"):
         e2e.run(parse([*HF_TINY, "--model", str(odd)]))
+
+
+# ---------------------------------------------------------------------------------------------- clustered routing
+def test_router_cluster_flags_reach_moegpt():
+    assert parse([]).router_clusters == 0 and parse([]).router_cluster_strength is None
+    assert "router_clusters" not in e2e._model_kwargs(parse([]))  # off: MoEGPT's keyword arguments as before
+    from hiermoe_lightning.models.clustered_routing import DEFAULT_STRENGTH
+
+    kwargs = e2e._model_kwargs(parse(["--router-clusters", "2"]))
+    assert (kwargs["router_clusters"], kwargs["router_cluster_strength"]) == (2, DEFAULT_STRENGTH)
+    kwargs = e2e._model_kwargs(parse(["--router-clusters", "4", "--router-cluster-strength", "1.5"]))
+    assert (kwargs["router_clusters"], kwargs["router_cluster_strength"]) == (4, 1.5)
+    from hiermoe_lightning.models import MoEGPT
+
+    model = MoEGPT(**{**kwargs, "num_layers": 1, "hidden_size": 32, "num_heads": 2})
+    assert model.hparams.router_clusters == 4 and model.hparams.router_cluster_strength == 1.5
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--router-clusters", "3"], r"--router-clusters must be 0 \(off\) or a divisor of num_experts \(8\)"),
+    (["--router-clusters", "-1"], "--router-clusters"),
+    (["--router-cluster-strength", "2"], "--router-cluster-strength needs --router-clusters"),
+    (["--router-clusters", "2", "--router-cluster-strength", "-1"], "--router-cluster-strength"),
+    (["--router-clusters", "2", "--model", "hf-qwen3-moe-tiny"], "--router-clusters applies to --model moegpt only"),
+])
+def test_bad_router_cluster_flags_fail_before_spawning(argv, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        e2e._resolve(parse([*TINY, *argv]))
+
+
+def _raw_run(flags: list[bool], **extra) -> dict:
+    """One repeat's rank-0 result as the step timer returns it (a swaps variant: with the plan-step fields)."""
+    return {"elapsed_s": 1.0, "step_seconds": [0.1 if f else 0.01 for f in flags], "sent": [1.0, 1.0],
+            "flat": [2.0, 1.0], "swaps": 1, "plan_seconds": 0.0, "migration_seconds": 0.0, "plans": {"count": 1},
+            "dispatch_resolved": ["hd2"], "losses": [3.0, 2.0], "plan_started_steps": [2], "plan_applied_steps": [3],
+            "timed_global_steps": [2, 3, 4][:len(flags)], "timed_plan_flags": flags, **extra}
+
+
+def test_plan_steps_split_the_step_times():
+    r = e2e._summarise([_raw_run([True, True, False]), _raw_run([True, True, False])], tokens_per_step=10, steps=3,
+                       num_levels=2)
+    assert r["step_ran_plan"] == [True, True, False] * 2 and len(r["step_ms"]) == 6
+    assert r["step_ms_median_plan_steps"] == pytest.approx(100.0)
+    assert r["step_ms_median_other_steps"] == pytest.approx(10.0)
+    assert r["plan_started_steps"] == [2] and r["plan_applied_steps"] == [3]
+    assert "100.0 ms on the 4 timed steps that started or applied a plan, 10.0 ms on the other 2" in \
+        e2e._plan_step_line(r)
+    empty = e2e._summarise([_raw_run([False, False, False])], 10, 3, 2)  # a callback that keeps no plan steps
+    assert empty["step_ms_median_plan_steps"] is None and empty["step_ms_median_other_steps"] == pytest.approx(10.0)
+    assert "no timed step started or applied a plan" in e2e._plan_step_line(empty)
+    no_swaps = {k: v for k, v in _raw_run([False]).items() if not k.startswith(("timed_", "plan_started",
+                                                                                 "plan_applied"))}
+    assert not {"step_ran_plan", "step_ms_median_plan_steps"} & set(e2e._summarise([no_swaps], 10, 1, 2))
+
+
+def test_report_says_the_routing_is_clustered():
+    shares = {"auto": {"first": 0.80, "last": 0.90}, e2e.SWAPS_VARIANT: {"first": 0.82, "last": 0.86}}
+    results = {name: e2e._summarise([_raw_run([True, False], within_cluster_share=share)], 10, 2, 2)
+               for name, share in shares.items()}
+    model = e2e._model_kwargs(parse(["--router-clusters", "2", "--router-cluster-strength", "4"]))
+    rc = e2e._router_clustering(model, results)
+    assert rc["clusters"] == 2 and rc["strength"] == 4.0 and rc["chance_share"] == pytest.approx(0.5952, abs=1e-4)
+    assert rc["within_cluster_share_first"] == pytest.approx(0.81)
+    assert rc["within_cluster_share_last"] == pytest.approx(0.88)
+    report = {"topology": "2x2", "world_size": 4, "model": model, "model_name": "moegpt", "seq_len": 128,
+              "batch_size_per_rank": 8, "tokens_per_step": 4096, "steps": 2, "warmup_steps": 1, "results": results,
+              "link_costs": "paper-a6000", "auto_interval": 50, "router_clustering": rc,
+              "swaps": {"plan_every_n_steps": 1, "max_swaps_per_plan": 4, "charge_migration": True}}
+    text = e2e.format_report(report)
+    assert ("routing clustered: 2 interleaved expert clusters, strength 4; within-cluster share 81.0% at the first "
+            "step, 88.0% at the last") in text
+    assert "auto+swaps: median step 100.0 ms on the 1 timed steps that started or applied a plan, 10.0 ms on the " \
+           "other 1" in text
+    json.dumps(report)
