@@ -4,7 +4,10 @@
 :class:`PlanningJob` (the planner is a pure function of the snapshot), keeps training, and collects the result at a
 later, fixed step boundary. The job's torch ops run on a single intra-op thread (``torch.set_num_threads`` is
 per-thread), so it takes one core at most and never the compute threads' pool; torch releases the GIL inside its ops,
-so the training thread keeps running. ``background=False`` runs the job inline (the step waits, as before).
+so the training thread keeps running. The thread also lowers its own scheduling priority (``nice`` 19, Linux
+threads have their own): where the cores are oversubscribed (ranks sharing a CPU) it runs in the time training
+leaves idle, waiting on the network, instead of slowing the ranks down. ``background=False`` runs the job inline
+(the step waits, as before).
 
 A job never raises into the thread: :meth:`PlanningJob.wait` returns ``(ok, result or "Type: message")`` so the
 caller can share a failure with the other ranks before raising it on every rank.
@@ -12,6 +15,7 @@ caller can share a failure with the other ranks before raising it on every rank.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -19,6 +23,17 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["PlanningJob"]
+
+BACKGROUND_NICE = 19  # the lowest priority: the planning thread runs when training leaves a core idle
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's priority (Linux: ``setpriority`` on its thread id applies to that thread alone);
+    where that is not possible the job simply runs at normal priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class PlanningJob:
@@ -42,6 +57,7 @@ class PlanningJob:
     def _run(self, threads: int | None = 1) -> None:
         if threads is not None:
             torch.set_num_threads(threads)  # this thread's pool only: the training threads keep theirs
+            _lower_priority()
         wall, cpu = time.perf_counter(), time.thread_time()
         try:
             self._outcome = (True, self._fn())
