@@ -393,9 +393,9 @@ class HierMoECallback(DedupMonitor):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
         self._complete_pending()  # the previous batch's sample, ingested before this batch's
-        if layers:
-            self._post_samples(layers)  # completed at the next batch end (or below, before a plan)
         step = trainer.global_step
+        if layers and self._sample_needed(step):
+            self._post_samples(layers)  # completed at the next batch end (or below, before a plan)
         if step == self._last_step:  # still inside a gradient-accumulation cycle
             return
         self._last_step = step
@@ -410,6 +410,18 @@ class HierMoECallback(DedupMonitor):
         pl_module.log("swaps", float(self.swaps_total), prog_bar=True, logger=False, rank_zero_only=True)
         for logger in trainer.loggers:
             logger.log_metrics({"hiermoe/swaps": float(self.swaps_total)}, step=step)
+
+    def _sample_needed(self, step: int) -> bool:
+        """Whether the batch ending optimizer step ``step`` can still be in the window at the next plan. The window
+        keeps the newest ``window_tokens_per_rank`` tokens per rank and every batch adds ``sample_tokens_per_rank``
+        (when a rank has that many), so only the last ``ceil(window / sample)`` steps before a plan reach it: the
+        earlier ones are not gathered at all (the same window, exactly; after a back-off most steps gather nothing).
+        A rule of the options and the schedule alone, so every rank posts the same gathers. Without swaps, and while
+        a plan is in flight (its verdict may shorten the interval): every batch."""
+        if not self.swap or self._inflight is not None:  # in flight: the next plan step is not known yet
+            return True
+        reach = -(-self.window_tokens_per_rank // self.sample_tokens_per_rank)
+        return step > self._next_plan_step - reach
 
     # ------------------------------------------------------------------ planning: start, beside training, finish
     def _lag(self) -> int:
