@@ -55,6 +55,12 @@ E2E = {f"{QWEN3}, 1000 Mbit/s": "bench_e2e_qwen3_1000.json",
        f"{TOP4}, 1000 Mbit/s, paper-a6000 costs (previous version)": "bench_e2e_1000.json",
        f"{TOP4}, loopback (no link limit), paper-a6000 costs (previous version)": "bench_e2e_loopback.json"}
 PLACEMENT = {"zipf:1.2": "placement_zipf1.2.json", "clusters:8": "placement_clusters8.json"}
+CLUSTERED = "clustered routing (32 experts, 2 clusters), top-8, expert FFN 96"
+SWAPS = {f"{QWEN3}, 1000 Mbit/s": "bench_e2e_swaps_qwen3_1000.json",
+         f"{QWEN3}, 200 Mbit/s": "bench_e2e_swaps_qwen3_200.json",
+         f"{TOP4}, 1000 Mbit/s": "bench_e2e_swaps_top4_1000.json",
+         f"{CLUSTERED}, 1000 Mbit/s, whole run": "bench_e2e_swaps_clustered_1000.json",
+         f"{CLUSTERED}, 1000 Mbit/s, after the first plan": "bench_e2e_swaps_clustered_steady_1000.json"}
 SIMULATE = "simulate_paper.json"
 
 # project targets (docs/benchmarks.md)
@@ -282,6 +288,32 @@ def table_e2e(results: str) -> str:
     return "\n".join(out)
 
 
+def table_swaps(results: str) -> str:
+    """``auto`` against ``auto+swaps`` per workload (issue 19): throughput, steps with and without a plan, swaps,
+    level-1 bytes, planning (CPU in the background) and migration time."""
+    out = ["| workload | auto tokens/s | auto+swaps tokens/s | ratio | plan steps / other steps ms | swaps | plans "
+           "| level-1 MiB auto → swaps | planning CPU s | statistics + waits s | migration s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, name in SWAPS.items():
+        d = load(results, name)
+        if d is None:
+            continue
+        a, w = d["results"]["auto"], d["results"]["auto+swaps"]
+
+        def tps(r):
+            reps = r.get("tokens_per_s_repeats") or [r["tokens_per_s"]]
+            return f"{r['tokens_per_s']:,.0f} ({min(reps):,.0f}-{max(reps):,.0f})" if len(reps) > 1 \
+                else f"{r['tokens_per_s']:,.0f}"
+        plan_ms, other_ms = w.get("step_ms_median_plan_steps"), w.get("step_ms_median_other_steps")
+        steps = f"{plan_ms:,.0f} / {other_ms:,.0f}" if plan_ms is not None and other_ms is not None else "-"
+        out.append(f"| {label} ({d['steps']} timed steps after {d['warmup_steps']}, {d.get('repeats', 1)} repeats) "
+                   f"| {tps(a)} | {tps(w)} | {w['tokens_per_s'] / a['tokens_per_s']:.3f}x | {steps} | {w['swaps']} "
+                   f"| {w.get('plans', {}).get('count', 0)} | {a['bytes_by_level']['level1'] / MIB:,.0f} → "
+                   f"{w['bytes_by_level']['level1'] / MIB:,.0f} | {w.get('plan_seconds', 0.0):.2f} "
+                   f"| {w.get('swap_critical_path_seconds', 0.0):.2f} | {w.get('migration_seconds', 0.0):.2f} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def table_simulate(results: str) -> str:
     d = load(results, SIMULATE)
     if d is None:
@@ -490,7 +522,8 @@ def main(argv=None) -> None:
     sections = [("comm on loopback", table_loopback), ("comm on the emulated network", table_emulated),
                 ("1000 Mbit/s repeated", table_repeats_1000), ("transport inside a node", table_transport),
                 ("pipeline chunks", table_pipeline), ("calibrated predicted / measured", table_calibrated),
-                ("end to end", table_e2e), ("paper-scale simulation", table_simulate),
+                ("end to end", table_e2e), ("swaps that pay", table_swaps),
+                ("paper-scale simulation", table_simulate),
                 ("placement", table_placement)]
     for title, fn in sections:
         print(f"## {title}\n")

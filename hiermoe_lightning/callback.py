@@ -176,6 +176,7 @@ class HierMoECallback(DedupMonitor):
         self.recent: dict[str, RoutingWindow] = {}  # routing since the last plan that moved experts
         self.realised: list[dict] = []  # one entry per judged plan: predicted vs realised saving and net gain
         self.blocked_seconds = 0.0  # time training steps waited for planning, sharing plans and applying them
+        self.stats_seconds = 0.0  # time training steps spent sampling, gathering and ingesting routing statistics
         self.plan_started_steps: list[int] = []
         self.plan_applied_steps: list[int] = []
         self.windows: dict[str, RoutingWindow] = {}
@@ -219,6 +220,7 @@ class HierMoECallback(DedupMonitor):
             "last_change": self._last_change,
             "recent": {name: w.state_dict() for name, w in self.recent.items()},
             "realised": json.dumps(self.realised), "blocked_seconds": self.blocked_seconds,
+            "stats_seconds": self.stats_seconds,
             "plan_started_steps": list(self.plan_started_steps), "plan_applied_steps": list(self.plan_applied_steps),
         })
         return state
@@ -257,6 +259,7 @@ class HierMoECallback(DedupMonitor):
             self.recent[name] = w
         self.realised = json.loads(state.get("realised", "[]"))
         self.blocked_seconds = float(state.get("blocked_seconds", 0.0))
+        self.stats_seconds = float(state.get("stats_seconds", 0.0))
         self.plan_started_steps = [int(s) for s in state.get("plan_started_steps", [])]
         self.plan_applied_steps = [int(s) for s in state.get("plan_applied_steps", [])]
 
@@ -391,11 +394,13 @@ class HierMoECallback(DedupMonitor):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        start = time.perf_counter()
         layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
         self._complete_pending()  # the previous batch's sample, ingested before this batch's
         step = trainer.global_step
         if layers and self._sample_needed(step):
             self._post_samples(layers)  # completed at the next batch end (or below, before a plan)
+        self.stats_seconds += time.perf_counter() - start
         if step == self._last_step:  # still inside a gradient-accumulation cycle
             return
         self._last_step = step
@@ -654,7 +659,8 @@ class HierMoECallback(DedupMonitor):
             json.dump({"swaps_total": self.swaps_total, "plans": [r.to_dict() for r in self.history],
                        "load_per_rank": self.load_history, "realised": self.realised,
                        "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
-                       "blocked_seconds": self.blocked_seconds, "plan_in_background": self.plan_in_background},
+                       "blocked_seconds": self.blocked_seconds, "stats_seconds": self.stats_seconds,
+                       "plan_in_background": self.plan_in_background},
                       f, indent=1)
         if self.save_plots and self.load_history:
             self._heatmap(os.path.join(log_dir, "hiermoe_expert_load.png"))
@@ -710,8 +716,10 @@ class HierMoECallback(DedupMonitor):
                          f"predicted {sum(r['predicted_saving_ms'] for r in self.realised):.3f})")
             if self._start:
                 elapsed = max(time.perf_counter() - self._start, 1e-9)
-                share = (self.blocked_seconds + self.migration_seconds) / elapsed
-                text += f"\nswap overhead               {100 * share:.2f}% of training time on the critical path"
+                share = (self.stats_seconds + self.blocked_seconds + self.migration_seconds) / elapsed
+                text += (f"\nswap overhead               {100 * share:.2f}% of training time on the critical path "
+                         f"(statistics {self.stats_seconds:.2f} s, waiting and sharing {self.blocked_seconds:.2f} s, "
+                         f"migration {self.migration_seconds:.2f} s)")
                 if self.plan_in_background:
                     text += f" (+ {100 * self.plan_seconds / elapsed:.2f}% CPU in the background)"
         return text

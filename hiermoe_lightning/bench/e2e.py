@@ -534,7 +534,8 @@ def _make_timer(warmup: int, monitor, clusters: int = 0, track_plans: bool = Fal
             sent = monitor.total_sent.clone() if monitor.total_sent is not None else None
             flat = monitor.total_flat.clone() if monitor.total_flat is not None else None
             return sent, flat, getattr(monitor, "swaps_total", 0), getattr(monitor, "plan_seconds", 0.0), \
-                getattr(monitor, "migration_seconds", 0.0)
+                getattr(monitor, "migration_seconds", 0.0), \
+                getattr(monitor, "stats_seconds", 0.0) + getattr(monitor, "blocked_seconds", 0.0)
 
         def on_train_start(self, trainer, pl_module):
             dist.barrier()
@@ -562,8 +563,8 @@ def _make_timer(warmup: int, monitor, clusters: int = 0, track_plans: bool = Fal
             losses = torch.tensor(self.losses, dtype=torch.float64)
             dist.all_reduce(losses)
             losses /= dist.get_world_size()
-            sent0, flat0, swaps0, plan0, mig0 = self.snapshot
-            sent, flat, swaps, plan, mig = self._totals()
+            sent0, flat0, swaps0, plan0, mig0, crit0 = self.snapshot
+            sent, flat, swaps, plan, mig, crit = self._totals()
 
             def diff(end, start):
                 if end is None:
@@ -600,6 +601,7 @@ def _make_timer(warmup: int, monitor, clusters: int = 0, track_plans: bool = Fal
                 "step_seconds": steps.tolist(), "elapsed_s": float(elapsed), "losses": losses.tolist(),
                 "sent": diff(sent, sent0), "flat": diff(flat, flat0), "swaps": swaps - swaps0,
                 "plan_seconds": plan - plan0, "migration_seconds": mig - mig0,
+                "swap_critical_path_seconds": crit - crit0,
                 "dispatch_resolved": [m.dispatch for m in moe_layers(pl_module).values()],
                 "state_bytes_per_rank": _max_state_bytes(pl_module, trainer.optimizers),
             }
@@ -712,6 +714,8 @@ def _summarise(runs: list[dict], tokens_per_step: int, steps: int, num_levels: i
         "swaps": int(raw["swaps"]),
         "plan_seconds": float(raw["plan_seconds"]),
         "migration_seconds": float(raw["migration_seconds"]),
+        # the callback's own time inside the steps (statistics, waiting for and sharing plans), migration aside
+        "swap_critical_path_seconds": float(raw.get("swap_critical_path_seconds", 0.0)),
         "plans": raw["plans"],
         "state_bytes_per_rank": raw.get("state_bytes_per_rank"),
         "loss_first": raw["losses"][0] if raw["losses"] else None,
