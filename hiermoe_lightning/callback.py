@@ -108,8 +108,9 @@ class HierMoECallback(DedupMonitor):
         plan_lag_steps: steps between a background plan's statistics and its application (an int >= 1; at most the
             plan interval).
         charge_planning: the pay-off gate: a layer's plan is applied only if its predicted saving over the horizon
-            exceeds its migration (with ``charge_migration``) plus its measured planning time (CPU time in the
-            background, wall time when the step waits), whatever the planner; None: the same as
+            exceeds its migration (with ``charge_migration``) plus the measured time training spent on its planning
+            (the wall time of an inline search; in the background the time the step waited for it, as the thread runs
+            at the lowest priority in time training leaves idle), whatever the planner; None: the same as
             ``charge_migration``. Pass False with a load-balancing planner (``"eplb"``, ``"smartmoe"``) whose plans
             aim at a compute balance the all-to-all cost model does not price.
         back_off: judge every plan that moved experts on the routing that followed it; when swaps did not pay (or a
@@ -496,10 +497,11 @@ class HierMoECallback(DedupMonitor):
         return jobs
 
     def _collect(self, layers: dict, jobs: dict[int, PlanningJob]) -> dict[int, tuple[LayerPlan, float]]:
-        """Every layer's ``(plan, planning seconds)``, the same on every rank: the owners wait for their jobs, then
-        one ``all_gather_object`` per ExpertParallel shares them. A planning error is shared and raised on every rank
-        (no hang). The seconds are the job's CPU time in the background, its wall time when the step waited."""
-        outcomes: dict[int, tuple[bool, object, float]] = {}
+        """Every layer's ``(plan, planning seconds, seconds the step waited for it)``, the same on every rank: the
+        owners wait for their jobs, then one ``all_gather_object`` per ExpertParallel shares them. A planning error
+        is shared and raised on every rank (no hang). Planning seconds: the job's CPU time in the background, its
+        wall time inline; the wait: what the training step spent on the search (inline: all of it)."""
+        outcomes: dict[int, tuple[bool, object, float, float]] = {}
         owners: dict[int, int] = {}
         for ep, members in _by_expert_parallel(layers):
             mine = {}
@@ -509,20 +511,20 @@ class HierMoECallback(DedupMonitor):
                     ok, payload = jobs[i].wait()
                     self.blocked_seconds += jobs[i].waited_seconds
                     seconds = jobs[i].cpu_seconds if self.plan_in_background else jobs[i].wall_seconds
-                    mine[i] = (ok, payload, seconds)
+                    mine[i] = (ok, payload, seconds, jobs[i].waited_seconds)
             for shared in ep.all_gather_object(mine):
                 outcomes.update(shared)
         names = list(layers)
         failed = [f"layer {i} ({names[i]}) on expert-parallel rank {owners[i]}: {msg}"
-                  for i, (ok, msg, _) in sorted(outcomes.items()) if not ok]
+                  for i, (ok, msg, _, _) in sorted(outcomes.items()) if not ok]
         if failed:
             raise RuntimeError("HierMoECallback: planning failed for " + "; ".join(failed))
-        return {i: (payload, seconds) for i, (_, payload, seconds) in outcomes.items()}
+        return {i: (payload, seconds, waited) for i, (_, payload, seconds, waited) in outcomes.items()}
 
     def _plan_layers(self, layers: dict, optimizer) -> dict[int, LayerPlan]:
         """Plan every layer now (blocking) and return the plans by layer index, the same on every rank."""
         inputs = {name: self._layer_inputs(name, layer, optimizer) for name, layer in layers.items()}
-        return {i: plan for i, (plan, _) in self._collect(layers, self._submit(layers, inputs)).items()}
+        return {i: plan for i, (plan, _, _) in self._collect(layers, self._submit(layers, inputs)).items()}
 
     def _finish_plan(self, trainer, pl_module, layers: dict) -> None:
         """Apply the plan in flight after its step: collect the plans, refuse those that do not pay (their saving
@@ -537,9 +539,9 @@ class HierMoECallback(DedupMonitor):
         horizon = inflight.interval * a2as_per_step(inflight.tokens_scale)
         targets, records, loads, kept = [], [], [], {}
         for i, (name, layer) in enumerate(layers.items()):
-            plan, seconds = outcomes[i]
+            plan, seconds, waited = outcomes[i]
             self.plan_seconds += seconds
-            planning_ms = 1000.0 * seconds if self.charge_planning else 0.0
+            planning_ms = 1000.0 * waited if self.charge_planning else 0.0  # what the steps spent on it
             migration_ms = plan.migration_ms if self.charge_migration else 0.0
             net = net_gain_ms(plan.predicted_ms_before - plan.predicted_ms_after, horizon, migration_ms, planning_ms)
             refused = 0
