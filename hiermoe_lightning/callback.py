@@ -408,8 +408,9 @@ class HierMoECallback(DedupMonitor):
         if self._inflight is not None and step >= self._inflight.apply_step:
             self._finish_plan(trainer, pl_module, layers)
         if (self.swap and layers and step > 0 and self._inflight is None and step >= self._next_plan_step
-                and self.max_swaps_per_plan > 0):
-            self._complete_pending()  # the plan sees this batch's sample too
+                and self.max_swaps_per_plan > 0 and self._windows_ready(layers)):
+            # this batch's sample stays in flight (the next batch end ingests it): waiting for it here would put a
+            # synchronous gather on the step; the plan sees every batch up to the previous one
             self._start_plan(trainer, layers)
             if not self.plan_in_background:
                 self._finish_plan(trainer, pl_module, layers)
@@ -417,17 +418,27 @@ class HierMoECallback(DedupMonitor):
         for logger in trainer.loggers:
             logger.log_metrics({"hiermoe/swaps": float(self.swaps_total)}, step=step)
 
+    def _windows_ready(self, layers: dict) -> bool:
+        """Every layer has routing statistics of the current world size (after a resume on another world size the
+        restored windows are stale until this world's first samples arrive; the plan then waits a step)."""
+        for name, layer in layers.items():
+            window = self.windows.get(name)
+            if window is None or window.empty or window.trace(normalize=False)[0].shape[0] != \
+                    layer.placement.world_size:
+                return False
+        return True
+
     def _sample_needed(self, step: int) -> bool:
         """Whether the batch ending optimizer step ``step`` can still be in the window at the next plan. The window
         keeps the newest ``window_tokens_per_rank`` tokens per rank and every batch adds ``sample_tokens_per_rank``
-        (when a rank has that many), so only the last ``ceil(window / sample)`` steps before a plan reach it: the
-        earlier ones are not gathered at all (the same window, exactly; after a back-off most steps gather nothing).
+        (when a rank has that many), so only the ``ceil(window / sample)`` steps before a plan's own reach it (the
+        plan step's sample is still in flight when it plans, and is gathered too): the earlier ones are not gathered (the same window, exactly; after a back-off most steps gather nothing).
         A rule of the options and the schedule alone, so every rank posts the same gathers. Without swaps, and while
         a plan is in flight (its verdict may shorten the interval): every batch."""
         if not self.swap or self._inflight is not None:  # in flight: the next plan step is not known yet
             return True
         reach = -(-self.window_tokens_per_rank // self.sample_tokens_per_rank)
-        return step > self._next_plan_step - reach
+        return step >= self._next_plan_step - reach  # a plan uses the batches before its own (still in flight)
 
     # ------------------------------------------------------------------ planning: start, beside training, finish
     def _lag(self) -> int:

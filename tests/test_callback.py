@@ -188,7 +188,8 @@ class _Recording(HierMoECallback):
         return {n: (m.placement.expert_to_rank.clone(), m.placement.expert_to_slot.clone()) for n, m in layers.items()}
 
     def _start_plan(self, trainer, layers):
-        self._started = {"batches": len(self.samples), "before": self._placements(layers),
+        # the batch ending here is still being gathered: the plan's window holds the batches before it
+        self._started = {"batches": len(self.samples) - 1, "before": self._placements(layers),
                          "traces": {n: self.windows[n].trace() for n in layers}}
         super()._start_plan(trainer, layers)
 
