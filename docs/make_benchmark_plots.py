@@ -288,6 +288,11 @@ def table_e2e(results: str) -> str:
     return "\n".join(out)
 
 
+def _seconds(value) -> str:
+    """``value`` seconds to two places, ``-`` when the run predates the field."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def table_swaps(results: str) -> str:
     """``auto`` against ``auto+swaps`` per workload (issue 19): throughput, steps with and without a plan, swaps,
     level-1 bytes, planning (CPU in the background) and migration time."""
@@ -310,7 +315,7 @@ def table_swaps(results: str) -> str:
                    f"| {tps(a)} | {tps(w)} | {w['tokens_per_s'] / a['tokens_per_s']:.3f}x | {steps} | {w['swaps']} "
                    f"| {w.get('plans', {}).get('count', 0)} | {a['bytes_by_level']['level1'] / MIB:,.0f} → "
                    f"{w['bytes_by_level']['level1'] / MIB:,.0f} | {w.get('plan_seconds', 0.0):.2f} "
-                   f"| {w.get('swap_critical_path_seconds', 0.0):.2f} | {w.get('migration_seconds', 0.0):.2f} |")
+                   f"| {_seconds(w.get('swap_critical_path_seconds'))} | {w.get('migration_seconds', 0.0):.2f} |")
     return "\n".join(out) if len(out) > 2 else ""
 
 
