@@ -70,22 +70,23 @@ def _failure(rank, world):
     layer, opt = _trained_layer(rank)
     before = {n: getattr(layer.experts, n).detach().clone() for n in ("w_gate", "w_up", "w_down")}
     old_placement = layer.placement
-    calls = {"n": 0}
-    real = mig.all_to_all_rows
+    real = mig.start_exchange
 
-    def flaky(*args):
-        calls["n"] += 1
-        if calls["n"] == 4:  # fail midway through staging, on every rank alike
+    class _Broken:
+        def wait(self):  # the exchange was posted, then a link failed: every rank alike
             raise RuntimeError("link down")
-        return real(*args)
 
-    mig.all_to_all_rows = flaky
+    def flaky(payloads, peers):
+        real(payloads, peers).wait()  # keep the ranks in step, then fail before anything is committed
+        return _Broken()
+
+    mig.start_exchange = flaky
     try:
         migrate_([layer], [Placement.contiguous(8, 4).swapped(0, 7)], opt)
     except RuntimeError as e:
         err = str(e)
     finally:
-        mig.all_to_all_rows = real
+        mig.start_exchange = real
     unchanged = all(torch.equal(before[n], getattr(layer.experts, n)) for n in before)
     try:
         migrate_([layer], [Placement.contiguous(8, 4)], torch.optim.RMSprop(layer.parameters()))
@@ -100,3 +101,26 @@ def test_failed_migration_leaves_old_placement_and_weights_and_unknown_optimizer
     for r in run_ranks(_failure, 4):
         assert r["err"] == "link down" and r["unchanged"] and r["placement_kept"]
         assert "RMSprop" in r["unsupported"] and "Adam" in r["unsupported"]
+
+
+def _packed(rank, world):
+    import hiermoe_lightning.placement.migrate as mig
+    from hiermoe_lightning import ExpertParallel
+    from hiermoe_lightning.dispatch.comm import all_to_all_rows
+
+    peers = ExpertParallel(str(world), dispatch="flat").peer_group("a2a")
+    g = torch.Generator().manual_seed(rank)
+    pieces = []
+    for shape, dtype in (((3, 2), torch.float32), ((5,), torch.bfloat16), ((2, 2, 2), torch.float64),
+                         ((4,), torch.float32)):
+        send = [(rank + p + len(shape)) % 3 for p in range(world)]  # rows to peer p (0 included)
+        recv = [(p + rank + len(shape)) % 3 for p in range(world)]  # what peer p sends here
+        pieces.append((torch.randn(sum(send), *shape, generator=g).to(dtype), send, recv))
+    got = mig._exchange_packed(pieces, peers)
+    want = [all_to_all_rows(x, s, r, peers) for x, s, r in pieces]
+    return [(a.dtype == b.dtype, a.shape == b.shape, torch.equal(a, b)) for a, b in zip(got, want)]
+
+
+def test_one_packed_exchange_per_dtype_delivers_what_one_all_to_all_per_tensor_does():
+    for rank_result in run_ranks(_packed, 4):
+        assert rank_result == [(True, True, True)] * 4
