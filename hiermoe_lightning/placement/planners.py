@@ -45,7 +45,8 @@ from .planner import GroupCounts, SwapPlan, _best, _choose_precision, plan_swaps
 from .regroup import coactivation, rebalanced, regrouped_placement
 
 __all__ = ["PlanRequest", "Planner", "SwapPlan", "PLANNERS", "resolve_planner", "check_plan", "plan_from_placement",
-           "swaps_between", "hiermoe_planner", "eplb_planner", "smartmoe_planner", "keep_planner"]
+           "swaps_between", "hiermoe_planner", "eplb_planner", "smartmoe_planner", "keep_planner", "regroup_plan",
+           "plan_net_gain_ms"]
 
 
 @dataclass(frozen=True)
