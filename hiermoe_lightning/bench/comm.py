@@ -67,6 +67,15 @@ DEFAULT_TOKENS_PER_RANK = 2048
 EMULATION_EXIT_STATUS = 3
 
 
+def emulation_line(report: dict) -> str:
+    """The report header's line for an emulated network (``report["emulation"]``), or "" without one."""
+    em = report.get("emulation")
+    if not em:
+        return ""
+    return (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "
+            f"{em['inter_mbit']} Mbit/s each way, latency {em['latency_ms']:g} ms per shaped hop")
+
+
 @contextlib.contextmanager
 def emulated_network(inter_mbit: "int | None", num_nodes: int, latency_ms: float = 0.0
                      ) -> "Iterator[EmulatedNetwork | None]":
@@ -492,9 +501,7 @@ def format_report(report: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lb = report["lower_bound"]["bytes_by_level"][level_key(1)]
     if emulated:
-        em = report["emulation"]
-        head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "
-                 f"{em['inter_mbit']} Mbit/s each way, latency {em['latency_ms']:g} ms per shaped hop")
+        head += emulation_line(report)
     extra = ([f"level-1 lower-bound time (busiest node link, payload only): {report['lower_bound_ms']:.1f} ms; "
               "wire ms = a dispatch's own busiest-link level-1 bytes at that rate"] if emulated else [])
     return "\n".join([

@@ -83,7 +83,7 @@ from ..dispatch.engine import validate_overlap_chunks, validate_pipeline_chunks
 from ..placement.records import PlanRecord
 from ..testing.launch import Deadline, run_ranks
 from ..topology import Topology
-from .comm import EMULATION_EXIT_STATUS, emulated_network, parse_dispatch_list
+from .comm import EMULATION_EXIT_STATUS, emulated_network, emulation_line, parse_dispatch_list
 
 __all__ = ["add_arguments", "run", "main", "format_report", "variant_names", "ExternalRankEnvironment", "E2EConfig",
            "SWAPS_VARIANT", "EMULATION_EXIT_STATUS", "RESULT_KEYS", "BYTES_NOTE", "MODELS", "HF_QWEN3_MOE_TINY"]
@@ -847,10 +847,7 @@ def format_report(report: dict) -> str:
                  f"within-cluster share {share(rc['within_cluster_share_first'])} at the first step, "
                  f"{share(rc['within_cluster_share_last'])} at the last (mean over layers and ranks; uniform "
                  f"routing: {share(rc['chance_share'])})")
-    if "emulation" in report:
-        em = report["emulation"]
-        head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "
-                 f"{em['inter_mbit']} Mbit/s each way, latency {em['latency_ms']:g} ms per shaped hop")
+    head += emulation_line(report)
     results = report["results"]
     levels = sorted({k for r in results.values() for k in r["bytes_by_level"]}, key=lambda s: int(s[5:]))
     cols = ["variant", "tokens/s", "vs flat", "step ms", "p90 ms", "dispatch", *[f"L{lv[5:]} MiB" for lv in levels],

@@ -33,7 +33,7 @@ from ..parallel import ExpertParallel
 from ..testing import Deadline, run_ranks
 from ..testing.launch import RankFailure, RanksTimeout
 from ..topology import Topology
-from .comm import emulated_network
+from .comm import emulated_network, emulation_line
 from .peers import HIERMOE, MEGATRON_STYLE, BuiltLayer, ImplSpec, LayerShape, make_impl, parse_impls, quiet_peers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -426,10 +426,7 @@ def format_impls(report: dict) -> str:
             f"{report['ffn_hidden_size']}, {report['tokens_per_rank']} tokens/rank, {report['dtype']}; "
             f"{report['iters']} timed iterations after {report['warmup']} warmup, {report['repeats']} repeat(s) "
             f"interleaved")
-    if "emulation" in report:
-        em = report["emulation"]
-        head += (f"\nemulated network: {em['num_nodes']} nodes x {em['ranks_per_node']} ranks, node links "
-                 f"{em['inter_mbit']} Mbit/s each way, latency {em['latency_ms']:g} ms per shaped hop")
+    head += emulation_line(report)
     rows = [["impl", "step ms", "vs flat", "comm ms", "inter MiB", "intra MiB", "version / note"]]
     for name, r in report["results"].items():
         if SKIPPED in r or ERROR in r:
