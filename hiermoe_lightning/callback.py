@@ -379,17 +379,17 @@ class HierMoECallback(DedupMonitor):
             traces.update(zip(names, handle.wait()))
         for name in order:
             trace = traces[name]
-            window = self.windows.get(name)
-            if window is not None and not window.empty and window.trace(normalize=False)[0].shape[0] != trace.shape[0]:
-                window = None  # resumed on another world size: per-rank statistics start afresh
-            if window is None:
-                window = self.windows[name] = RoutingWindow(self.window_tokens_per_rank, self.window_decay)
-            window.ingest(trace)
+            self._window(self.windows, name, trace.shape[0], self.window_decay).ingest(trace)
             if self._last_change is not None and name in self._last_change["before"]:  # to judge that plan later
-                recent = self.recent.get(name)
-                if recent is None or (not recent.empty and recent.trace(normalize=False)[0].shape[0] != trace.shape[0]):
-                    recent = self.recent[name] = RoutingWindow(self.window_tokens_per_rank, 1.0)
-                recent.ingest(trace)
+                self._window(self.recent, name, trace.shape[0], 1.0).ingest(trace)
+
+    def _window(self, windows: dict, name: str, world_size: int, decay: float) -> RoutingWindow:
+        """``windows[name]``, made afresh when missing or holding another world size's routing (a resume on another
+        world size: per-rank statistics start afresh)."""
+        window = windows.get(name)
+        if window is None or window.world_size not in (None, world_size):
+            window = windows[name] = RoutingWindow(self.window_tokens_per_rank, decay)
+        return window
 
     @override
     @torch.no_grad()
@@ -423,8 +423,7 @@ class HierMoECallback(DedupMonitor):
         restored windows are stale until this world's first samples arrive; the plan then waits a step)."""
         for name, layer in layers.items():
             window = self.windows.get(name)
-            if window is None or window.empty or window.trace(normalize=False)[0].shape[0] != \
-                    layer.placement.world_size:
+            if window is None or window.world_size != layer.placement.world_size:
                 return False
         return True
 
@@ -432,7 +431,8 @@ class HierMoECallback(DedupMonitor):
         """Whether the batch ending optimizer step ``step`` can still be in the window at the next plan. The window
         keeps the newest ``window_tokens_per_rank`` tokens per rank and every batch adds ``sample_tokens_per_rank``
         (when a rank has that many), so only the ``ceil(window / sample)`` steps before a plan's own reach it (the
-        plan step's sample is still in flight when it plans, and is gathered too): the earlier ones are not gathered (the same window, exactly; after a back-off most steps gather nothing).
+        plan step's sample is still in flight when it plans, and is gathered too): the earlier ones are not gathered
+        (the same window, exactly; after a back-off most steps gather nothing).
         A rule of the options and the schedule alone, so every rank posts the same gathers. Without swaps, and while
         a plan is in flight (its verdict may shorten the interval): every batch."""
         if not self.swap or self._inflight is not None:  # in flight: the next plan step is not known yet
@@ -473,12 +473,11 @@ class HierMoECallback(DedupMonitor):
                "horizon_steps": max(1, round(self._interval * a2as_per_step(self._tokens_scale)))}
         before = (self._last_change or {}).get("before", {}).get(name)
         recent = self.recent.get(name)
-        if before is not None and recent is not None and not recent.empty:
-            recent_ids, recent_weights = recent.trace()
+        if before is not None and recent is not None and recent.world_size == placement.world_size:
             before_rank = torch.as_tensor(before[0]).long()
-            if recent_ids.shape[0] == placement.world_size and before_rank.numel() == layer.num_experts and \
-                    int(before_rank.max()) < placement.world_size:  # not after a resume on another world size
-                out["recent_ids"], out["recent_weights"] = recent_ids, recent_weights
+            if before_rank.numel() == layer.num_experts and int(before_rank.max()) < placement.world_size:
+                # (not after a resume on another world size)
+                out["recent_ids"], out["recent_weights"] = recent.trace()
                 out["before_rank"], out["before_slot"] = before_rank, torch.as_tensor(before[1]).long()
         return out
 

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from ..checkpoint import moe_layers
 from ..experts import derive_seed
 from ..layer import MoELayer
 from ..validation import check_int, check_number
@@ -109,8 +110,12 @@ def layer_cluster_seed(seed: int, index: int) -> int:
     return derive_seed(seed, "router_clusters", index)
 
 
-def _moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
+@torch.no_grad()
+def _write_clustered_gate(layer: MoELayer, clusters: int, strength: float, seed: int) -> None:
+    """``layer``'s gate weight := :func:`cluster_router_weights` (in its dtype and on its device)."""
+    weight = layer.router.weight
+    weight.copy_(cluster_router_weights(layer.num_experts, layer.hidden_size, clusters, strength, seed,
+                                        dtype=weight.dtype).to(weight.device))
 
 
 @torch.no_grad()
@@ -128,7 +133,7 @@ def cluster_routers_(module: nn.Module, clusters: int, strength: float, seed: in
     check_int(clusters, "clusters", 1)
     strength = check_number(strength, "strength", low=0.0)
     check_int(seed, "seed", 0)
-    layers = _moe_layers(module)
+    layers = list(moe_layers(module).items())
     if not layers:
         raise ValueError(f"cluster_routers_: {type(module).__name__} has no MoELayer")
     for name, layer in layers:
@@ -146,10 +151,7 @@ def cluster_routers_(module: nn.Module, clusters: int, strength: float, seed: in
         except ValueError as e:
             raise ValueError(f"cluster_routers_ ({label}): {e}") from None
     for i, (_, layer) in enumerate(layers):
-        weight = layer.router.weight
-        new = cluster_router_weights(layer.num_experts, layer.hidden_size, clusters, strength,
-                                     layer_cluster_seed(seed, i), dtype=weight.dtype)
-        weight.copy_(new.to(weight.device))
+        _write_clustered_gate(layer, clusters, strength, layer_cluster_seed(seed, i))
     return [name for name, _ in layers]
 
 
@@ -169,15 +171,10 @@ class ClusteredMoELayer(MoELayer):
         self.router_cluster_seed = check_int(router_cluster_seed, "router_cluster_seed", 0)
         self._cluster_router()  # a no-op on meta: materialize_ does it
 
-    @torch.no_grad()
     def _cluster_router(self) -> None:
         """Gate weight := the clustered weights (nothing on meta)."""
-        weight = self.router.weight
-        if weight.is_meta:
-            return
-        weight.copy_(cluster_router_weights(self.num_experts, self.hidden_size, self.router_clusters,
-                                            self.router_cluster_strength, self.router_cluster_seed,
-                                            dtype=weight.dtype).to(weight.device))
+        if not self.router.weight.is_meta:
+            _write_clustered_gate(self, self.router_clusters, self.router_cluster_strength, self.router_cluster_seed)
 
     def materialize_(self, device: "torch.device | str | None" = None) -> "ClusteredMoELayer":
         """:meth:`MoELayer.materialize_`, then the clustered gate if the gate was on meta (a gate with storage is

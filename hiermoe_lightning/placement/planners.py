@@ -39,7 +39,7 @@ import torch
 from ..cost.link_costs import LinkCosts
 from ..topology import Topology
 from .baselines import _keep_slots, eplb_balanced_placement, rank_loads, smartmoe_greedy_placement
-from .payoff import plan_migration_ms
+from .payoff import net_gain_ms, plan_migration_ms
 from .placement import Placement
 from .planner import GroupCounts, SwapPlan, _best, _choose_precision, plan_swaps, predict_hd_ms
 from .regroup import coactivation, rebalanced, regrouped_placement
@@ -194,7 +194,7 @@ def plan_net_gain_ms(plan: SwapPlan, request: PlanRequest) -> float:
     if request.expert_bytes is not None:
         migration = plan_migration_ms(plan.swaps, request.placement, request.topology, request.link_costs,
                                       request.expert_bytes)
-    return (plan.predicted_ms_before - plan.predicted_ms_after) * (request.horizon_steps or 1) - migration
+    return net_gain_ms(plan.predicted_ms_before - plan.predicted_ms_after, request.horizon_steps or 1, migration, 0.0)
 
 
 def regroup_plan(request: PlanRequest) -> SwapPlan | None:

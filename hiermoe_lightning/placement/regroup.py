@@ -91,7 +91,8 @@ def _refine(A: torch.Tensor, groups: list[list[int]], max_rounds: int) -> list[l
     return [sorted(g) for g in out]
 
 
-def balanced_groups(A: torch.Tensor, pool: list[int], num_groups: int, max_rounds: int | None = None) -> list[list[int]]:
+def balanced_groups(A: torch.Tensor, pool: list[int], num_groups: int,
+                    max_rounds: int | None = None) -> list[list[int]]:
     """``pool`` split into ``num_groups`` groups of ``len(pool) / num_groups`` experts with much co-activation
     (``A [E, E]``) inside each: :func:`_grow`, then :func:`_refine` (``max_rounds``: default ``len(pool)``)."""
     if num_groups < 1 or len(pool) % num_groups:

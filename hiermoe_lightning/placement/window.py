@@ -94,6 +94,11 @@ class RoutingWindow:
     def empty(self) -> bool:
         return self._ids is None
 
+    @property
+    def world_size(self) -> int | None:
+        """``G`` of the routing held (None when empty), without copying it as :meth:`trace` does."""
+        return None if self._ids is None else self._ids.shape[0]
+
     def trace(self, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expert_ids [G, N, K] int64, token_weights [G, N] float64)`` (copies).
 

@@ -18,8 +18,9 @@ def _step(value: int, G: int = 2, T: int = 3, K: int = 2) -> torch.Tensor:
 
 def test_decay_and_drop_oldest():
     w = RoutingWindow(capacity_tokens_per_rank=5, decay=0.5)
-    assert w.empty and len(w) == 0
+    assert w.empty and len(w) == 0 and w.world_size is None
     w.ingest(_step(0))
+    assert w.world_size == 2
     w.ingest(_step(2))
     ids, weights = w.trace(normalize=False)
     assert ids.shape == (2, 5, 2) and weights.shape == (2, 5)
