@@ -102,8 +102,8 @@ def test_resume_after_swaps_continues_exactly(tmp_path, reference, resume_world)
     ({"plan_lag_steps": 1.0}, TypeError, "plan_lag_steps must be an int >= 1"),
     ({"charge_planning": "yes"}, TypeError, "charge_planning must be True or False"),
     ({"back_off": None}, TypeError, "back_off must be True or False"),
-    ({"max_plan_interval": 10}, ValueError, r"max_plan_interval must be an int >= plan_every_n_steps \(50\)"),
-    ({"max_plan_interval": 100.0}, ValueError, "max_plan_interval must be an int"),
+    ({"max_plan_interval": 10}, ValueError, r"max_plan_interval must be an int >= 50, got 10"),
+    ({"max_plan_interval": 100.0}, TypeError, "max_plan_interval must be an int >= 50"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, exc, match):
     with pytest.raises(exc, match=match):

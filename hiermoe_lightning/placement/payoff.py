@@ -89,10 +89,7 @@ class BackOff:
     def __post_init__(self):
         check_int(self.base_interval, "plan_every_n_steps", 1)
         check_int(self.max_swaps, "max_swaps_per_plan", 0)
-        if not isinstance(self.max_interval, int) or isinstance(self.max_interval, bool) \
-                or self.max_interval < self.base_interval:
-            raise ValueError(f"max_plan_interval must be an int >= plan_every_n_steps ({self.base_interval}), "
-                             f"got {self.max_interval!r}")
+        check_int(self.max_interval, "max_plan_interval", self.base_interval)  # at least plan_every_n_steps
 
     def after(self, interval: int, budget: int, paid: bool | None) -> tuple[int, int]:
         """``(interval, budget)`` for the next plan."""

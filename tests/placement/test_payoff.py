@@ -55,11 +55,11 @@ def test_back_off_doubles_and_halves_within_bounds():
     assert BackOff(1, 1, 0).after(1, 0, False) == (1, 0)  # no swaps configured: none appear
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(base_interval=5, max_interval=4, max_swaps=1), r"max_plan_interval must be an int >= plan_every_n_steps"),
-    (dict(base_interval=5, max_interval=6.0, max_swaps=1), "max_plan_interval must be an int"),
-    (dict(base_interval=0, max_interval=6, max_swaps=1), "plan_every_n_steps must be an int >= 1"),
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(base_interval=5, max_interval=4, max_swaps=1), ValueError, r"max_plan_interval must be an int >= 5, got 4"),
+    (dict(base_interval=5, max_interval=6.0, max_swaps=1), TypeError, "max_plan_interval must be an int >= 5"),
+    (dict(base_interval=0, max_interval=6, max_swaps=1), ValueError, "plan_every_n_steps must be an int >= 1"),
 ])
-def test_back_off_rejects_bad_bounds_naming_the_parameter(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_back_off_rejects_bad_bounds_naming_the_parameter(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         BackOff(**kwargs)
