@@ -28,7 +28,7 @@ from .validation import check_bool_arg, check_int, check_number_arg
 from .parallel import PendingRoutings
 from .placement import Placement
 from .placement.background import PlanningJob
-from .placement.migrate import expert_state_bytes, migrate_
+from .placement.migrate import MigrationInFlight, expert_state_bytes, migrate_, settle_migrations, start_migration
 from .placement.payoff import BackOff, a2as_per_step, net_gain_ms, plan_migration_ms, realised_saving_ms
 from .placement.planners import PlannerArg, PlanRequest, check_plan, resolve_planner
 from .placement.records import LayerPlan, PlanRecord
@@ -118,6 +118,10 @@ class HierMoECallback(DedupMonitor):
             when they paid walk both back to ``plan_every_n_steps`` and ``max_swaps_per_plan``.
         max_plan_interval: the longest interval back-off may reach (an int >= plan_every_n_steps; None: 8 x
             ``plan_every_n_steps``).
+        overlap_migration: the experts a plan moves leave at the step boundary, and the move is committed only when
+            something needs them (the first forward of a migrating layer, a checkpoint, the next plan), so loading
+            the next batch and the layers before it run while they travel. False: the step that applies a plan waits
+            for the whole migration. The same training either way.
 
     Every argument is checked at construction: a ``TypeError`` (wrong type; flags must be real bools) or
     ``ValueError`` (out of range) names it and what it allows. The state Lightning checkpoints is complete
@@ -144,6 +148,7 @@ class HierMoECallback(DedupMonitor):
         charge_planning: bool | None = None,
         back_off: bool = True,
         max_plan_interval: int | None = None,
+        overlap_migration: bool = True,
     ):
         super().__init__(log_every_n_steps=log_every_n_steps, print_summary=print_summary)
         self.plan_every_n_steps = check_int(plan_every_n_steps, "plan_every_n_steps", 1)
@@ -168,6 +173,8 @@ class HierMoECallback(DedupMonitor):
                                 8 * self.plan_every_n_steps if max_plan_interval is None else max_plan_interval,
                                 self.max_swaps_per_plan)
         self.max_plan_interval = self._backoff.max_interval
+        self.overlap_migration = check_bool_arg("overlap_migration", overlap_migration)
+        self._migrating: MigrationInFlight | None = None  # the last plan's migration, until its stats are counted
         self._interval = self.plan_every_n_steps  # optimizer steps between plans now (back-off changes it)
         self._swap_budget = self.max_swaps_per_plan  # swaps per layer and plan now (back-off changes it)
         self._next_plan_step = self.plan_every_n_steps
@@ -185,7 +192,8 @@ class HierMoECallback(DedupMonitor):
         self.history: list[PlanRecord] = []  # one entry per (plan, layer)
         self.load_history: list[list[list[float]]] = []  # per plan/log point: per layer, per rank expert pairs
         self.plan_seconds = 0.0
-        self.migration_seconds = 0.0
+        self.migration_seconds = 0.0  # time training steps spent on migrations (posting, waiting, committing)
+        self.migration_wall_seconds = 0.0  # start to commit of every migration (training ran in between)
         self._last_step = -1  # the optimizer step of the last batch end (gradient accumulation: plan once per step)
         self._tokens_scale = 1.0  # tokens per rank / sampled tokens of the last batch (the migration horizon)
         # the gather in flight: (layer names in order, [(names of one ExpertParallel, its handle)]); _complete_pending
@@ -213,7 +221,7 @@ class HierMoECallback(DedupMonitor):
             "swaps_total": self.swaps_total, "history": json.dumps([r.to_dict() for r in self.history]),
             "load_history": json.dumps(self.load_history),
             "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
-            "last_step": self._last_step, "tokens_scale": self._tokens_scale,
+            "migration_wall_seconds": self.migration_wall_seconds, "last_step": self._last_step, "tokens_scale": self._tokens_scale,
             "layers": self._layer_states(),
             "schedule": {"interval": self._interval, "swap_budget": self._swap_budget,
                          "next_plan_step": self._next_plan_step},
@@ -240,6 +248,7 @@ class HierMoECallback(DedupMonitor):
         self.load_history = json.loads(state.get("load_history", "[]"))
         self.plan_seconds = float(state.get("plan_seconds", 0.0))
         self.migration_seconds = float(state.get("migration_seconds", 0.0))
+        self.migration_wall_seconds = float(state.get("migration_wall_seconds", 0.0))
         self._last_step = int(state.get("last_step", -1))
         self._tokens_scale = float(state.get("tokens_scale", 1.0))
         self._restore = state.get("layers") or None
@@ -269,6 +278,8 @@ class HierMoECallback(DedupMonitor):
         restored but not applied yet, if a checkpoint is written before training starts."""
         if self._restore:  # loaded, not applied yet: still the state to carry on
             return dict(self._restore)
+        if self._module is not None:
+            settle_migrations(self._module)  # the placements a checkpoint holds are those the experts have
         layers = {n: m for n, m in moe_layers(self._module).items() if m.is_sharded} if self._module is not None else {}
         return {name: {"expert_to_rank": m.placement.expert_to_rank.clone(),
                        "expert_to_slot": m.placement.expert_to_slot.clone(),
@@ -395,6 +406,7 @@ class HierMoECallback(DedupMonitor):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._count_migration()  # the last plan's migration: committed by this batch's forward
         start = time.perf_counter()
         layers = {n: m for n, m in moe_layers(pl_module).items() if m.is_sharded and m.last_expert_ids is not None}
         self._complete_pending()  # the previous batch's sample, ingested before this batch's
@@ -449,6 +461,7 @@ class HierMoECallback(DedupMonitor):
     def _start_plan(self, trainer, layers: dict) -> None:
         """Snapshot every layer's plan inputs (on every rank: they go into checkpoints), start the jobs this rank
         owns, and schedule their application ``_lag()`` steps later."""
+        self._count_migration()  # the plan reads the placements: the last migration must have landed
         start = time.perf_counter()
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         step = trainer.global_step
@@ -565,12 +578,14 @@ class HierMoECallback(DedupMonitor):
                                        refused_swaps=refused))
         verdict = self._judge(outcomes, layers, inflight.step)
         changed = [(layer, target) for layer, target in zip(layers.values(), targets) if target != layer.placement]
-        migration_seconds = 0.0
+        migration_seconds = 0.0  # of this step: posting the migration (its commit is counted when it lands)
         if changed:
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            migration_seconds = migrate_([c[0] for c in changed], [c[1] for c in changed], optimizer).seconds
-            self.migration_seconds += migration_seconds
-            changed[0][0].expert_parallel.refresh_auto(pl_module)
+            self._migrating = start_migration([c[0] for c in changed], [c[1] for c in changed], optimizer)
+            migration_seconds = self._migrating.start_seconds
+            if not self.overlap_migration:
+                migration_seconds += self._count_migration()
+            changed[0][0].expert_parallel.refresh_auto(pl_module)  # auto re-chooses at the (settled) next forward
         self._remember_change(kept, step, horizon)
         if self.back_off:
             paid = False if not kept else verdict
@@ -643,19 +658,37 @@ class HierMoECallback(DedupMonitor):
         ranks = placement.expert_to_rank[ids[valid]]
         return torch.zeros(placement.world_size, dtype=torch.float64).index_add_(0, ranks, w[valid].double())
 
+    def _count_migration(self) -> float:
+        """Settle the last plan's migration (a no-op when a forward or checkpoint did already; collective
+        otherwise) and count its time: what steps spent on it in :attr:`migration_seconds`, start to commit in
+        :attr:`migration_wall_seconds`. Returns the seconds this call itself waited."""
+        flight, self._migrating = self._migrating, None
+        if flight is None:
+            return 0.0
+        start = time.perf_counter()
+        stats = flight.settle()
+        self.migration_seconds += stats.exposed_seconds
+        self.migration_wall_seconds += stats.seconds
+        return time.perf_counter() - start
+
     # ------------------------------------------------------------------ end of fit
     @override
     def on_train_end(self, trainer, pl_module):
+        self._count_migration()  # a plan applied after the last step: its experts land before training ends
         self._complete_pending()  # no collective left in flight once training ends; the windows hold every batch
 
     @override
     def on_exception(self, trainer, pl_module, exception):
         self._pending = None  # another rank may be gone: drop the gather rather than wait (gloo finishes or fails it)
         self._inflight = None  # planning threads are daemons: they finish on their own, nobody waits for them
+        flight, self._migrating = self._migrating, None
+        if flight is not None:  # never wait for a peer that may be gone: the old placement stays, whole
+            flight.abandon()
 
     @override
     def teardown(self, trainer, pl_module, stage):
         self._pending = None
+        self._count_migration()  # normally counted at on_train_end already
         self._restore = None  # restored by a validate/test: no later fit without a checkpoint may apply it
         self._inflight = self._restore_inflight = None  # a later fit without a checkpoint starts its own plans
 
@@ -671,7 +704,7 @@ class HierMoECallback(DedupMonitor):
             json.dump({"swaps_total": self.swaps_total, "plans": [r.to_dict() for r in self.history],
                        "load_per_rank": self.load_history, "realised": self.realised,
                        "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
-                       "blocked_seconds": self.blocked_seconds, "stats_seconds": self.stats_seconds,
+                       "migration_wall_seconds": self.migration_wall_seconds, "blocked_seconds": self.blocked_seconds, "stats_seconds": self.stats_seconds,
                        "plan_in_background": self.plan_in_background},
                       f, indent=1)
         if self.save_plots and self.load_history:
@@ -731,7 +764,9 @@ class HierMoECallback(DedupMonitor):
                 share = (self.stats_seconds + self.blocked_seconds + self.migration_seconds) / elapsed
                 text += (f"\nswap overhead               {100 * share:.2f}% of training time on the critical path "
                          f"(statistics {self.stats_seconds:.2f} s, waiting and sharing {self.blocked_seconds:.2f} s, "
-                         f"migration {self.migration_seconds:.2f} s)")
+                         f"migration {self.migration_seconds:.2f} s"
+                         + (f" of {self.migration_wall_seconds:.2f} s start to commit" if self.overlap_migration else "")
+                         + ")")
                 if self.plan_in_background:
                     text += f" (+ {100 * self.plan_seconds / elapsed:.2f}% CPU in the background)"
         return text

@@ -30,6 +30,18 @@ __all__ = ["MoELayer", "DROP_POLICIES"]
 DROP_POLICIES = ("probs", "position")
 
 
+def _settle_before_state_dict(layer: "MoELayer", prefix: str, keep_vars: bool) -> None:
+    """A ``state_dict`` of a layer whose experts are moving shows them moved (the migration commits first)."""
+    if layer.expert_parallel is not None:
+        layer.expert_parallel.settle_migration()
+
+
+def _settle_before_load(layer: "MoELayer", *args) -> None:
+    """Loading into a layer whose experts are moving commits the move first (else the commit would overwrite what
+    was loaded)."""
+    _settle_before_state_dict(layer, "", False)
+
+
 def _shared_expert_gate(hidden_size: int, seed: int, dtype: torch.dtype) -> nn.Linear:
     """``nn.Linear(hidden_size, 1, bias=False)`` whose weight ``[1, M]`` is drawn from ``(seed, "shared_expert_gate")``
     (identical on every rank; Linear's default init runs on meta, so the global RNG is untouched; the weight then
@@ -156,6 +168,8 @@ class MoELayer(nn.Module):
         self.last_local_slots: torch.Tensor | None = None
         self.expert_timings: dict | None = None  # set to {} to time the experts in place (benchmarks)
         self.register_buffer("routed_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.register_state_dict_pre_hook(_settle_before_state_dict)
+        self.register_load_state_dict_pre_hook(_settle_before_load)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +177,8 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer input must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoELayer input must have last dimension hidden_size={self.hidden_size}, got shape {tuple(x.shape)}")
+        if self.expert_parallel is not None and self.expert_parallel.migration_in_flight is not None:
+            self.expert_parallel.settle_migration()  # experts moved while the step before this one ended
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         routed = self.router(x2)

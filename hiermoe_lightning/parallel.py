@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,9 @@ from .placement import Placement
 from .replicas import Replicas
 from .topology import Topology
 from .validation import check_flag, check_positive_int
+
+if TYPE_CHECKING:
+    from .placement.migrate import MigrationInFlight
 
 __all__ = ["ExpertParallel", "PendingRoutings", "fold_replicas", "pack_routings", "unpack_routings"]
 
@@ -189,8 +192,17 @@ class ExpertParallel:
         self._transports: dict[tuple[int, ...], Transport] = {}
         self._peer_groups = self._build_groups(group is not None and len(ranks) != dist.get_world_size())
         self._routes: dict[tuple, tuple[Placement, Route]] = {}  # (dispatch, id(placement)) -> (placement, route)
+        # the expert migration whose payload has left and whose commit waits (placement.migrate.start_migration)
+        self.migration_in_flight: "MigrationInFlight | None" = None
         if calibrate:
             self.link_costs = LinkCosts.calibrate(self)
+
+    def settle_migration(self) -> None:
+        """Commit the expert migration in flight, if any (collective: it waits for the migration's exchange). Every
+        forward of a layer this shards calls it first, and so do its ``state_dict``, the strategy's checkpoints and
+        the swap callback's next plan: nothing reads the experts half-moved."""
+        if self.migration_in_flight is not None:
+            self.migration_in_flight.settle()
 
     # ------------------------------------------------------------------ process groups
     def _build_groups(self, local_sync: bool) -> dict[str, PeerGroup]:

@@ -87,6 +87,7 @@ from .experts import derive_seed
 from .balancing import update_routing_biases
 from .layer import MoELayer
 from .parallel import ExpertParallel
+from .placement.migrate import settle_migrations
 from .dense_sharding import check_dense_sharding, is_sharded_tensor, local_tensor, shard_dense_
 from .replicas import (ReplicaLayout, Replicas, average_over_copies_, build_replicas, check_expert_parallel_size,
                        default_replica_topology)
@@ -543,12 +544,14 @@ class HierMoEStrategy(DDPStrategy):
         """The full unsharded state dict (collective: every rank calls it, as ``trainer.save_checkpoint`` does).
 
         With ``checkpoint_format="sharded"`` the tensors are written by ``save_checkpoint`` instead (empty here)."""
+        settle_migrations(self.lightning_module)  # experts still moving: the checkpoint shows them moved
         if self.checkpoint_format == "sharded":
             return {}
         return ckpt.full_state_dict(self.lightning_module)
 
     @override
     def optimizer_state(self, optimizer) -> dict:
+        settle_migrations(self.lightning_module)
         if self.checkpoint_format == "sharded":
             return {}
         inner = getattr(optimizer, "_optimizer", optimizer)
@@ -556,6 +559,7 @@ class HierMoEStrategy(DDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        settle_migrations(self.lightning_module)
         meta = {"format": self.checkpoint_format, "version": 1, "topology": str(self.topology),
                 "expert_parallel_size": self.expert_parallel_size,
                 "placements": ckpt.placement_metadata(self.lightning_module)}

@@ -147,6 +147,13 @@ class CheckReplicas(pl.Callback):
 
 
 # ------------------------------------------------------------------ resumable fits on the bundled text data
+def _next_placement(layer):
+    """The placement the layer's next forward uses: the target of a migration still in flight (read without
+    settling it, so a checkpoint after this callback still finds it in flight), else its own."""
+    flight = layer.expert_parallel.migration_in_flight if layer.expert_parallel is not None else None
+    return flight.placement_after(layer) if flight is not None else layer.placement
+
+
 class RecordSteps(pl.Callback):
     """After every training batch (and after the callbacks listed before it, e.g. a HierMoECallback's plan and
     migration): the global loss, each MoE layer's placement (``expert_to_rank`` and ``expert_to_slot``) and, on rank
@@ -168,8 +175,9 @@ class RecordSteps(pl.Callback):
             parts = [torch.empty_like(first) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, first)
             first = torch.stack(parts)
-        placements = {n: (m.placement.expert_to_rank.clone(), m.placement.expert_to_slot.clone())
-                      for n, m in moe_layers(pl_module).items() if m.placement is not None}
+        placements = {n: (p.expert_to_rank.clone(), p.expert_to_slot.clone())
+                      for n, p in ((n, _next_placement(m)) for n, m in moe_layers(pl_module).items())
+                      if p is not None}
         self.steps[trainer.global_step] = {"loss": float(loss), "placements": placements, "tokens": first.tolist(),
                                            "epoch": trainer.current_epoch, "batch_idx": batch_idx}
 

@@ -104,6 +104,7 @@ def test_resume_after_swaps_continues_exactly(tmp_path, reference, resume_world)
     ({"back_off": None}, TypeError, "back_off must be True or False"),
     ({"max_plan_interval": 10}, ValueError, r"max_plan_interval must be an int >= 50, got 10"),
     ({"max_plan_interval": 100.0}, TypeError, "max_plan_interval must be an int >= 50"),
+    ({"overlap_migration": "yes"}, TypeError, "overlap_migration must be True or False"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -117,13 +118,13 @@ def test_every_argument_is_checked_and_the_edges_are_accepted():
     checked = {"plan_every_n_steps", "swap", "max_swaps_per_plan", "gamma", "window_tokens_per_rank", "window_decay",
                "sample_tokens_per_rank", "charge_migration", "compute_balance_tolerance", "log_every_n_steps",
                "print_summary", "save_plots", "planner", "plan_in_background", "plan_lag_steps", "charge_planning",
-               "back_off", "max_plan_interval"}
+               "back_off", "max_plan_interval", "overlap_migration"}
     assert set(inspect.signature(HierMoECallback).parameters) == checked
     cb = HierMoECallback(plan_every_n_steps=1, swap=False, max_swaps_per_plan=0, gamma=None, window_tokens_per_rank=1,
                          window_decay=1, sample_tokens_per_rank=1, charge_migration=False,
                          compute_balance_tolerance=None, log_every_n_steps=1, print_summary=False, save_plots=False,
                          plan_in_background=False, plan_lag_steps=1, charge_planning=None, back_off=False,
-                         max_plan_interval=1)
+                         max_plan_interval=1, overlap_migration=False)
     assert cb.charge_planning is False and cb.max_plan_interval == 1  # charge_planning None follows charge_migration
     assert cb.window_decay == 1.0 and cb.gamma is None and cb.compute_balance_tolerance is None
     assert HierMoECallback(gamma=1, compute_balance_tolerance=1).gamma == 1.0
@@ -185,7 +186,13 @@ class _Recording(HierMoECallback):
 
     @staticmethod
     def _placements(layers):
-        return {n: (m.placement.expert_to_rank.clone(), m.placement.expert_to_slot.clone()) for n, m in layers.items()}
+        """Each layer's placement, or where a migration in flight is taking it (read without settling it)."""
+        out = {}
+        for n, m in layers.items():
+            flight = m.expert_parallel.migration_in_flight
+            p = flight.placement_after(m) if flight is not None else m.placement
+            out[n] = (p.expert_to_rank.clone(), p.expert_to_slot.clone())
+        return out
 
     def _start_plan(self, trainer, layers):
         # the batch ending here is still being gathered: the plan's window holds the batches before it
@@ -266,6 +273,53 @@ def test_distributed_planning_and_async_gather_match_a_local_synchronous_referen
     for name in names:
         assert int(windows[name]["steps"]) == save_at + 1
         assert torch.equal(windows[name]["expert_ids"], _reference_window(ranks, name, save_at + 1).trace()[0])
+
+
+class _MigrationProbe(HierMoECallback):
+    """HierMoECallback noting, at the end of every optimizer step, whether the experts of a plan applied there are
+    still travelling (the commit waits for the next forward); rank 0 writes the steps and the placements to
+    ``<out_dir>/<tag>.probe.pt``."""
+
+    def __init__(self, out_dir: str, tag: str, overlap: bool):
+        super().__init__(**PLAN_KWARGS, print_summary=False, save_plots=False, plan_lag_steps=1, back_off=False,
+                         overlap_migration=overlap)
+        self.path = os.path.join(out_dir, f"{tag}.probe.pt")
+        self.in_flight_steps: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if any(m.expert_parallel.migration_in_flight is not None for m in moe_layers(pl_module).values()):
+            self.in_flight_steps.append(trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_rank == 0:
+            torch.save({"in_flight": self.in_flight_steps, "applied": self.plan_applied_steps,
+                        "history": [{k: v for k, v in r.to_dict().items() if k != "planning_seconds"}
+                                    for r in self.history],
+                        "placements": {n: m.placement.to_list() for n, m in moe_layers(pl_module).items()},
+                        "seconds": (self.migration_seconds, self.migration_wall_seconds)}, self.path)
+
+
+def test_overlapped_migration_trains_exactly_like_the_blocking_one_and_one_process(tmp_path, reference):
+    """``overlap_migration=True`` (the default) leaves a plan's experts travelling past the step that applies it and
+    commits them at the next forward; the run equals ``overlap_migration=False`` (plans, placements, losses) and
+    the one-process reference."""
+    runs = {}
+    for overlap in (True, False):
+        tag = f"overlap{int(overlap)}"
+        losses, _ = fit(str(tmp_path), 4, topology="2x2", dispatch="hd2", max_epochs=1, tag=tag, link_costs=COSTS,
+                        extra_callbacks=[_MigrationProbe(str(tmp_path), tag, overlap)])
+        runs[overlap] = (losses, torch.load(tmp_path / f"{tag}.probe.pt", weights_only=False))
+    (losses_on, on), (losses_off, off) = runs[True], runs[False]
+    assert sum(len(r["swaps"]) for r in on["history"]) > 0, "no swap: the test would prove little"
+    assert on["applied"] and on["in_flight"] == on["applied"], "a migration should be in flight after its step"
+    assert off["in_flight"] == []
+    assert on["history"] == off["history"] and on["placements"] == off["placements"]
+    torch.testing.assert_close(torch.tensor(losses_on), torch.tensor(losses_off), **TOL)
+    torch.testing.assert_close(torch.tensor(losses_on), torch.tensor(reference[:5]), **TOL)
+    exposed, wall = on["seconds"]
+    assert 0.0 < exposed <= wall
 
 
 def _plan_on_ranks(rank, world, fail):

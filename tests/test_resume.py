@@ -23,13 +23,29 @@ COSTS = LinkCosts({"a2a": (0.1, 1e-4), "inter1": (0.1, 1e-4), "intra1": (0.01, 1
 # 40 samples, 4 ranks x 2 per batch: 5 steps per epoch; plans start after steps 3, 6, 9, 12 (in the background) and
 # are applied 2 steps later (5, 8, 11): the checkpoint after step 7 holds a plan in flight
 MAX_STEPS = 12
-TIMINGS = {"plan_seconds", "migration_seconds", "train_seconds", "blocked_seconds", "stats_seconds",
+TIMINGS = {"plan_seconds", "migration_seconds", "migration_wall_seconds", "train_seconds", "blocked_seconds", "stats_seconds",
            "planning_seconds"}  # wall-clock, never equal across runs
 
 
 def _callback():
     return HierMoECallback(plan_every_n_steps=3, max_swaps_per_plan=2, charge_migration=False,
                            compute_balance_tolerance=None, print_summary=False, save_plots=False)
+
+
+class _InFlightAt(pl.Callback):
+    """Rank 0 writes to ``path`` whether a migration was in flight at the end of step ``step`` (after the
+    HierMoECallback, before the ModelCheckpoints, which Lightning runs last)."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from hiermoe_lightning.checkpoint import moe_layers
+
+        if trainer.global_step == self.step and trainer.global_rank == 0:
+            flying = any(m.expert_parallel.migration_in_flight is not None for m in moe_layers(pl_module).values())
+            with open(self.path, "w") as f:
+                json.dump({"in_flight": flying}, f)
 
 
 def _fit(tmp, record, **kwargs):
@@ -43,10 +59,14 @@ def uninterrupted(tmp_path_factory):
     at the start of step 9's batch (``on_train_batch_start``, where a preemption saves): both mid-epoch (epoch 1),
     neither a plan step."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    _fit(tmp, tmp / "full.pt", callbacks=[_callback(), SaveAtBatchStart(8, str(tmp / "start8.ckpt"))],
-         checkpoint_callbacks=[ModelCheckpoint(dirpath=str(tmp / "ck"), every_n_train_steps=7, save_top_k=-1)])
+    _fit(tmp, tmp / "full.pt", callbacks=[_callback(), SaveAtBatchStart(8, str(tmp / "start8.ckpt")),
+                                          _InFlightAt(8, str(tmp / "in_flight8.json"))],
+         checkpoint_callbacks=[ModelCheckpoint(dirpath=str(tmp / "ck"), every_n_train_steps=7, save_top_k=-1),
+                               ModelCheckpoint(dirpath=str(tmp / "ck8"), every_n_train_steps=8, save_top_k=-1)])
     full = torch.load(tmp / "full.pt", weights_only=False)
-    return tmp, full, {"batch_end_7": tmp / "ck" / "epoch=1-step=7.ckpt", "batch_start_8": tmp / "start8.ckpt"}
+    assert json.load(open(tmp / "in_flight8.json"))["in_flight"], "no migration in flight at the step-8 checkpoint"
+    return tmp, full, {"batch_end_7": tmp / "ck" / "epoch=1-step=7.ckpt", "batch_start_8": tmp / "start8.ckpt",
+                       "batch_end_8": tmp / "ck8" / "epoch=1-step=8.ckpt"}
 
 
 def _placements_equal(a: dict, b: dict) -> bool:
@@ -77,10 +97,11 @@ def _assert_same_state(a, b, path=""):
         assert a == b, path
 
 
-@pytest.mark.parametrize("where", ["batch_end_7", "batch_start_8"])
+@pytest.mark.parametrize("where", ["batch_end_7", "batch_start_8", "batch_end_8"])
 def test_mid_epoch_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupted, where):
-    """Resumed from a checkpoint written after step 7 (``on_train_batch_end``) or before step 9's batch ran
-    (``on_train_batch_start``): every later step sees the same global batch (each rank its shard of a shuffled,
+    """Resumed from a checkpoint written after step 7 (``on_train_batch_end``), before step 9's batch ran
+    (``on_train_batch_start``), or after step 8 while the experts of the plan applied there were migrating (the
+    checkpoint commits the move first): every later step sees the same global batch (each rank its shard of a shuffled,
     resumed epoch) and the same expert placement, the plan in flight at step 7 (started after step 6 in the
     background) is started again from the checkpoint's inputs and applied after step 8 as before, the plans after it
     are the same, the callback ends with the same state (windows, history, swap count, schedule, per-layer dispatch
@@ -91,8 +112,11 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupt
     history = full["callbacks"]["HierMoECallback"]["history"]
     assert full["callbacks"]["HierMoECallback"]["swaps_total"] > 0, "no swap: the placements would prove nothing"
     first = 8 if where == "batch_end_7" else 9
-    assert any(not _placements_equal(steps[first - 1]["placements"], steps[s]["placements"])
-               for s in range(first, MAX_STEPS + 1)), "no swap after the checkpoint: a later plan would prove nothing"
+    if where == "batch_end_8":  # written while the experts of the plan applied after step 8 were still travelling
+        assert not _placements_equal(steps[7]["placements"], steps[8]["placements"]), "the step-8 plan moved nothing"
+    else:
+        assert any(not _placements_equal(steps[first - 1]["placements"], steps[s]["placements"])
+                   for s in range(first, MAX_STEPS + 1)), "no swap after the checkpoint: a later plan proves nothing"
     starts = {(p["step"], p["applied_step"]) for p in json.loads(history)}
     assert starts == {(3, 5), (6, 8), (9, 11)}, starts  # the plan of step 6 is in flight at the step-7 checkpoint
 

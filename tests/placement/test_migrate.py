@@ -124,3 +124,82 @@ def _packed(rank, world):
 def test_one_packed_exchange_per_dtype_delivers_what_one_all_to_all_per_tensor_does():
     for rank_result in run_ranks(_packed, 4):
         assert rank_result == [(True, True, True)] * 4
+
+
+def _started(rank, world, end):
+    """A migration started and left in flight, then ended by ``end``: a forward, a state_dict, an explicit settle,
+    or abandon."""
+    from hiermoe_lightning.placement.migrate import start_migration
+
+    layer, opt = _trained_layer(rank)
+    probe = torch.randn(5, 8, generator=torch.Generator().manual_seed(99))
+    before_out = layer(probe).detach()
+    before = _full_state(layer, opt)
+    raw = {n: getattr(layer.experts, n).detach().clone() for n in ("w_gate", "w_up", "w_down")}
+    old_placement = layer.placement
+    new = Placement.from_ranks(torch.tensor([3, 2, 1, 0, 0, 1, 2, 3]), 4).swapped(0, 5)
+    flight = start_migration([layer], [new], opt)
+    # in flight: the payload has left, nothing of the model has changed
+    untouched = (layer.placement is old_placement and layer.expert_parallel.migration_in_flight is flight
+                 and all(torch.equal(raw[n], getattr(layer.experts, n)) for n in raw))
+    out = {"untouched_in_flight": untouched}
+    if end == "forward":
+        out["same_output"] = torch.allclose(layer(probe).detach(), before_out, atol=1e-6)
+    elif end == "state_dict":
+        out["keys"] = len(layer.state_dict())
+    elif end == "settle":
+        first = flight.settle()
+        out["idempotent"] = flight.settle() is first
+        out["exposed_le_wall"] = 0.0 < first.exposed_seconds <= first.seconds
+    elif end == "abandon":
+        flight.abandon()
+        try:
+            flight.settle()
+            out["settle_after_abandon"] = None
+        except RuntimeError as e:
+            out["settle_after_abandon"] = str(e)
+        out["old_kept"] = (layer.placement is old_placement
+                           and all(torch.equal(raw[n], getattr(layer.experts, n)) for n in raw))
+        return out
+    out["settled"] = flight.settled and layer.expert_parallel.migration_in_flight is None
+    out["moved"] = layer.placement == new
+    after = _full_state(layer, opt)
+    out["same_state"] = all(torch.equal(before[k], after[k]) for k in before)
+    return out
+
+
+def test_migration_in_flight_changes_nothing_until_something_needs_the_experts():
+    """``start_migration`` posts the payload and returns; the layer keeps its old placement and tensors until its
+    forward, its ``state_dict`` or an explicit ``settle`` commits the move, after which the full state (weights,
+    gradients, Adam moments, gathered unsharded) and the layer's function are those before the move. ``abandon``
+    keeps the old placement and a later settle says why it cannot."""
+    for end in ("forward", "state_dict", "settle"):
+        for rank, r in enumerate(run_ranks(_started, 4, end)):
+            assert r["untouched_in_flight"] and r["settled"] and r["moved"] and r["same_state"], (end, rank, r)
+            if end == "forward":
+                assert r["same_output"], rank
+            if end == "settle":
+                assert r["idempotent"] and r["exposed_le_wall"], r
+    for r in run_ranks(_started, 4, "abandon"):
+        assert r["untouched_in_flight"] and r["old_kept"], r
+        assert "abandoned" in r["settle_after_abandon"] and "old placement stayed" in r["settle_after_abandon"]
+
+
+def _disagree(rank, world):
+    from hiermoe_lightning.placement.migrate import start_migration
+
+    layer, opt = _trained_layer(rank)
+    if rank == 1:
+        layer.experts.w_up.grad = None  # this rank alone has no gradient to move: the payload layouts would differ
+    old = layer.placement
+    try:
+        start_migration([layer], [Placement.contiguous(8, 4).swapped(0, 7)], opt)
+        return None
+    except ValueError as e:
+        return {"err": str(e), "kept": layer.placement is old and layer.expert_parallel.migration_in_flight is None}
+
+
+def test_ranks_that_disagree_on_which_tensors_exist_refuse_before_any_payload_moves():
+    for r in run_ranks(_disagree, 4):
+        assert r is not None and r["kept"], r
+        assert "ranks disagree on which gradients / optimizer states exist" in r["err"]
