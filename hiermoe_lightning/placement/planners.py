@@ -207,11 +207,14 @@ def regroup_plan(request: PlanRequest) -> SwapPlan | None:
     start = time.perf_counter()
     counts = request.counts()
     A = coactivation(request.expert_ids, request.token_weights, request.placement.num_experts)
-    target = regrouped_placement(A, request.placement, request.topology)
+    limit = None
     if request.compute_balance_tolerance is not None:
         load = counts.expert_load()
         now = rank_loads(load, request.placement)
         limit = max(float(now.max()), request.compute_balance_tolerance * float(now.mean()))
+    # gathered within the guard at every level (A's diagonal is the same load, before fixed-point rounding)
+    target = regrouped_placement(A, request.placement, request.topology, limit)
+    if limit is not None:
         target = rebalanced(target, A, limit)
         if float(rank_loads(load, target).max()) > limit * (1 + 1e-12):
             return None

@@ -11,6 +11,7 @@ from hiermoe_lightning.placement import Placement, plan_swaps
 from hiermoe_lightning.placement.planners import (PlanRequest, hiermoe_planner, plan_net_gain_ms, regroup_plan,
                                                   swaps_between)
 from hiermoe_lightning.placement.baselines import rank_loads
+from hiermoe_lightning.placement.payoff import realised_saving_ms
 from hiermoe_lightning.placement.regroup import balanced_groups, coactivation, rebalanced, regrouped_placement
 
 COSTS = LinkCosts({"a2a": (0.1, 1e-4), "inter1": (0.1, 1e-4), "intra1": (0.01, 1e-7)})
@@ -99,3 +100,47 @@ def test_rebalanced_moves_load_off_the_busiest_rank_until_the_limit_holds():
     after = rebalanced(gathered, A, limit)
     assert float(before.max()) > limit >= float(rank_loads(load, after).max())
     assert rebalanced(gathered, A, float(before.max())) == gathered  # already within: unchanged
+
+
+def _skewed_cluster_ids(tokens: int = 200, seed: int = 0) -> torch.Tensor:
+    """``[4, tokens, 4]``: 16 experts in 4 interleaved clusters ``{e : e % 4 == c}``; a token takes all 4 experts of
+    its cluster, and the clusters carry 40 / 30 / 20 / 10 % of the tokens. No cluster fits on one rank under a 1.1x
+    balance guard, but two clusters fit on a node: {0, 3} and {1, 2} carry half the load each."""
+    g = torch.Generator().manual_seed(seed)
+    cluster = torch.multinomial(torch.tensor([0.4, 0.3, 0.2, 0.1]), 4 * tokens, replacement=True, generator=g)
+    return (torch.arange(4) * 4 + cluster.view(4, tokens, 1))
+
+
+def test_capped_groups_keep_every_group_within_the_cap():
+    A = coactivation(_skewed_cluster_ids(), None, 16)
+    cap = 0.55 * float(A.diagonal().sum())
+    free = balanced_groups(A, list(range(16)), 2)
+    capped = balanced_groups(A, list(range(16)), 2, cap=cap)
+    load = A.diagonal()
+    assert max(float(load[g].sum()) for g in free) > cap  # the two heaviest clusters grow together
+    assert max(float(load[g].sum()) for g in capped) <= cap
+    assert sorted(len(g) for g in capped) == [8, 8] and sorted(e for g in capped for e in g) == list(range(16))
+    for g in capped:  # whole clusters still: two per group
+        assert len({e % 4 for e in g}) == 2
+
+
+def test_regrouping_within_the_guard_gains_more_than_regrouping_then_rebalancing():
+    """Regrouping against the guard (gather, then undo the overload) loses the node-level gathering; regrouping
+    within it keeps two whole clusters per node and is faster by the cost model, and the guard holds."""
+    ids = _skewed_cluster_ids()
+    start = Placement.contiguous(16, 4)
+    A = coactivation(ids, None, 16)
+    load = A.diagonal()
+    limit = 1.1 * float(rank_loads(load, start).mean())
+    old = rebalanced(regrouped_placement(A, start, "2x2"), A, limit)
+    new = rebalanced(regrouped_placement(A, start, "2x2", rank_load_limit=limit), A, limit)
+    for p in (old, new):
+        assert float(rank_loads(load, p).max()) <= limit * (1 + 1e-12)
+    t0, t_old = realised_saving_ms(ids, None, start, old, "2x2", COSTS, 1024)
+    _, t_new = realised_saving_ms(ids, None, start, new, "2x2", COSTS, 1024)
+    assert t_new < t_old < t0
+    nodes = [{int(e) % 4 for e in torch.nonzero(new.expert_to_rank // 2 == n).flatten()} for n in range(2)]
+    assert sorted(map(sorted, nodes)) == [[0, 3], [1, 2]]
+    plan = regroup_plan(PlanRequest(ids, None, start, "2x2", COSTS, 256, 4, max_swaps=16,
+                                    compute_balance_tolerance=1.1))
+    assert plan is not None and plan.placement_after == new
