@@ -186,6 +186,7 @@ class Chunk:
     num_rows: int = 0  # rows it delivered to this rank's experts
     num_pairs: int = 0  # pairs it delivered
     first_phase: int = 0
+    at_drain: bool = False  # hop-less work the runner keeps for the pipeline's drain (see DRAIN)
 
 
 @dataclass(frozen=True)
@@ -256,11 +257,19 @@ class DispatchHandle:
 @dataclass
 class _Exchange:
     """What a chunk program asks for next: payloads ``(x, send_splits, recv_splits)`` exchanged on ``peers``;
-    ``level`` is the outermost link level the group spans (1 = the slowest links; 0 = none)."""
+    ``level`` is the outermost link level the group spans (1 = the slowest links; 0 = none); ``last``: the program
+    asks for nothing after it."""
 
     peers: PeerGroup
     payloads: list
     level: int = 0
+    last: bool = False
+
+
+# Yielded by a program (as its first request) that only computes: the runner keeps it for the pipeline's drain, the
+# moment when every other program has posted its last exchange and only waits for it, and runs it then, so that the
+# last transfers travel while it computes (at the start, the first transfers already have the other programs' work).
+DRAIN = object()
 
 
 def _link_level(peer_level) -> int:
@@ -289,14 +298,17 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
     :mod:`~hiermoe_lightning.dispatch.shm`), one exchange is in flight per group, so the one that feeds the slow
     link next is not slowed by the others. The runner waits for the in-flight exchange on the fastest link first (it
     is likely done; ties in chunk order), advances that program's local work and posts again at once: a chunk's
-    intra-node hop runs while the next chunk crosses the slow link. Every decision depends only on the programs'
-    structure, never on timing, so every group sees its exchanges in the same order, with the same tags, on every
-    rank. With one program this is the plain sequence of hops. Returns each program's return value.
+    intra-node hop runs while the next chunk crosses the slow link. A program that yields :data:`DRAIN` is run when
+    no other program has anything left to post and every exchange in flight is its program's last: the compute the
+    pipeline keeps for its end. Every decision depends only on the programs' structure, never on timing, so every
+    group sees its exchanges in the same order, with the same tags, on every rank. With one program this is the
+    plain sequence of hops. Returns each program's return value.
     """
     results: list = [None] * len(programs)
     requests: list = [None] * len(programs)
     in_flight: list[tuple] = []  # (level, chunk, group, pending, request); one in flight per program at a time
     posted: dict[int, int] = {}  # group -> exchanges posted on it so far (their tags)
+    drain: list[int] = []  # programs kept for the drain, in program order
 
     def advance(i: int, received) -> None:
         try:
@@ -304,6 +316,9 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
         except StopIteration as stop:
             requests[i] = None
             results[i] = stop.value
+        if requests[i] is DRAIN:
+            requests[i] = None
+            drain.append(i)
 
     def post_ready() -> None:
         start = time.perf_counter()
@@ -326,10 +341,17 @@ def _run_pipeline(programs: list, handle: DispatchHandle) -> list:
             _record(handle, "post", request, posted_at)
         handle.comm_seconds += time.perf_counter() - start
 
+    def draining() -> bool:  # nothing left to post, and every exchange in flight ends its program
+        return all(r is None for r in requests) and all(f[4].last for f in in_flight)
+
     for i in range(len(programs)):  # the first chunk's exchange leaves before the next chunk's local work starts
         advance(i, None)
         post_ready()
-    while in_flight:
+    while in_flight or drain:
+        if drain and draining():
+            advance(drain.pop(0), None)
+            post_ready()
+            continue
         pick = max(range(len(in_flight)), key=lambda k: (in_flight[k][0], -in_flight[k][1]))
         _, i, _, pending, request = in_flight.pop(pick)
         start = time.perf_counter()
@@ -487,7 +509,7 @@ def _dispatch_backward_program(chunk: Chunk, grad_rows, grad_weight, x_dtype, gr
         payloads = [(grad_rows, h.recv_splits, h.send_splits)]
         if grad_weight is not None:
             payloads.append((grad_weight, h.pair_recv_splits, h.pair_send_splits))
-        received = yield _Exchange(h.peers, payloads, _link_level(h.peer_level))
+        received = yield _Exchange(h.peers, payloads, _link_level(h.peer_level), last=h is chunk.hops[0])
         if h is chunk.hops[0]:
             grad_x.index_add_(0, h.send_src_row + chunk.token_start, received[0].float())
         else:
@@ -506,7 +528,7 @@ def _combine_program(chunk: Chunk, y, out_dtype, out: torch.Tensor):
         return
     for h in reversed(chunk.hops):
         (back,) = yield _Exchange(h.peers, [(y.to(out_dtype), h.recv_splits, h.send_splits)],
-                                  _link_level(h.peer_level))
+                                  _link_level(h.peer_level), last=h is chunk.hops[0])
         if h is chunk.hops[0]:
             out.index_add_(0, h.send_src_row + chunk.token_start, back.float())
         else:

@@ -9,8 +9,9 @@ the transport's), the main thread computes the experts of another. Programs, in 
 * ``C`` chunks of equal token ranges of the pairs that leave this rank in the first phase (the traffic to hide);
 * with more than one phase, the pairs that stay in the node in the first phase but not on this rank (they start at
   the second phase);
-* the pairs whose experts are on this rank: no hop at all, so their experts run while the first chunks' rows are in
-  flight;
+* the pairs whose experts are on this rank, no hop at all, as two programs by token halves: the first runs its
+  experts while the first chunks' rows are in flight (the pipeline's fill), the second is kept for the drain
+  (:data:`~.engine.DRAIN`), while the last chunks' rows come home; forward and backward alike;
 * optionally a *side* computation that needs no communication (a layer's shared experts): it runs while the first
   chunks' rows are in flight too, and its output is added to the layer's.
 
@@ -34,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .engine import (Chunk, DispatchHandle, Route, _combine_backward_program, _combine_program,
+from .engine import (DRAIN, Chunk, DispatchHandle, Route, _combine_backward_program, _combine_program,
                      _dispatch_backward_program, _dispatch_program, _run_pipeline, chunk_inputs)
 
 __all__ = ["ExpertFn", "SideFn", "even_bounds", "make_overlap_chunks", "dispatch_experts_combine"]
@@ -54,8 +55,8 @@ def make_overlap_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, p
                         num_chunks: int) -> list[Chunk]:
     """The programs of an overlapped layer (the same number and kinds on every rank): ``num_chunks`` equal token
     ranges of the pairs leaving this rank in the first phase, then (more than one phase) the pairs staying in the
-    first phase but not on this rank, then the pairs served on this rank (no hop). ``pair_row``/``pair_expert``
-    ``[P]``."""
+    first phase but not on this rank, then the pairs served on this rank (no hop) in two token halves, the second
+    kept for the pipeline's drain. ``pair_row``/``pair_expert`` ``[P]``."""
     first = route.phases[0]
     here = torch.ones_like(pair_row, dtype=torch.bool)
     for pr in route.phases:
@@ -69,7 +70,11 @@ def make_overlap_chunks(route: Route, num_tokens: int, pair_row: torch.Tensor, p
     chunks = [Chunk(bounds[c], bounds[c + 1], idx) for c, idx in enumerate(order.split(sizes))]
     if len(route.phases) > 1:
         chunks.append(Chunk(0, num_tokens, torch.nonzero(~leaves & ~here).squeeze(1), first_phase=1))
-    chunks.append(Chunk(0, num_tokens, torch.nonzero(here).squeeze(1), first_phase=len(route.phases)))
+    half = num_tokens // 2
+    local = torch.nonzero(here).squeeze(1)
+    late = pair_row[local] >= half
+    chunks.append(Chunk(0, half, local[~late], first_phase=len(route.phases)))
+    chunks.append(Chunk(half, num_tokens, local[late], first_phase=len(route.phases), at_drain=True))
     return chunks
 
 
@@ -96,7 +101,9 @@ def _aliases(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def _forward_program(route: Route, handle: DispatchHandle, chunk: Chunk, inputs, first_hop, expert_fn: ExpertFn,
                      out_dtype: torch.dtype, out: torch.Tensor, weight_grad: bool, params: list, keep_graph: bool):
     """Dispatch hops, then this program's experts (keeping their graph when a backward will follow), then its
-    combine hops into ``out``."""
+    combine hops into ``out``. A program kept for the drain waits for it first."""
+    if chunk.at_drain:
+        yield DRAIN
     rows, weight, pair_row, pair_expert = yield from _dispatch_program(route, handle, chunk, *inputs, first_hop)
     start = time.perf_counter()
     with torch.set_grad_enabled(keep_graph):
@@ -111,7 +118,10 @@ def _forward_program(route: Route, handle: DispatchHandle, chunk: Chunk, inputs,
 def _backward_program(chunk: Chunk, saved: _Saved, grad_out: torch.Tensor, params: Sequence[torch.Tensor],
                       param_grads: list, grad_x: torch.Tensor, x_dtype: torch.dtype, handle: DispatchHandle):
     """The output gradient to this program's rows (the combine's backward), its experts' backward, then the row and
-    weight gradients home (the dispatch's backward). Returns the gradient of its pairs' weights (or None)."""
+    weight gradients home (the dispatch's backward). Returns the gradient of its pairs' weights (or None). A program
+    kept for the drain waits for it first, as in the forward."""
+    if chunk.at_drain:
+        yield DRAIN
     grad_y = yield from _combine_backward_program(chunk, grad_out[chunk.token_start:chunk.token_end])
     start = time.perf_counter()
     trained = [i for i, p in enumerate(params) if p.requires_grad]

@@ -24,11 +24,11 @@ def test_overlapped_layer_matches_reference_on_2x2(chunks):
     results = run_sharded(4, cases)
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
-        if chunks > 1:  # chunks of leaving pairs, (multi-hop) pairs staying in the node, pairs served here
-            hops = 1 if case.dispatch in ("flat", "hd1") else 2
+        if chunks > 1:  # chunks of leaving pairs, (multi-hop) pairs staying in the node, pairs served here (two
+            hops = 1 if case.dispatch in ("flat", "hd1") else 2  # halves: the fill's and the drain's)
             resolved_multi_hop = case.dispatch in ("2dh", "hd2") or (case.dispatch == "auto" and hops == 2)
             if case.dispatch != "auto":
-                assert all(r["num_chunks"] == chunks + (2 if resolved_multi_hop else 1) for r in per_rank), case
+                assert all(r["num_chunks"] == chunks + (3 if resolved_multi_hop else 2) for r in per_rank), case
         assert_matches_reference(case, per_rank)
 
 

@@ -128,6 +128,42 @@ def test_runner_keeps_one_exchange_in_flight_on_a_shared_memory_group_even_on_th
     assert log == [(2, INTRA), (0, INTER), (0, INTRA), (1, INTER), (1, INTRA)]
 
 
+def _program_marking_last(name, groups, levels, log):
+    """Like :func:`_program`, its last exchange marked ``last`` (as a combine's final hop is)."""
+    for i, g in enumerate(groups):
+        peers = PeerGroup(g, 1, 0, (0,))
+        yield engine._Exchange(peers, [(torch.tensor([[i]]), [1], [1])], levels[i], last=i == len(groups) - 1)
+        log.append((name, g))
+    return name
+
+
+def _compute_only(name, log, at_drain):
+    if at_drain:
+        yield engine.DRAIN
+    log.append((name, "compute"))
+    return name
+
+
+def test_a_drain_program_runs_once_every_other_program_only_waits_for_its_last_exchange():
+    """The fill's compute runs at once, while the first exchanges are in flight; the drain's when no program has
+    anything left to post and each exchange in flight is its program's last (here: chunk 1's last hop), so it runs
+    before those complete, not after."""
+    log = []
+    handle = engine.DispatchHandle("hd2", 2, 4)
+    programs = [_program_marking_last(c, [INTER, INTRA, INTER], [1, 2, 1], log) for c in range(2)]
+    programs += [_compute_only("fill", log, False), _compute_only("drain", log, True)]
+    assert engine._run_pipeline(programs, handle) == [0, 1, "fill", "drain"]
+    assert log.index(("fill", "compute")) == 0
+    drain = log.index(("drain", "compute"))
+    # every exchange but the last ones had completed; the last ones complete after the drain's compute
+    assert log[:drain] == [("fill", "compute"), (0, INTER), (0, INTRA), (0, INTER), (1, INTER), (1, INTRA)], log
+    assert log[drain + 1:] == [(1, INTER)], log
+    # with nothing in flight at all, a drain program still runs (at the end)
+    log.clear()
+    assert engine._run_pipeline([_compute_only("drain", log, True)], handle) == ["drain"]
+    assert log == [("drain", "compute")]
+
+
 def test_trace_records_every_post_and_wait_in_the_runners_order():
     log = []
     handle = engine.DispatchHandle("hd2", 2, 4, trace=[])
