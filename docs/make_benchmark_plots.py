@@ -60,7 +60,8 @@ SWAPS = {f"{QWEN3}, 1000 Mbit/s": "bench_e2e_swaps_qwen3_1000.json",
          f"{QWEN3}, 200 Mbit/s": "bench_e2e_swaps_qwen3_200.json",
          f"{TOP4}, 1000 Mbit/s": "bench_e2e_swaps_top4_1000.json",
          f"{CLUSTERED}, 1000 Mbit/s, whole run": "bench_e2e_swaps_clustered_1000.json",
-         f"{CLUSTERED}, 1000 Mbit/s, after the first plan": "bench_e2e_swaps_clustered_steady_1000.json"}
+         f"{CLUSTERED}, 1000 Mbit/s, after the first plan": "bench_e2e_swaps_clustered_steady_1000.json",
+         f"{CLUSTERED}, 200 Mbit/s, after the first plan": "bench_e2e_swaps_clustered_steady_200.json"}
 SIMULATE = "simulate_paper.json"
 
 # project targets (docs/benchmarks.md)
