@@ -221,7 +221,8 @@ class HierMoECallback(DedupMonitor):
             "swaps_total": self.swaps_total, "history": json.dumps([r.to_dict() for r in self.history]),
             "load_history": json.dumps(self.load_history),
             "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
-            "migration_wall_seconds": self.migration_wall_seconds, "last_step": self._last_step, "tokens_scale": self._tokens_scale,
+            "migration_wall_seconds": self.migration_wall_seconds,
+            "last_step": self._last_step, "tokens_scale": self._tokens_scale,
             "layers": self._layer_states(),
             "schedule": {"interval": self._interval, "swap_budget": self._swap_budget,
                          "next_plan_step": self._next_plan_step},
@@ -704,7 +705,8 @@ class HierMoECallback(DedupMonitor):
             json.dump({"swaps_total": self.swaps_total, "plans": [r.to_dict() for r in self.history],
                        "load_per_rank": self.load_history, "realised": self.realised,
                        "plan_seconds": self.plan_seconds, "migration_seconds": self.migration_seconds,
-                       "migration_wall_seconds": self.migration_wall_seconds, "blocked_seconds": self.blocked_seconds, "stats_seconds": self.stats_seconds,
+                       "migration_wall_seconds": self.migration_wall_seconds,
+                       "blocked_seconds": self.blocked_seconds, "stats_seconds": self.stats_seconds,
                        "plan_in_background": self.plan_in_background},
                       f, indent=1)
         if self.save_plots and self.load_history:
@@ -765,8 +767,8 @@ class HierMoECallback(DedupMonitor):
                 text += (f"\nswap overhead               {100 * share:.2f}% of training time on the critical path "
                          f"(statistics {self.stats_seconds:.2f} s, waiting and sharing {self.blocked_seconds:.2f} s, "
                          f"migration {self.migration_seconds:.2f} s"
-                         + (f" of {self.migration_wall_seconds:.2f} s start to commit" if self.overlap_migration else "")
-                         + ")")
+                         + (f" of {self.migration_wall_seconds:.2f} s start to commit"
+                            if self.overlap_migration else "") + ")")
                 if self.plan_in_background:
                     text += f" (+ {100 * self.plan_seconds / elapsed:.2f}% CPU in the background)"
         return text

@@ -23,8 +23,8 @@ COSTS = LinkCosts({"a2a": (0.1, 1e-4), "inter1": (0.1, 1e-4), "intra1": (0.01, 1
 # 40 samples, 4 ranks x 2 per batch: 5 steps per epoch; plans start after steps 3, 6, 9, 12 (in the background) and
 # are applied 2 steps later (5, 8, 11): the checkpoint after step 7 holds a plan in flight
 MAX_STEPS = 12
-TIMINGS = {"plan_seconds", "migration_seconds", "migration_wall_seconds", "train_seconds", "blocked_seconds", "stats_seconds",
-           "planning_seconds"}  # wall-clock, never equal across runs
+TIMINGS = {"plan_seconds", "migration_seconds", "migration_wall_seconds", "train_seconds", "blocked_seconds",
+           "stats_seconds", "planning_seconds"}  # wall-clock, never equal across runs
 
 
 def _callback():

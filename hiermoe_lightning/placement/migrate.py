@@ -30,8 +30,8 @@ import torch.distributed as dist
 from ..dispatch.comm import start_exchange
 from .placement import Placement
 
-__all__ = ["migrate_", "start_migration", "MigrationInFlight", "MigrationStats", "SUPPORTED_OPTIMIZERS", "check_optimizer",
-           "expert_state_bytes", "settle_migrations"]
+__all__ = ["migrate_", "start_migration", "MigrationInFlight", "MigrationStats", "SUPPORTED_OPTIMIZERS",
+           "check_optimizer", "expert_state_bytes", "settle_migrations"]
 
 SUPPORTED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 _SLOT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
@@ -227,6 +227,10 @@ class MigrationInFlight:
         if self.stats is not None or self._failed is not None:
             return
         self._failed = "abandoned after an error elsewhere"
+        self._release()
+
+    def _release(self) -> None:
+        """No longer the migration in flight of the layers' ExpertParallel; the staged buffers are dropped."""
         ep = self.layers[0].expert_parallel if self.layers else None
         if ep is not None and ep.migration_in_flight is self:
             ep.migration_in_flight = None
@@ -239,7 +243,6 @@ class MigrationInFlight:
         if self._failed is not None:
             raise RuntimeError(f"this expert migration failed earlier ({self._failed}); the old placement stayed")
         start = time.perf_counter()
-        ep = self.layers[0].expert_parallel if self.layers else None
         try:
             received = self._pending.wait() if self._pending is not None else []
             incoming = _unpack_packed(received, self._groups, self._pieces) if self._pieces else []
@@ -253,9 +256,7 @@ class MigrationInFlight:
             for layer, new in zip(self.layers, self.new_placements):
                 layer.set_placement(new)
         finally:
-            if ep is not None and ep.migration_in_flight is self:
-                ep.migration_in_flight = None
-            self._pending = self._pieces = self._places = None
+            self._release()
         end = time.perf_counter()
         self.stats = MigrationStats(self._moved, self._sent, end - self._started, self._exposed + end - start)
         return self.stats
