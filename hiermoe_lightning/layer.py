@@ -39,7 +39,8 @@ def _settle_before_state_dict(layer: "MoELayer", prefix: str, keep_vars: bool) -
 def _settle_before_load(layer: "MoELayer", *args) -> None:
     """Loading into a layer whose experts are moving commits the move first (else the commit would overwrite what
     was loaded)."""
-    _settle_before_state_dict(layer, "", False)
+    if layer.expert_parallel is not None:
+        layer.expert_parallel.settle_migration()
 
 
 def _shared_expert_gate(hidden_size: int, seed: int, dtype: torch.dtype) -> nn.Linear:

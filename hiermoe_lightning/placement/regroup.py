@@ -63,13 +63,11 @@ def _grow(A: torch.Tensor, pool: list[int], num_groups: int, cap: float | None =
             score = torch.where(left, pull * (1 + 1e-9) + load * 1e-12, minus_inf)
             if cap is not None:
                 places = size - len(group) - 1  # still to fill after this pick
-                lightest = torch.sort(load[left]).values[:places + 1]  # the pick may be one of them
-                floor = float(lightest[:places].sum())  # the lightest fill of the places after the pick
-                fits = left & (group_load + load + floor <= cap)
-                # when the pick is itself one of the lightest, the floor must not count it twice
-                if places > 0:
-                    fits |= left & (load <= lightest[places - 1]) & \
-                        (group_load + float(lightest[:places + 1].sum()) <= cap)
+                lightest = torch.sort(load[left]).values
+                # the pick plus the lightest fill of the places after it: max(its load + the `places` lightest,
+                # the `places + 1` lightest), exact whether or not the pick is one of the lightest itself
+                least = torch.maximum(load + lightest[:places].sum(), lightest[:places + 1].sum())
+                fits = left & (group_load + least <= cap)
                 score = torch.where(fits, score, minus_inf) if bool(fits.any()) else \
                     torch.where(left, -load, minus_inf)
             pick = int(score.argmax())
